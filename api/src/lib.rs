@@ -1,0 +1,94 @@
+//! kvstore's public wire types and a typed HTTP client.
+//!
+//! Shared by the three parties that talk to a node — other nodes' tools, the operator, the tests
+//! and benchmarks — so the JSON they exchange cannot drift apart. Internal node-to-node messages
+//! are not here: they are private to `kvs-node`.
+//!
+//! Two client-facing APIs exist (see `docs/api.md`):
+//! - the native API, `/v1/kv/{key}`: raw value bodies, metadata in `Kvs-*` headers;
+//! - the compatibility ("HW4") API, `/kv-store/...`: form bodies in, JSON out.
+
+mod client;
+
+pub use client::{ClientError, KvClient, Stored};
+
+use serde::{Deserialize, Serialize};
+
+/// Request and response header carrying the opaque causal context (same string as `causal_payload`).
+pub const HEADER_CAUSAL_CONTEXT: &str = "kvs-causal-context";
+/// Response header: the partition that owns the key.
+pub const HEADER_PARTITION: &str = "kvs-partition";
+/// Response header: the version's timestamp (µs since the Unix epoch, hybrid logical clock).
+pub const HEADER_TIMESTAMP: &str = "kvs-timestamp";
+/// Header carrying the cluster token on internal and administrative routes.
+pub const HEADER_CLUSTER_TOKEN: &str = "kvs-cluster-token";
+
+/// Longest key accepted by the native API, in bytes.
+pub const MAX_NATIVE_KEY_BYTES: usize = 1024;
+/// Longest key accepted by the compatibility API, in characters (`[a-zA-Z0-9_]` only).
+pub const MAX_HW4_KEY_CHARS: usize = 200;
+
+/// Every error body, on both APIs: `{"result":"error","msg":"..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub result: String,
+    pub msg: String,
+}
+
+impl ErrorBody {
+    pub fn new(msg: impl Into<String>) -> Self {
+        ErrorBody { result: "error".into(), msg: msg.into() }
+    }
+}
+
+/// Native API: the JSON answer to `PUT` and `DELETE /v1/kv/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteResponse {
+    /// Partition that owns the key.
+    pub partition_id: u32,
+    /// Causal context to send with the next request.
+    pub causal_context: String,
+    /// Timestamp of the stored version.
+    pub timestamp: u64,
+    /// PUT: true when the key had no live value before. DELETE: true when it had one.
+    pub changed_liveness: bool,
+}
+
+/// A cluster layout: which nodes form which partition, under which epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Strictly increasing with every view change.
+    pub epoch: u64,
+    /// Replicas per partition (`K`).
+    pub replication_factor: u32,
+    /// `partitions[i]` are the replicas of partition `i`.
+    pub partitions: Vec<Vec<String>>,
+    /// Members that store nothing and forward every request.
+    pub proxies: Vec<String>,
+}
+
+impl Layout {
+    /// Every member, replicas then proxies.
+    pub fn members(&self) -> impl Iterator<Item = &String> {
+        self.partitions.iter().flatten().chain(&self.proxies)
+    }
+}
+
+/// HW4: answer to `GET /kv-store/<key>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hw4Get {
+    pub result: String,
+    pub value: String,
+    pub partition_id: i64,
+    pub causal_payload: String,
+    pub timestamp: u64,
+}
+
+/// HW4: answer to `PUT /kv-store/<key>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hw4Put {
+    pub result: String,
+    pub partition_id: i64,
+    pub causal_payload: String,
+    pub timestamp: u64,
+}

@@ -1,0 +1,164 @@
+//! Anti-entropy: replicas of a partition periodically compare what they store and repair each other,
+//! so a replica that missed writes (down, paused, cut off) converges without client help.
+//!
+//! One round, per peer replica, at most two round trips:
+//! 1. send a summary (one hash over the partition's per-slot digests); equal summaries end it;
+//! 2. otherwise the peer answers with its per-slot digests, and for every slot that differs both
+//!    sides send their records of that slot; each applies the other's newest-wins.
+//!
+//! Invariant: a round only ever applies records through `Store::apply`, so it can never replace a
+//! newer version with an older one or resurrect a deleted key (tombstones are records too).
+
+use crate::node::Node;
+use crate::peers::{PeerRequest, PeerResponse};
+use crate::placement::{PartitionId, Slot};
+use crate::store::{Applied, Record, StoreError};
+use crate::view::View;
+use sha1::{Digest, Sha1};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Most slots exchanged in one `SyncSlots` request (bounds message size; the rest waits a round).
+const MAX_SLOTS_PER_SYNC: usize = 64;
+
+impl Node {
+    /// This node's per-slot digests over `partition`'s slots, in slot order.
+    fn slot_digests(&self, view: &View, partition: PartitionId) -> Vec<(Slot, u64)> {
+        let digests = self.store.digests();
+        view.table().slots_of(partition).into_iter().map(|s| (s, digests.get(s))).collect()
+    }
+
+    /// One round with every other replica of this node's partition. Returns records repaired here.
+    pub async fn anti_entropy_round(&self) -> u64 {
+        let Some(view) = self.view() else { return 0 };
+        let Some(partition) = view.partition_of_node(self.id()) else { return 0 };
+        let mine = self.slot_digests(&view, partition);
+        let summary = summarize(&mine);
+        let mut repaired = 0;
+        for peer in view.members(partition).iter().filter(|m| *m != self.id()) {
+            match self.sync_with(&view, peer, partition, summary, &mine).await {
+                Ok(n) => {
+                    self.health.mark_up(peer);
+                    repaired += n;
+                }
+                Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round failed"),
+            }
+        }
+        self.metrics.anti_entropy_repairs.inc_by(repaired);
+        repaired
+    }
+
+    async fn sync_with(
+        &self,
+        view: &View,
+        peer: &str,
+        partition: PartitionId,
+        summary: u64,
+        mine: &[(Slot, u64)],
+    ) -> Result<u64, SyncError> {
+        let timeout = self.settings.replicate_timeout * 4;
+        let request = PeerRequest::DigestSummary { view_epoch: view.epoch(), partition, summary };
+        let theirs = match self.peers.call(peer, &request, timeout).await? {
+            PeerResponse::Digests(None) => return Ok(0),
+            PeerResponse::Digests(Some(theirs)) => theirs,
+            other => return Err(SyncError::Unexpected(format!("{other:?}"))),
+        };
+        let theirs: HashMap<Slot, u64> = theirs.into_iter().collect();
+        let differing: Vec<Slot> = mine.iter().filter(|(s, d)| theirs.get(s).copied().unwrap_or(0) != *d).map(|(s, _)| *s).collect();
+        let mut repaired = 0;
+        for slots in differing.chunks(MAX_SLOTS_PER_SYNC) {
+            let records = self.scan_slots(slots)?;
+            let request = PeerRequest::SyncSlots { view_epoch: view.epoch(), slots: slots.to_vec(), records };
+            match self.peers.call(peer, &request, timeout).await? {
+                PeerResponse::Synced { records, repaired: there } => {
+                    repaired += self.apply_counting(records).await?;
+                    self.metrics.anti_entropy_pushed.inc_by(there);
+                }
+                other => return Err(SyncError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        Ok(repaired)
+    }
+
+    fn scan_slots(&self, slots: &[Slot]) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut out = Vec::new();
+        for &slot in slots {
+            out.extend(self.store.scan_slot(slot)?);
+        }
+        Ok(out)
+    }
+
+    async fn apply_counting(&self, records: Vec<(String, Record)>) -> Result<u64, StoreError> {
+        if let Some(max) = records.iter().map(|(_, r)| r.version.ts).max() {
+            self.hlc.observe(max);
+        }
+        let outcomes = self.store.apply(records).await?;
+        Ok(outcomes.iter().filter(|o| **o != Applied::Stale).count() as u64)
+    }
+
+    /// Step 1, answering side.
+    pub(crate) fn answer_digest_summary(&self, view_epoch: u64, partition: PartitionId, summary: u64) -> PeerResponse {
+        let Some(view) = self.view().filter(|v| v.epoch() == view_epoch) else {
+            return PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") };
+        };
+        let mine = self.slot_digests(&view, partition);
+        if summarize(&mine) == summary { PeerResponse::Digests(None) } else { PeerResponse::Digests(Some(mine)) }
+    }
+
+    /// Step 2, answering side: apply the initiator's records, send back ours that it lacks.
+    pub(crate) async fn answer_sync(
+        &self,
+        view_epoch: u64,
+        slots: Vec<Slot>,
+        records: Vec<(String, Record)>,
+    ) -> Result<PeerResponse, StoreError> {
+        if self.view().is_none_or(|v| v.epoch() != view_epoch) {
+            return Ok(PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") });
+        }
+        let theirs: HashMap<String, crate::causal::Version> = records.iter().map(|(k, r)| (k.clone(), r.version.clone())).collect();
+        let repaired = self.apply_counting(records).await?;
+        self.metrics.anti_entropy_repairs.inc_by(repaired);
+        let mine = self.scan_slots(&slots)?;
+        let newer: Vec<_> = mine.into_iter().filter(|(k, r)| theirs.get(k).is_none_or(|v| r.version > *v)).collect();
+        Ok(PeerResponse::Synced { records: newer, repaired })
+    }
+}
+
+/// Runs anti-entropy rounds every `anti_entropy_interval` until `shutdown` completes.
+pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    let mut ticker = tokio::time::interval(node.settings.anti_entropy_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = ticker.tick() => {
+                let repaired = node.anti_entropy_round().await;
+                if repaired > 0 {
+                    tracing::info!(repaired, "anti-entropy repaired records");
+                }
+            }
+        }
+    }
+}
+
+/// One hash over a partition's per-slot digests.
+fn summarize(digests: &[(Slot, u64)]) -> u64 {
+    let mut h = Sha1::new();
+    for (slot, digest) in digests {
+        h.update(slot.to_be_bytes());
+        h.update(digest.to_be_bytes());
+    }
+    u64::from_be_bytes(h.finalize()[..8].try_into().expect("SHA-1 digests are 20 bytes"))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Peer(#[from] crate::peers::PeerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}

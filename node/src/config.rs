@@ -1,0 +1,166 @@
+//! Command-line and environment configuration. Every flag is also an environment variable; the
+//! course's `K`, `VIEW` and `IPPORT` (and our `LISTEN`) keep their names, so a node starts from
+//! environment alone exactly as the HW4 contract says.
+
+use crate::node::Settings;
+use crate::view::{NodeId, View};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// kvstore node: a sharded, replicated, durable key-value server.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "kvs-node", version, about)]
+pub struct Args {
+    /// This node's identity and the address peers and clients reach it at (`ip:port`).
+    #[arg(long, env = "IPPORT")]
+    pub ipport: String,
+
+    /// Comma-separated `ip:port` of the initial members. Omit it on a node that will be added to a
+    /// running cluster later (it waits for `update_view`).
+    #[arg(long, env = "VIEW")]
+    pub view: Option<String>,
+
+    /// Replicas per partition.
+    #[arg(short = 'k', long = "replication-factor", env = "K", default_value_t = 1)]
+    pub k: u32,
+
+    /// Socket address to bind. Default: all interfaces on the port of IPPORT.
+    #[arg(long, env = "LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory holding the node's data. Default: a fresh temporary directory (data is not kept).
+    #[arg(long, env = "KVS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "KVS_MAX_VALUE_BYTES", default_value_t = 1 << 20)]
+    pub max_value_bytes: usize,
+
+    /// TCP connect timeout for calls to other nodes, in milliseconds.
+    #[arg(long, env = "KVS_CONNECT_TIMEOUT_MS", default_value_t = 300)]
+    pub connect_timeout_ms: u64,
+
+    /// Time a forwarded request may take at one owner before failing over, in milliseconds.
+    #[arg(long, env = "KVS_FORWARD_TIMEOUT_MS", default_value_t = 500)]
+    pub forward_timeout_ms: u64,
+
+    /// Time replicating a write to one replica may take, in milliseconds.
+    #[arg(long, env = "KVS_REPLICATE_TIMEOUT_MS", default_value_t = 250)]
+    pub replicate_timeout_ms: u64,
+
+    /// Pause between anti-entropy rounds, in milliseconds.
+    #[arg(long, env = "KVS_ANTI_ENTROPY_INTERVAL_MS", default_value_t = 200)]
+    pub anti_entropy_interval_ms: u64,
+
+    /// Shared secret for internal routes and view changes. Prefer --cluster-token-file.
+    #[arg(long, env = "KVS_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+
+    /// File holding the cluster token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "KVS_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+
+    /// Log format: `text` or `json`. Filter with RUST_LOG (default `info`).
+    #[arg(long, env = "KVS_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot work, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("IPPORT {0:?} is not host:port (e.g. 10.0.0.3:8080)")]
+    BadIpPort(String),
+    #[error("VIEW entry {0:?} is not host:port; VIEW is a comma-separated list like 10.0.0.3:8080,10.0.0.4:8080")]
+    BadViewEntry(String),
+    #[error("K must be at least 1")]
+    ZeroK,
+    #[error("could not read the cluster token file {path}: {source}")]
+    TokenFile { path: PathBuf, source: std::io::Error },
+}
+
+fn port_of(hostport: &str) -> Option<u16> {
+    let (host, port) = hostport.rsplit_once(':')?;
+    if host.is_empty() {
+        return None;
+    }
+    port.parse().ok()
+}
+
+impl Args {
+    /// The address to bind.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        match self.listen {
+            Some(a) => Ok(a),
+            None => {
+                let port = port_of(&self.ipport).ok_or_else(|| ConfigError::BadIpPort(self.ipport.clone()))?;
+                Ok(SocketAddr::from(([0, 0, 0, 0], port)))
+            }
+        }
+    }
+
+    /// The initial view from `VIEW` and `K`; `None` when VIEW is absent or empty.
+    pub fn initial_view(&self) -> Result<Option<View>, ConfigError> {
+        if self.k == 0 {
+            return Err(ConfigError::ZeroK);
+        }
+        port_of(&self.ipport).ok_or_else(|| ConfigError::BadIpPort(self.ipport.clone()))?;
+        let Some(raw) = self.view.as_deref().filter(|v| !v.trim().is_empty()) else { return Ok(None) };
+        let mut members: Vec<NodeId> = Vec::new();
+        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            port_of(entry).ok_or_else(|| ConfigError::BadViewEntry(entry.to_owned()))?;
+            members.push(entry.to_owned());
+        }
+        Ok(Some(View::initial(&members, self.k)))
+    }
+
+    /// Node settings from the flags.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let mut s = Settings::new(self.ipport.clone());
+        s.forward_timeout = Duration::from_millis(self.forward_timeout_ms);
+        s.replicate_timeout = Duration::from_millis(self.replicate_timeout_ms);
+        s.anti_entropy_interval = Duration::from_millis(self.anti_entropy_interval_ms.max(1));
+        s.max_value_bytes = self.max_value_bytes;
+        s.cluster_token = match (&self.cluster_token, &self.cluster_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile { path: path.clone(), source })?.trim().to_owned(),
+            ),
+            (None, None) => None,
+        }
+        .filter(|t| !t.is_empty());
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("kvs-node").chain(v.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn hw4_environment_shape() {
+        let a = args(&["--ipport", "10.0.0.3:8080", "--view", "10.0.0.4:8080,10.0.0.3:8080", "-k", "2"]);
+        assert_eq!(a.listen_addr().unwrap(), "0.0.0.0:8080".parse().unwrap());
+        let view = a.initial_view().unwrap().unwrap();
+        assert_eq!(view.members(0), ["10.0.0.3:8080", "10.0.0.4:8080"]);
+        assert!(args(&["--ipport", "10.0.0.3:8080"]).initial_view().unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_values_say_what_to_fix() {
+        assert!(matches!(args(&["--ipport", "nope"]).listen_addr(), Err(ConfigError::BadIpPort(_))));
+        assert!(matches!(args(&["--ipport", "a:1", "--view", "a:1,b"]).initial_view(), Err(ConfigError::BadViewEntry(e)) if e == "b"));
+        assert!(matches!(args(&["--ipport", "a:1", "-k", "0"]).initial_view(), Err(ConfigError::ZeroK)));
+    }
+}

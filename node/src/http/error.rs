@@ -1,0 +1,58 @@
+//! The one error type every handler returns: a status and a message that says what to fix, always
+//! as `{"result":"error","msg":...}`. Server-side failures (5xx) are logged here, once.
+
+use crate::causal::PayloadError;
+use crate::node::KvError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kvs_api::ErrorBody;
+
+/// A failed request.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub msg: String,
+    /// Extra JSON fields merged into the body (HW4 adds `partition_id`, `causal_payload`).
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        ApiError { status, msg: msg.into(), extra: None }
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, msg)
+    }
+}
+
+impl From<KvError> for ApiError {
+    fn from(e: KvError) -> Self {
+        let status = match &e {
+            KvError::NoView | KvError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            KvError::NotOwner { .. } => StatusCode::MISDIRECTED_REQUEST,
+            KvError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<PayloadError> for ApiError {
+    fn from(e: PayloadError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), msg = %self.msg, "request failed");
+        }
+        let mut body = serde_json::to_value(ErrorBody::new(self.msg)).expect("ErrorBody serializes");
+        if let (Some(extra), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.extend(extra);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}

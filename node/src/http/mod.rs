@@ -1,0 +1,68 @@
+//! The HTTP surface: routes, request metrics, limits. Handlers are thin — they parse and validate,
+//! call [`Node`], and format the answer.
+//!
+//! - `/kv-store/...` — the compatibility ("HW4") API (`hw4`)
+//! - `/v1/kv/{key}` — the native API (`native`)
+//! - `/internal/v1/rpc` — node-to-node RPC (`internal`)
+//! - `/metrics`, `/healthz`, `/readyz` — operations (`ops`)
+
+mod error;
+mod hw4;
+mod internal;
+mod native;
+mod ops;
+
+pub use error::ApiError;
+
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::node::Node;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Room for form encoding and metadata on top of the largest value.
+const BODY_OVERHEAD: usize = 64 * 1024;
+
+/// The node's whole HTTP application.
+pub fn router(node: Arc<Node>) -> Router {
+    // Form-encoding can triple a value's size (%XX per byte); internal batches carry many records.
+    let body_limit = (node.settings().max_value_bytes * 3 + BODY_OVERHEAD).max(64 << 20);
+    Router::new()
+        .merge(hw4::routes())
+        .merge(native::routes())
+        .merge(internal::routes())
+        .merge(ops::routes())
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), track))
+        .with_state(node)
+}
+
+async fn no_such_route(req: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {}; see docs/api.md for the routes", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not supported on {}; see docs/api.md", req.method(), req.uri().path()))
+}
+
+/// Counts and times every request by its route template (not the raw path: keys would explode the
+/// label space).
+async fn track(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let metrics = node.metrics();
+    metrics
+        .request_seconds
+        .get_or_create(&RouteLabels { route: route.clone(), method: method.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    metrics.requests.get_or_create(&RequestLabels { route, method, status: response.status().as_u16() }).inc();
+    response
+}

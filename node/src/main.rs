@@ -1,0 +1,68 @@
+//! `kvs-node`: starts one node from flags or the HW4 environment (`K`, `VIEW`, `IPPORT`, `LISTEN`).
+
+use anyhow::Context;
+use clap::Parser;
+use kvs_node::config::{Args, LogFormat};
+use kvs_node::node::Node;
+use kvs_node::peers::HttpPeers;
+use kvs_node::store::RedbStore;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let settings = args.settings()?;
+    let view = args.initial_view()?;
+    let listen = args.listen_addr()?;
+
+    // The HW4 start gives no data directory: keep data in a temporary one for this process's life.
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("kvs-node-").tempdir().context("creating a temporary data directory")?;
+            temp.path().to_owned()
+        }
+    };
+    let store = Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    let peers = Arc::new(HttpPeers::new(Duration::from_millis(args.connect_timeout_ms), settings.cluster_token.clone()));
+    let node = Node::new(settings, view, store, peers);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
+    kvs_node::run(listener, node, shutdown_signal()).await.context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,169 @@
+//! The node: its state (view, store, clocks, peer health) and the entry points the HTTP layer
+//! calls. Request routing and replication live in `replication`, anti-entropy in `anti_entropy`;
+//! both are `impl Node` blocks over the state defined here.
+//!
+//! Invariants:
+//! - The view is swapped whole (`Arc<View>` behind a `std` lock held only to clone the `Arc`), so a
+//!   request works against one consistent view from start to finish.
+//! - Every timestamp this node issues is above every timestamp it has stored or received.
+
+use crate::causal::{Hlc, VectorClock};
+use crate::metrics::Metrics;
+use crate::peers::{PeerHealth, PeerRequest, PeerResponse, Peers};
+use crate::placement::PartitionId;
+use crate::store::{Store, StoreError};
+use crate::view::{NodeId, View};
+use bytes::Bytes;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Tunables, all with production defaults (see `config` for the flags that set them).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This node's identity (`IPPORT`).
+    pub me: NodeId,
+    /// Budget for a forwarded client request at one owner before failing over to the next.
+    pub forward_timeout: Duration,
+    /// Budget for replicating a write to one replica (or fetching a record from one).
+    pub replicate_timeout: Duration,
+    /// How long a peer that failed is skipped before being tried again.
+    pub peer_hold_down: Duration,
+    /// Pause between anti-entropy rounds.
+    pub anti_entropy_interval: Duration,
+    /// Largest value accepted, in bytes.
+    pub max_value_bytes: usize,
+    /// Shared secret required on internal routes (and view changes) when set.
+    pub cluster_token: Option<String>,
+}
+
+impl Settings {
+    /// Defaults for a node called `me`.
+    pub fn new(me: impl Into<NodeId>) -> Self {
+        Settings {
+            me: me.into(),
+            forward_timeout: Duration::from_millis(500),
+            replicate_timeout: Duration::from_millis(250),
+            peer_hold_down: Duration::from_millis(1000),
+            anti_entropy_interval: Duration::from_millis(200),
+            max_value_bytes: 1 << 20,
+            cluster_token: None,
+        }
+    }
+}
+
+/// Why a key-value operation failed. The HTTP layer turns each into a status and message.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("this node has no view yet: start it with VIEW, or add it to a cluster with update_view")]
+    NoView,
+    #[error("key value store is not available: no replica of partition {partition} answered")]
+    Unavailable { partition: PartitionId },
+    #[error("this node does not own partition {partition} in view {epoch}")]
+    NotOwner { partition: PartitionId, epoch: u64 },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+/// One node of the cluster.
+pub struct Node {
+    pub(crate) settings: Settings,
+    /// The current view; `None` until this node is given one. `std` lock: held only to clone or
+    /// replace the `Arc`, never across `.await`.
+    view: RwLock<Option<Arc<View>>>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) peers: Arc<dyn Peers>,
+    pub(crate) health: PeerHealth,
+    pub(crate) hlc: Hlc,
+    pub(crate) metrics: Metrics,
+}
+
+impl Node {
+    /// A node over `store` and `peers`, starting with `view` (if it has one).
+    pub fn new(settings: Settings, view: Option<View>, store: Arc<dyn Store>, peers: Arc<dyn Peers>) -> Arc<Self> {
+        let hlc = Hlc::starting_after(store.max_timestamp());
+        let health = PeerHealth::new(settings.peer_hold_down);
+        Arc::new(Node { settings, view: RwLock::new(view.map(Arc::new)), store, peers, health, hlc, metrics: Metrics::default() })
+    }
+
+    /// This node's identity.
+    pub fn id(&self) -> &str {
+        &self.settings.me
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The current view, if any.
+    pub fn view(&self) -> Option<Arc<View>> {
+        self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The current view, or `NoView`.
+    pub fn require_view(&self) -> Result<Arc<View>, KvError> {
+        self.view().ok_or(KvError::NoView)
+    }
+
+    /// Replaces the view (used by view changes).
+    pub fn install_view(&self, view: View) {
+        tracing::info!(view_epoch = view.epoch(), partitions = view.number_of_partitions(), "installing view");
+        *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(view));
+    }
+
+    /// Reads `key` with the client's causal context.
+    pub async fn read(&self, key: &str, context: VectorClock) -> Result<crate::peers::Coordinated, KvError> {
+        self.route(key, crate::peers::KvOp::Get, context).await
+    }
+
+    /// Writes `value` (or a tombstone for `None`) under `key`, after the client's causal context.
+    pub async fn write(&self, key: &str, value: Option<Bytes>, context: VectorClock) -> Result<crate::peers::Coordinated, KvError> {
+        let op = match value {
+            Some(v) => crate::peers::KvOp::Put(v),
+            None => crate::peers::KvOp::Delete,
+        };
+        self.route(key, op, context).await
+    }
+
+    /// Answers one RPC from another node.
+    pub async fn handle_rpc(&self, request: PeerRequest) -> PeerResponse {
+        let refused = |status: u16, e: &dyn std::fmt::Display| PeerResponse::Refused { status, msg: e.to_string() };
+        match request {
+            PeerRequest::Coordinate { key, op, context, view_epoch: _ } => match self.coordinate(&key, op, context).await {
+                Ok(c) => PeerResponse::Coordinated(c),
+                Err(e @ KvError::NotOwner { .. }) => refused(421, &e),
+                Err(e @ KvError::NoView) => refused(503, &e),
+                Err(e) => refused(500, &e),
+            },
+            PeerRequest::Replicate { records } => match self.apply_replicated(records).await {
+                Ok(()) => PeerResponse::Replicated,
+                Err(e) => refused(500, &e),
+            },
+            PeerRequest::Fetch { key } => match self.store.get(&key) {
+                Ok(r) => PeerResponse::Fetched(r),
+                Err(e) => refused(500, &e),
+            },
+            PeerRequest::DigestSummary { view_epoch, partition, summary } => self.answer_digest_summary(view_epoch, partition, summary),
+            PeerRequest::SyncSlots { view_epoch, slots, records } => match self.answer_sync(view_epoch, slots, records).await {
+                Ok(r) => r,
+                Err(e) => refused(500, &e),
+            },
+            PeerRequest::Hello => PeerResponse::Hello { layout: self.view().map(|v| v.layout().clone()) },
+        }
+    }
+
+    /// Stores records sent by another replica and moves the clock past them.
+    pub(crate) async fn apply_replicated(&self, records: Vec<(String, crate::store::Record)>) -> Result<(), StoreError> {
+        if let Some(max) = records.iter().map(|(_, r)| r.version.ts).max() {
+            self.hlc.observe(max);
+        }
+        self.store.apply(records).await.map(|_| ())
+    }
+}

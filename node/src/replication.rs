@@ -1,0 +1,234 @@
+//! Request routing and replication: how a client operation reaches the owners of its key and how a
+//! write reaches every replica.
+//!
+//! - Any node accepts any request. A node that is not a replica of the key's partition forwards it
+//!   to one that is (healthy replicas first, failing over on error); the receiving replica
+//!   *coordinates* it and never forwards again.
+//! - A coordinated write is stamped by the coordinator's HLC, stored locally and sent to every other
+//!   replica in parallel. It is acknowledged once it is durable locally and every other replica has
+//!   answered or failed (a replica that was down catches up through anti-entropy). Peers that failed
+//!   recently are skipped, so a dead replica costs nothing after the first timeout.
+//! - A coordinated read answers from the local store unless the client's causal context shows a
+//!   write this replica may not have; then it asks the other replicas and returns the newest
+//!   version (repairing itself on the way).
+
+use crate::causal::{VectorClock, Version, wall_micros};
+use crate::node::{KvError, Node};
+use crate::peers::{Coordinated, KvOp, PeerRequest, PeerResponse};
+use crate::placement::PartitionId;
+use crate::store::{Applied, Record};
+use crate::view::View;
+use futures::future::join_all;
+use std::sync::Arc;
+
+impl Node {
+    /// Routes a client operation: coordinate it here if this node replicates the key, else forward.
+    pub(crate) async fn route(&self, key: &str, op: KvOp, context: VectorClock) -> Result<Coordinated, KvError> {
+        let view = self.require_view()?;
+        let partition = view.partition_of_key(key);
+        if view.members(partition).iter().any(|m| m == self.id()) {
+            return self.coordinate_in(&view, partition, key, op, context).await;
+        }
+        self.forward(&view, partition, key, op, context).await
+    }
+
+    /// Coordinates an operation forwarded by another node; refuses if this node is not an owner.
+    pub(crate) async fn coordinate(&self, key: &str, op: KvOp, context: VectorClock) -> Result<Coordinated, KvError> {
+        let view = self.require_view()?;
+        let partition = view.partition_of_key(key);
+        if !view.members(partition).iter().any(|m| m == self.id()) {
+            return Err(KvError::NotOwner { partition, epoch: view.epoch() });
+        }
+        self.coordinate_in(&view, partition, key, op, context).await
+    }
+
+    async fn forward(
+        &self,
+        view: &View,
+        partition: PartitionId,
+        key: &str,
+        op: KvOp,
+        context: VectorClock,
+    ) -> Result<Coordinated, KvError> {
+        let owners = view.members(partition);
+        // Rotate the starting replica by key so that load spreads while a key sticks to one
+        // coordinator (fewer concurrent-write conflicts).
+        let start = if owners.is_empty() { 0 } else { crate::placement::slot_of(key.as_bytes()) as usize % owners.len() };
+        let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).collect();
+        let request = PeerRequest::Coordinate { key: key.to_owned(), op, context, view_epoch: view.epoch() };
+        for owner in self.health.order(rotated) {
+            self.metrics.forwarded.inc();
+            match self.peers.call(owner, &request, self.settings.forward_timeout).await {
+                Ok(PeerResponse::Coordinated(c)) => {
+                    self.health.mark_up(owner);
+                    return Ok(c);
+                }
+                Ok(other) => tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request"),
+                Err(e) => {
+                    tracing::debug!(peer = %owner, error = %e, "forwarding failed; trying the next replica");
+                    self.health.mark_down(owner);
+                }
+            }
+        }
+        Err(KvError::Unavailable { partition })
+    }
+
+    async fn coordinate_in(
+        &self,
+        view: &View,
+        partition: PartitionId,
+        key: &str,
+        op: KvOp,
+        context: VectorClock,
+    ) -> Result<Coordinated, KvError> {
+        match op {
+            KvOp::Get => self.coordinate_read(view, partition, key, &context).await,
+            KvOp::Put(value) => self.coordinate_write(view, partition, key, Some(value), context).await,
+            KvOp::Delete => self.coordinate_write(view, partition, key, None, context).await,
+        }
+    }
+
+    async fn coordinate_write(
+        &self,
+        view: &View,
+        partition: PartitionId,
+        key: &str,
+        value: Option<bytes::Bytes>,
+        context: VectorClock,
+    ) -> Result<Coordinated, KvError> {
+        let current = self.store.get(key)?;
+        let was_live = current.as_ref().is_some_and(|r| !r.is_deleted());
+        let depends_on = context.max_entry().max(current.as_ref().map_or(0, |r| r.version.ts));
+        let ts = self.hlc.tick(wall_micros(), depends_on);
+        let mut clock = context;
+        if let Some(c) = &current {
+            clock.merge(&c.clock);
+        }
+        clock.observe(self.id(), ts);
+        let record = Record { version: Version { ts, writer: self.id().to_owned() }, clock, value };
+        let is_delete = record.is_deleted();
+        let batch = vec![(key.to_owned(), record.clone())];
+
+        let others: Vec<_> = view.members(partition).iter().filter(|m| *m != self.id()).collect();
+        let (local, _) = tokio::join!(self.store.apply(batch.clone()), self.replicate(&others, batch));
+        let outcome = local?.first().copied().unwrap_or(Applied::Stale);
+        let changed_liveness = match (is_delete, outcome) {
+            (false, _) => !was_live,
+            (true, Applied::Stale) => false,
+            (true, _) => was_live,
+        };
+        Ok(Coordinated { partition, record: Some(record), changed_liveness })
+    }
+
+    /// Sends records to each peer in parallel; returns how many acknowledged them.
+    pub(crate) async fn replicate(&self, peers: &[&String], records: Vec<(String, Record)>) -> usize {
+        let request = Arc::new(PeerRequest::Replicate { records });
+        let calls = peers.iter().map(|&peer| {
+            let request = request.clone();
+            async move {
+                if self.health.is_down(peer) {
+                    self.metrics.replication.skipped.inc();
+                    return false;
+                }
+                match self.peers.call(peer, &request, self.settings.replicate_timeout).await {
+                    Ok(_) => {
+                        self.metrics.replication.ok.inc();
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "replication failed; anti-entropy will repair");
+                        self.metrics.replication.failed.inc();
+                        self.health.mark_down(peer);
+                        false
+                    }
+                }
+            }
+        });
+        join_all(calls).await.into_iter().filter(|&ok| ok).count()
+    }
+
+    async fn coordinate_read(&self, view: &View, partition: PartitionId, key: &str, context: &VectorClock) -> Result<Coordinated, KvError> {
+        let local = self.store.get(key)?;
+        let members = view.members(partition);
+        if !may_be_missing_a_dependency(local.as_ref(), context, members) {
+            return Ok(Coordinated { partition, record: local, changed_liveness: false });
+        }
+        self.metrics.causal_fetches.inc();
+        let request = PeerRequest::Fetch { key: key.to_owned() };
+        let fetches = members.iter().filter(|m| *m != self.id() && !self.health.is_down(m)).map(|peer| {
+            let request = &request;
+            async move {
+                match self.peers.call(peer, request, self.settings.replicate_timeout).await {
+                    Ok(PeerResponse::Fetched(r)) => r,
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "causal fetch failed");
+                        self.health.mark_down(peer);
+                        None
+                    }
+                }
+            }
+        });
+        let newest_remote = join_all(fetches).await.into_iter().flatten().max_by(|a, b| a.version.cmp(&b.version));
+        let newest = match (local, newest_remote) {
+            (Some(l), Some(r)) if r.version > l.version => {
+                self.repair_in_background(key, r.clone());
+                Some(r)
+            }
+            (None, Some(r)) => {
+                self.repair_in_background(key, r.clone());
+                Some(r)
+            }
+            (l, _) => l,
+        };
+        Ok(Coordinated { partition, record: newest, changed_liveness: false })
+    }
+
+    fn repair_in_background(&self, key: &str, record: Record) {
+        self.hlc.observe(record.version.ts);
+        let store = self.store.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = store.apply(vec![(key, record)]).await {
+                tracing::warn!(error = %e, "read repair failed; anti-entropy will retry");
+            }
+        });
+    }
+}
+
+/// Whether the client may have seen a write to this key that `local` does not include.
+///
+/// Every clock entry is an HLC timestamp and a write's timestamp exceeds every entry of its own
+/// clock except its writer's, which equals it. So if no replica's entry in the client's context is
+/// above the local version's timestamp (or equal to it under another writer), every write the client
+/// depends on is ordered at or before the local version, and the local answer is causally safe.
+pub fn may_be_missing_a_dependency(local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> bool {
+    let (ts, writer) = local.map_or((0, ""), |r| (r.version.ts, r.version.writer.as_str()));
+    replicas.iter().any(|m| {
+        let seen = context.get(m);
+        seen > ts || (seen == ts && seen > 0 && m != writer)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ts: u64, writer: &str) -> Record {
+        Record { version: Version { ts, writer: writer.into() }, clock: VectorClock::new(), value: None }
+    }
+
+    #[test]
+    fn dependency_check() {
+        let replicas = vec!["a".to_string(), "b".to_string()];
+        let mut ctx = VectorClock::new();
+        assert!(!may_be_missing_a_dependency(None, &ctx, &replicas), "empty context never needs a fetch");
+        ctx.observe("a", 10);
+        assert!(may_be_missing_a_dependency(None, &ctx, &replicas));
+        assert!(!may_be_missing_a_dependency(Some(&rec(10, "a")), &ctx, &replicas), "it is that write");
+        assert!(may_be_missing_a_dependency(Some(&rec(10, "b")), &ctx, &replicas), "same ts, other writer");
+        assert!(!may_be_missing_a_dependency(Some(&rec(11, "b")), &ctx, &replicas));
+        ctx.observe("z", 99);
+        assert!(!may_be_missing_a_dependency(Some(&rec(11, "b")), &ctx, &replicas), "non-replicas are ignored");
+    }
+}
