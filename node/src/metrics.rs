@@ -72,11 +72,13 @@ impl Default for Metrics {
         registry.register("forwarded", "Client requests forwarded to another node (one per attempt)", forwarded.clone());
         let outcomes = Family::<OutcomeLabel, Counter>::default();
         registry.register("replication", "Replication of writes to peer replicas, by outcome", outcomes.clone());
-        let replication = ReplicationCounters {
-            ok: outcomes.get_or_create(&OutcomeLabel { outcome: "ok" }).clone(),
-            failed: outcomes.get_or_create(&OutcomeLabel { outcome: "failed" }).clone(),
-            skipped: outcomes.get_or_create(&OutcomeLabel { outcome: "skipped" }).clone(),
-        };
+        // One statement per handle: `get_or_create` returns a guard on the family's lock, and two
+        // guards alive in one expression deadlock.
+        let outcome = |outcome| outcomes.get_or_create(&OutcomeLabel { outcome }).clone();
+        let ok = outcome("ok");
+        let failed = outcome("failed");
+        let skipped = outcome("skipped");
+        let replication = ReplicationCounters { ok, failed, skipped };
         let causal_fetches = Counter::default();
         registry.register(
             "causal_fetches",

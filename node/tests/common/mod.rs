@@ -1,0 +1,174 @@
+//! Test harness: real `kvs-node` processes, each on its own loopback address `127.0.<net>.<i>:8080`
+//! with the HW4 environment (`K`, `VIEW`, `IPPORT`, `LISTEN`), as the course's script starts them.
+//! Every test picks its own `<net>` so tests run in parallel without sharing addresses.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PORT: u16 = 8080;
+
+/// One node process and the data directory it keeps across restarts.
+pub struct NodeProc {
+    pub addr: String,
+    pub child: Option<Child>,
+    pub data_dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl NodeProc {
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvs-node"));
+        cmd.env_clear()
+            .env("IPPORT", &self.addr)
+            .env("LISTEN", &self.addr)
+            .env("KVS_DATA_DIR", self.data_dir.path())
+            .env("RUST_LOG", std::env::var("KVS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("kvs-node starts"));
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        wait_healthy(&self.addr).await;
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+        }
+        self.kill();
+    }
+}
+
+/// A cluster of node processes.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub http: reqwest::Client,
+}
+
+pub fn addr(net: u8, i: usize) -> String {
+    format!("127.0.{net}.{}:{PORT}", i + 1)
+}
+
+impl Cluster {
+    /// Starts `n` nodes with replication factor `k` on `127.0.<net>.1..=n`, plus `extra_env`.
+    pub async fn start(net: u8, n: usize, k: u32, extra_env: &[(&str, &str)]) -> Cluster {
+        let addrs: Vec<String> = (0..n).map(|i| addr(net, i)).collect();
+        let view = addrs.join(",");
+        let mut nodes = Vec::new();
+        for a in &addrs {
+            let mut env = vec![("K".to_owned(), k.to_string()), ("VIEW".to_owned(), view.clone())];
+            env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let mut node = NodeProc { addr: a.clone(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
+            node.spawn();
+            nodes.push(node);
+        }
+        for a in &addrs {
+            wait_healthy(a).await;
+        }
+        Cluster { nodes, http: client() }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn node(&mut self, addr: &str) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.addr == addr).expect("known node")
+    }
+
+    /// `partition_id → members` as node 0 reports it.
+    pub async fn partitions(&self, via: &str) -> Vec<Vec<String>> {
+        let ids = hw4(&self.http, "GET", via, "get_all_partition_ids", &[]).await.1;
+        let mut out = Vec::new();
+        for id in ids["partition_id_list"].as_array().expect("partition_id_list").iter() {
+            let (_, m) = hw4(&self.http, "GET", via, "get_partition_members", &[("partition_id", &id.to_string())]).await;
+            out.push(m["partition_members"].as_array().expect("members").iter().map(|v| v.as_str().unwrap().to_owned()).collect());
+        }
+        out
+    }
+
+    /// The value of a Prometheus metric line starting with `prefix` on `node`.
+    pub async fn metric(&self, node: &str, prefix: &str) -> f64 {
+        let text = self.http.get(format!("http://{node}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
+}
+
+pub async fn wait_healthy(addr: &str) {
+    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().expect("client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} did not become healthy within 20 s");
+}
+
+/// One HW4 request: form-encoded body (even on GET, as the course's client does). Returns status
+/// and JSON.
+pub async fn hw4(http: &reqwest::Client, method: &str, node: &str, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let body = serde_urlencoded::to_string(form).expect("form");
+    let resp = http
+        .request(method, format!("http://{node}/kv-store/{path}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request to {node} failed: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON answer {status} from {node}: {text}"));
+    (status, json)
+}
+
+pub async fn put(http: &reqwest::Client, node: &str, key: &str, val: &str, payload: &str) -> (u16, Value) {
+    hw4(http, "PUT", node, key, &[("val", val), ("causal_payload", payload)]).await
+}
+
+pub async fn get(http: &reqwest::Client, node: &str, key: &str, payload: &str) -> (u16, Value) {
+    hw4(http, "GET", node, key, &[("causal_payload", payload)]).await
+}
