@@ -44,6 +44,14 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if !matches!(essence.as_str(), "" | "application/x-www-form-urlencoded" | "text/plain") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("the body is {essence}; send fields as application/x-www-form-urlencoded (val=...&causal_payload=...)"),
+            ));
+        }
         let query = req.uri().query().unwrap_or("").to_owned();
         let body = Bytes::from_request(req, state)
             .await
