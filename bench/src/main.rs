@@ -1,1 +1,354 @@
-fn main() {}
+//! `kvs-bench`: drives a key-value store over HTTP with a chosen concurrency, key count, value size
+//! and GET/PUT mix, then reports throughput and latency percentiles.
+//!
+//! Targets: a kvstore cluster through its native API (`kvs`) or its HW4 API (`hw4`), and etcd
+//! through its JSON gateway (`etcd`), so the same load shape runs against each. Every request loop
+//! is bounded by `--seconds` and stops by itself.
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvs-bench", about = "Load generator for kvstore, etcd and comparable HTTP stores")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a timed load and report throughput and latency.
+    Load(LoadArgs),
+    /// Pause a replica (SIGSTOP), write keys through another node, resume it and measure how long
+    /// until the paused replica holds them all (anti-entropy convergence).
+    Converge(ConvergeArgs),
+}
+
+#[derive(Parser, Debug, Clone)]
+struct LoadArgs {
+    /// What to drive.
+    #[arg(long, value_enum, default_value_t = Target::Kvs)]
+    target: Target,
+    /// Comma-separated `host:port` endpoints; connections spread over them round-robin.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Concurrent connections (each runs one request at a time).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Fraction of requests that are GETs (the rest are PUTs).
+    #[arg(long, default_value_t = 0.5)]
+    get_ratio: f64,
+    /// Measured duration in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Write every key once before measuring (so GETs hit).
+    #[arg(long)]
+    preload: bool,
+    /// Carry the causal context from answer to request, per connection, as a real client does.
+    #[arg(long)]
+    causal: bool,
+    /// Label for the result line.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Print the result as one JSON line instead of a table row.
+    #[arg(long)]
+    json: bool,
+    /// Seed for key choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Parser, Debug)]
+struct ConvergeArgs {
+    /// PID of the replica to pause.
+    #[arg(long)]
+    pause_pid: u32,
+    /// The paused replica's `host:port`.
+    #[arg(long)]
+    replica: String,
+    /// A live node of the same partition to write through.
+    #[arg(long)]
+    via: String,
+    /// Keys to write while the replica is paused.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Target {
+    /// kvstore native API: PUT/GET /v1/kv/{key}
+    Kvs,
+    /// kvstore HW4 API: form-encoded PUT/GET /kv-store/{key}
+    Hw4,
+    /// etcd v3 JSON gateway: POST /v3/kv/put and /v3/kv/range
+    Etcd,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    label: String,
+    target: String,
+    connections: usize,
+    get_ratio: f64,
+    value_size: usize,
+    ops: u64,
+    errors: u64,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+struct Conn {
+    http: reqwest::Client,
+    endpoint: String,
+    target: Target,
+    context: String,
+    causal: bool,
+}
+
+impl Conn {
+    async fn put(&mut self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let resp = match self.target {
+            Target::Kvs => {
+                let mut req = self.http.put(format!("http://{}/v1/kv/{key}", self.endpoint)).body(value.to_vec());
+                if self.causal {
+                    req = req.header("kvs-causal-context", &self.context);
+                }
+                req.send().await?
+            }
+            Target::Hw4 => {
+                let val = String::from_utf8_lossy(value).into_owned();
+                let ctx = if self.causal { self.context.clone() } else { String::new() };
+                self.http.put(format!("http://{}/kv-store/{key}", self.endpoint)).form(&[("val", val), ("causal_payload", ctx)]).send().await?
+            }
+            Target::Etcd => {
+                let body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
+                self.http.post(format!("http://{}/v3/kv/put", self.endpoint)).json(&body).send().await?
+            }
+        };
+        self.finish(resp, false).await
+    }
+
+    async fn get(&mut self, key: &str) -> anyhow::Result<()> {
+        let resp = match self.target {
+            Target::Kvs => {
+                let mut req = self.http.get(format!("http://{}/v1/kv/{key}", self.endpoint));
+                if self.causal {
+                    req = req.header("kvs-causal-context", &self.context);
+                }
+                req.send().await?
+            }
+            Target::Hw4 => {
+                let ctx = if self.causal { self.context.clone() } else { String::new() };
+                self.http.get(format!("http://{}/kv-store/{key}", self.endpoint)).form(&[("causal_payload", ctx)]).send().await?
+            }
+            Target::Etcd => {
+                let body = serde_json::json!({"key": B64.encode(key)});
+                self.http.post(format!("http://{}/v3/kv/range", self.endpoint)).json(&body).send().await?
+            }
+        };
+        self.finish(resp, true).await
+    }
+
+    async fn finish(&mut self, resp: reqwest::Response, is_get: bool) -> anyhow::Result<()> {
+        let status = resp.status();
+        if self.causal
+            && self.target == Target::Kvs
+            && let Some(c) = resp.headers().get("kvs-causal-context").and_then(|v| v.to_str().ok())
+            && !c.is_empty()
+        {
+            self.context = c.to_owned();
+        }
+        let body = resp.bytes().await?;
+        if self.causal
+            && self.target == Target::Hw4
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+            && let Some(c) = v["causal_payload"].as_str()
+            && !c.is_empty()
+        {
+            self.context = c.to_owned();
+        }
+        if status.is_success() || (is_get && status.as_u16() == 404) {
+            Ok(())
+        } else {
+            bail!("{status}: {}", String::from_utf8_lossy(&body))
+        }
+    }
+}
+
+fn key_name(i: u64) -> String {
+    format!("key_{i:08}")
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<Report> {
+    if args.endpoints.is_empty() || args.connections == 0 {
+        bail!("need at least one endpoint and one connection");
+    }
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let value: Arc<Vec<u8>> = Arc::new((0..args.value_size).map(|i| b'a' + (i % 26) as u8).collect());
+    if args.preload {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..args.connections {
+            let (next, value, keys) = (next.clone(), value.clone(), args.keys);
+            let mut conn = Conn { http: http.clone(), endpoint: args.endpoints[c % args.endpoints.len()].clone(), target: args.target, context: String::new(), causal: false };
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= keys {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    conn.put(&key_name(i), &value).await.with_context(|| format!("preloading {}", key_name(i)))?;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let (value, errors, a) = (value.clone(), errors.clone(), args.clone());
+        let mut conn = Conn { http: http.clone(), endpoint: a.endpoints[c % a.endpoints.len()].clone(), target: a.target, context: String::new(), causal: a.causal };
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_mul(1000).wrapping_add(c as u64));
+            let mut first_error = None;
+            while Instant::now() < deadline {
+                let key = key_name(rng.random_range(0..a.keys));
+                let t0 = Instant::now();
+                let result = if rng.random_bool(a.get_ratio.clamp(0.0, 1.0)) { conn.get(&key).await } else { conn.put(&key, &value).await };
+                let micros = t0.elapsed().as_micros() as u64;
+                match result {
+                    Ok(()) => {
+                        let _ = hist.record(micros.max(1));
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            (hist, first_error)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    for t in tasks {
+        let (h, first_error) = t.await?;
+        hist.add(h).expect("same bounds");
+        if let Some(e) = first_error {
+            eprintln!("kvs-bench: first error on a connection: {e}");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        label: args.label,
+        target: format!("{:?}", args.target).to_lowercase(),
+        connections: args.connections,
+        get_ratio: args.get_ratio,
+        value_size: args.value_size,
+        ops: hist.len(),
+        errors: errors.load(Ordering::Relaxed),
+        ops_per_sec: hist.len() as f64 / elapsed,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+    })
+}
+
+async fn live_keys(http: &reqwest::Client, node: &str) -> anyhow::Result<u64> {
+    let text = http.get(format!("http://{node}/metrics")).send().await?.text().await?;
+    let line = text.lines().find(|l| l.starts_with("kvs_keys{state=\"live\"}")).context("no kvs_keys metric")?;
+    Ok(line.rsplit(' ').next().unwrap_or("0").parse::<f64>()? as u64)
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?.success();
+    if !ok {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let before = live_keys(&http, &args.replica).await?;
+    signal(args.pause_pid, "STOP")?;
+    let written = async {
+        for i in 0..args.keys {
+            let resp = http.put(format!("http://{}/v1/kv/converge_{}_{i}", args.via, std::process::id())).body("v").send().await?;
+            if !resp.status().is_success() {
+                bail!("write failed: {}", resp.status());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    signal(args.pause_pid, "CONT")?;
+    written?;
+    let resumed = Instant::now();
+    let deadline = resumed + Duration::from_secs(30);
+    loop {
+        let now = live_keys(&http, &args.replica).await.unwrap_or(0);
+        if now >= before + args.keys {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("replica did not converge within 30 s ({} of {} keys)", now.saturating_sub(before), args.keys);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ms = resumed.elapsed().as_secs_f64() * 1000.0;
+    println!("{}", serde_json::json!({"converge_ms": ms, "keys": args.keys}));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().cmd {
+        Cmd::Load(a) => {
+            let json = a.json;
+            let r = load(a).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<24} {:>10.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  errors {}",
+                    if r.label.is_empty() { &r.target } else { &r.label },
+                    r.ops_per_sec,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.p999_ms,
+                    r.errors
+                );
+            }
+        }
+        Cmd::Converge(a) => converge(a).await?,
+    }
+    Ok(())
+}
