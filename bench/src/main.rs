@@ -135,7 +135,11 @@ impl Conn {
             Target::Hw4 => {
                 let val = String::from_utf8_lossy(value).into_owned();
                 let ctx = if self.causal { self.context.clone() } else { String::new() };
-                self.http.put(format!("http://{}/kv-store/{key}", self.endpoint)).form(&[("val", val), ("causal_payload", ctx)]).send().await?
+                self.http
+                    .put(format!("http://{}/kv-store/{key}", self.endpoint))
+                    .form(&[("val", val), ("causal_payload", ctx)])
+                    .send()
+                    .await?
             }
             Target::Etcd => {
                 let body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
@@ -200,18 +204,21 @@ async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     if args.endpoints.is_empty() || args.connections == 0 {
         bail!("need at least one endpoint and one connection");
     }
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.connections)
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(args.connections).tcp_nodelay(true).timeout(Duration::from_secs(10)).build()?;
     let value: Arc<Vec<u8>> = Arc::new((0..args.value_size).map(|i| b'a' + (i % 26) as u8).collect());
     if args.preload {
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for c in 0..args.connections {
             let (next, value, keys) = (next.clone(), value.clone(), args.keys);
-            let mut conn = Conn { http: http.clone(), endpoint: args.endpoints[c % args.endpoints.len()].clone(), target: args.target, context: String::new(), causal: false };
+            let mut conn = Conn {
+                http: http.clone(),
+                endpoint: args.endpoints[c % args.endpoints.len()].clone(),
+                target: args.target,
+                context: String::new(),
+                causal: false,
+            };
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -232,7 +239,13 @@ async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     let mut tasks = Vec::new();
     for c in 0..args.connections {
         let (value, errors, a) = (value.clone(), errors.clone(), args.clone());
-        let mut conn = Conn { http: http.clone(), endpoint: a.endpoints[c % a.endpoints.len()].clone(), target: a.target, context: String::new(), causal: a.causal };
+        let mut conn = Conn {
+            http: http.clone(),
+            endpoint: a.endpoints[c % a.endpoints.len()].clone(),
+            target: a.target,
+            context: String::new(),
+            causal: a.causal,
+        };
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_mul(1000).wrapping_add(c as u64));
@@ -297,13 +310,24 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let partition: serde_json::Value = http.get(format!("http://{}/kv-store/get_partition_id", args.replica)).send().await?.json().await?;
+    let partition = partition["partition_id"].as_i64().context("the replica reports no partition_id")?;
     let before = live_keys(&http, &args.replica).await?;
     signal(args.pause_pid, "STOP")?;
+    // Write until `keys` of them landed in the paused replica's partition (others are forwarded
+    // elsewhere and do not concern it).
     let written = async {
-        for i in 0..args.keys {
+        let mut mine = 0;
+        let mut i = 0u64;
+        while mine < args.keys {
+            i += 1;
             let resp = http.put(format!("http://{}/v1/kv/converge_{}_{i}", args.via, std::process::id())).body("v").send().await?;
             if !resp.status().is_success() {
                 bail!("write failed: {}", resp.status());
+            }
+            let w: serde_json::Value = resp.json().await?;
+            if w["partition_id"].as_i64() == Some(partition) {
+                mine += 1;
             }
         }
         Ok(())
