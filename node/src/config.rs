@@ -62,6 +62,11 @@ pub struct Args {
     #[arg(long, env = "KVS_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<PathBuf>,
 
+    /// Threads serving requests. Default: one per CPU. Set it to the node's share of the CPUs when
+    /// several nodes share a machine (1 runs everything on a single thread).
+    #[arg(long, env = "KVS_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Log format: `text` or `json`. Filter with RUST_LOG (default `info`).
     #[arg(long, env = "KVS_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -11,6 +11,7 @@
 
 mod memory;
 mod redb_store;
+mod wal;
 
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;

@@ -13,6 +13,7 @@ enum Op {
     Put { key: u8, ts: u64, writer: u8, value: Option<u8> },
     Prune { key: u8 },
     Reopen,
+    Crash,
 }
 
 fn key_name(k: u8) -> String {
@@ -24,6 +25,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0u8..12, 1u64..20, 0u8..3, proptest::option::of(any::<u8>())).prop_map(|(key, ts, writer, value)| Op::Put { key, ts, writer, value }),
         1 => (0u8..12).prop_map(|key| Op::Prune { key }),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -58,7 +60,19 @@ fn check(store: &dyn Store, model: &BTreeMap<String, Record>) -> Result<(), Test
 fn run(ops: Vec<Op>, durable: bool) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let open = || -> Box<dyn Store> { if durable { Box::new(RedbStore::open(dir.path()).unwrap()) } else { Box::new(MemoryStore::new()) } };
+    enum Either {
+        Redb(RedbStore),
+        Memory(MemoryStore),
+    }
+    impl Either {
+        fn store(&self) -> &dyn Store {
+            match self {
+                Either::Redb(s) => s,
+                Either::Memory(s) => s,
+            }
+        }
+    }
+    let open = || if durable { Either::Redb(RedbStore::open(dir.path()).unwrap()) } else { Either::Memory(MemoryStore::new()) };
     let mut store = open();
     let mut model: BTreeMap<String, Record> = BTreeMap::new();
     for op in ops {
@@ -66,7 +80,7 @@ fn run(ops: Vec<Op>, durable: bool) -> Result<(), TestCaseError> {
             Op::Put { key, ts, writer, value } => {
                 let (key, rec) = (key_name(key), record(ts, writer, value));
                 let expected = decide(model.get(&key), &rec);
-                let got = rt.block_on(store.apply(vec![(key.clone(), rec.clone())])).unwrap();
+                let got = rt.block_on(store.store().apply(vec![(key.clone(), rec.clone())])).unwrap();
                 prop_assert_eq!(got, vec![expected]);
                 if expected != Applied::Stale {
                     model.insert(key, rec);
@@ -76,15 +90,21 @@ fn run(ops: Vec<Op>, durable: bool) -> Result<(), TestCaseError> {
                 let slot = slot_of(key_name(key).as_bytes());
                 let expected = model.keys().filter(|k| slot_of(k.as_bytes()) == slot).count() as u64;
                 model.retain(|k, _| slot_of(k.as_bytes()) != slot);
-                prop_assert_eq!(rt.block_on(store.prune(vec![slot])).unwrap(), expected);
+                prop_assert_eq!(rt.block_on(store.store().prune(vec![slot])).unwrap(), expected);
             }
             Op::Reopen if durable => {
                 drop(store);
                 store = open();
             }
-            Op::Reopen => {}
+            Op::Crash if durable => {
+                if let Either::Redb(s) = store {
+                    s.simulate_crash();
+                }
+                store = open();
+            }
+            Op::Reopen | Op::Crash => {}
         }
-        check(store.as_ref(), &model)?;
+        check(store.store(), &model)?;
     }
     Ok(())
 }

@@ -2,19 +2,25 @@
 //! slot is one contiguous range (anti-entropy and rebalancing scan by slot).
 //!
 //! Group commit: every mutation goes through one writer thread. It takes whatever is queued (up to
-//! [`MAX_BATCH_JOBS`] jobs), applies it in a single write transaction, commits with
-//! `Durability::Immediate` (one fsync for the whole group), and only then answers each job. Many
-//! concurrent writers therefore share one fsync, and nobody is acknowledged before it. Reads use
-//! redb's MVCC read transactions and never wait for the writer.
+//! [`MAX_BATCH_JOBS`] jobs), decides newest-wins inside one write transaction, appends the records
+//! that win to the write-ahead log and `fdatasync`s it once for the whole group, then commits the
+//! transaction without an fsync of its own (`Durability::None`) and only then answers each job.
+//! Many concurrent writers share one log fsync; nobody is acknowledged, and no reader sees a record,
+//! before it is durable in the log. A checkpoint (a durable redb commit, then truncating the log)
+//! runs every [`CHECKPOINT_INTERVAL`] or [`CHECKPOINT_BYTES`] of log, on pruning and on shutdown;
+//! opening replays whatever the log still holds. Reads use redb's MVCC read transactions and never
+//! wait for the writer.
 
+use super::wal::Wal;
 use super::{Applied, Record, SlotDigests, Store, StoreError, decide};
 use crate::placement::{Slot, slot_of};
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
@@ -23,10 +29,23 @@ const META_MAX_TS: &str = "max_timestamp";
 
 /// Most jobs folded into one transaction: bounds the latency of the first job in a group.
 pub const MAX_BATCH_JOBS: usize = 512;
+/// Longest time log records wait for a checkpoint (bounds replay time after a crash).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Largest log before a checkpoint.
+pub const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 enum Job {
-    Apply { batch: Vec<(String, Record)>, reply: oneshot::Sender<Result<Vec<Applied>, StoreError>> },
-    Prune { slots: Vec<Slot>, reply: oneshot::Sender<Result<u64, StoreError>> },
+    Apply {
+        batch: Vec<(String, Record)>,
+        reply: oneshot::Sender<Result<Vec<Applied>, StoreError>>,
+    },
+    Prune {
+        slots: Vec<Slot>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Test only: stop like a killed process would, leaving the log un-checkpointed.
+    #[cfg(test)]
+    Crash,
 }
 
 /// The production store. Cheap to share: clone the `Arc`.
@@ -76,12 +95,32 @@ impl RedbStore {
         std::fs::create_dir_all(dir).map_err(engine)?;
         let db = Arc::new(Database::create(dir.join("kvstore.redb")).map_err(engine)?);
         let digests = Arc::new(SlotDigests::default());
+        let (mut wal, replay) = Wal::open(&dir.join("kvstore.wal")).map_err(engine)?;
         let mut max_ts = 0;
         {
+            // Tables exist, and whatever the log holds is in the B-tree, durably, before the log
+            // is emptied (replay is newest-wins, so records already there change nothing).
             let txn = db.begin_write().map_err(engine)?;
-            txn.open_table(RECORDS).map_err(engine)?;
-            txn.open_table(META).map_err(engine)?;
+            {
+                let mut table = txn.open_table(RECORDS).map_err(engine)?;
+                txn.open_table(META).map_err(engine)?;
+                if !replay.is_empty() {
+                    tracing::info!(records = replay.len(), "replaying the write-ahead log");
+                }
+                for (key, record) in replay {
+                    let k = db_key(&key);
+                    let current = match table.get(k.as_slice()).map_err(engine)? {
+                        Some(v) => Some(decode(&k, v.value())?.1),
+                        None => None,
+                    };
+                    if decide(current.as_ref(), &record) != Applied::Stale {
+                        let bytes = postcard::to_stdvec(&record).map_err(engine)?;
+                        table.insert(k.as_slice(), bytes.as_slice()).map_err(engine)?;
+                    }
+                }
+            }
             txn.commit().map_err(engine)?;
+            wal.truncate().map_err(engine)?;
             let read = db.begin_read().map_err(engine)?;
             let table = read.open_table(RECORDS).map_err(engine)?;
             for entry in table.iter().map_err(engine)? {
@@ -97,9 +136,16 @@ impl RedbStore {
         }
         let max_ts = Arc::new(AtomicU64::new(max_ts));
         let (jobs, queue) = mpsc::channel();
-        let writer = Writer { db: db.clone(), digests: digests.clone(), max_ts: max_ts.clone() };
+        let writer = Writer { db: db.clone(), digests: digests.clone(), max_ts: max_ts.clone(), wal, last_checkpoint: Instant::now() };
         let writer = std::thread::Builder::new().name("kvs-store-writer".into()).spawn(move || writer.run(queue)).map_err(engine)?;
         Ok(RedbStore { db, jobs: Some(jobs), writer: Some(writer), digests, max_ts })
+    }
+
+    /// Test only: closes the store the way `kill -9` would (no final checkpoint), so that the next
+    /// `open` has to replay the log.
+    #[cfg(test)]
+    pub fn simulate_crash(self) {
+        let _ = self.send(Job::Crash);
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
@@ -162,6 +208,8 @@ struct Writer {
     db: Arc<Database>,
     digests: Arc<SlotDigests>,
     max_ts: Arc<AtomicU64>,
+    wal: Wal,
+    last_checkpoint: Instant,
 }
 
 /// A change to apply to the digests once the transaction holding it has committed.
@@ -173,8 +221,20 @@ struct DigestChange {
 }
 
 impl Writer {
-    fn run(self, queue: mpsc::Receiver<Job>) {
-        while let Ok(first) = queue.recv() {
+    fn run(mut self, queue: mpsc::Receiver<Job>) {
+        loop {
+            let first = match queue.recv_timeout(CHECKPOINT_INTERVAL) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.checkpoint_if_due();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            #[cfg(test)]
+            if matches!(first, Job::Crash) {
+                return;
+            }
             let mut group = vec![first];
             while group.len() < MAX_BATCH_JOBS {
                 match queue.try_recv() {
@@ -183,17 +243,40 @@ impl Writer {
                 }
             }
             self.commit_group(group);
+            self.checkpoint_if_due();
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "final checkpoint failed; the log will be replayed on the next start");
         }
         tracing::debug!("storage writer stopped: every store handle was dropped");
     }
 
-    fn commit_group(&self, group: Vec<Job>) {
+    fn checkpoint_if_due(&mut self) {
+        let due = self.wal.len() >= CHECKPOINT_BYTES || (!self.wal.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+        if due && let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "checkpoint failed; the log keeps every record and will be retried");
+        }
+    }
+
+    /// Makes every committed transaction durable in the B-tree, then empties the log.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(engine)?;
+        txn.open_table(META).map_err(engine)?.insert(META_MAX_TS, self.max_ts.load(Ordering::Acquire)).map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        self.wal.truncate().map_err(engine)?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    fn commit_group(&mut self, group: Vec<Job>) {
         let mut applies = Vec::new();
         let mut prunes = Vec::new();
         for job in group {
             match job {
                 Job::Apply { batch, reply } => applies.push((batch, reply)),
                 Job::Prune { slots, reply } => prunes.push((slots, reply)),
+                #[cfg(test)]
+                Job::Crash => {}
             }
         }
         if !applies.is_empty() {
@@ -217,8 +300,10 @@ impl Writer {
         }
     }
 
-    fn apply_all(&self, batches: Vec<Vec<(String, Record)>>) -> Result<Vec<Vec<Applied>>, StoreError> {
-        let txn = self.db.begin_write().map_err(engine)?;
+    fn apply_all(&mut self, batches: Vec<Vec<(String, Record)>>) -> Result<Vec<Vec<Applied>>, StoreError> {
+        let mut txn = self.db.begin_write().map_err(engine)?;
+        // The log makes the group durable; the B-tree catches up at the next checkpoint.
+        txn.set_durability(Durability::None).map_err(engine)?;
         let mut outcomes = Vec::with_capacity(batches.len());
         let mut changes = Vec::new();
         let mut max_ts = 0;
@@ -247,6 +332,9 @@ impl Writer {
                 txn.open_table(META).map_err(engine)?.insert(META_MAX_TS, max_ts).map_err(engine)?;
             }
         }
+        // Durable in the log before the transaction is visible to readers or acknowledged; if the
+        // append fails the transaction is dropped (aborted) and every job in the group fails.
+        self.wal.append_durable(changes.iter().map(|c| (c.key.as_str(), &c.new))).map_err(engine)?;
         txn.commit().map_err(engine)?;
         self.max_ts.fetch_max(max_ts, Ordering::AcqRel);
         for c in changes {
@@ -255,7 +343,10 @@ impl Writer {
         Ok(outcomes)
     }
 
-    fn prune(&self, slots: &[Slot]) -> Result<u64, StoreError> {
+    /// Removes whole slots durably. The commit is durable (it also persists every earlier
+    /// non-durable commit), and the log is emptied right after, so replay can never bring pruned
+    /// records back.
+    fn prune(&mut self, slots: &[Slot]) -> Result<u64, StoreError> {
         let txn = self.db.begin_write().map_err(engine)?;
         let mut removed = 0;
         let mut cleared = Vec::new();
@@ -275,6 +366,8 @@ impl Writer {
             }
         }
         txn.commit().map_err(engine)?;
+        self.wal.truncate().map_err(engine)?;
+        self.last_checkpoint = Instant::now();
         for (slot, live, dead) in cleared {
             self.digests.clear_slot(slot, live, dead);
         }
