@@ -8,8 +8,10 @@
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::sync::Arc;
@@ -114,63 +116,57 @@ struct Report {
     max_ms: f64,
 }
 
+/// One client connection: a dedicated HTTP/1.1 connection driven by hyper (no pool, no URL
+/// parsing), so the load generator spends as little CPU as possible next to the servers it measures.
 struct Conn {
-    http: reqwest::Client,
     endpoint: String,
     target: Target,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
     context: String,
     causal: bool,
 }
 
 impl Conn {
-    async fn put(&mut self, key: &str, value: &[u8]) -> anyhow::Result<()> {
-        let resp = match self.target {
-            Target::Kvs => {
-                let mut req = self.http.put(format!("http://{}/v1/kv/{key}", self.endpoint)).body(value.to_vec());
-                if self.causal {
-                    req = req.header("kvs-causal-context", &self.context);
-                }
-                req.send().await?
-            }
-            Target::Hw4 => {
-                let val = String::from_utf8_lossy(value).into_owned();
-                let ctx = if self.causal { self.context.clone() } else { String::new() };
-                self.http
-                    .put(format!("http://{}/kv-store/{key}", self.endpoint))
-                    .form(&[("val", val), ("causal_payload", ctx)])
-                    .send()
-                    .await?
-            }
-            Target::Etcd => {
-                let body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
-                self.http.post(format!("http://{}/v3/kv/put", self.endpoint)).json(&body).send().await?
-            }
-        };
-        self.finish(resp, false).await
+    fn new(endpoint: String, target: Target, causal: bool) -> Self {
+        Conn { endpoint, target, sender: None, context: String::new(), causal }
     }
 
-    async fn get(&mut self, key: &str) -> anyhow::Result<()> {
-        let resp = match self.target {
-            Target::Kvs => {
-                let mut req = self.http.get(format!("http://{}/v1/kv/{key}", self.endpoint));
-                if self.causal {
-                    req = req.header("kvs-causal-context", &self.context);
-                }
-                req.send().await?
-            }
-            Target::Hw4 => {
-                let ctx = if self.causal { self.context.clone() } else { String::new() };
-                self.http.get(format!("http://{}/kv-store/{key}", self.endpoint)).form(&[("causal_payload", ctx)]).send().await?
-            }
-            Target::Etcd => {
-                let body = serde_json::json!({"key": B64.encode(key)});
-                self.http.post(format!("http://{}/v3/kv/range", self.endpoint)).json(&body).send().await?
-            }
-        };
-        self.finish(resp, true).await
+    async fn connect(&mut self) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let tcp = tokio::net::TcpStream::connect(&self.endpoint).await.with_context(|| format!("connecting to {}", self.endpoint))?;
+            tcp.set_nodelay(true)?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(connection);
+            self.sender = Some(sender);
+        }
+        Ok(self.sender.as_mut().expect("just connected"))
     }
 
-    async fn finish(&mut self, resp: reqwest::Response, is_get: bool) -> anyhow::Result<()> {
+    async fn send(
+        &mut self,
+        method: http::Method,
+        path: String,
+        content_type: Option<&str>,
+        body: Bytes,
+        is_get: bool,
+    ) -> anyhow::Result<()> {
+        let mut req = http::Request::builder().method(method).uri(path).header(http::header::HOST, self.endpoint.as_str());
+        if let Some(ct) = content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        if self.causal && self.target == Target::Kvs {
+            req = req.header("kvs-causal-context", self.context.as_str());
+        }
+        let req = req.body(Full::new(body))?;
+        let sender = self.connect().await?;
+        sender.ready().await?;
+        let resp = match tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.sender = None;
+                bail!("no answer within 10 s");
+            }
+        };
         let status = resp.status();
         if self.causal
             && self.target == Target::Kvs
@@ -179,7 +175,7 @@ impl Conn {
         {
             self.context = c.to_owned();
         }
-        let body = resp.bytes().await?;
+        let body = resp.into_body().collect().await?.to_bytes();
         if self.causal
             && self.target == Target::Hw4
             && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
@@ -194,7 +190,59 @@ impl Conn {
             bail!("{status}: {}", String::from_utf8_lossy(&body))
         }
     }
+
+    fn hw4_form(&self, fields: &[(&str, &str)]) -> Bytes {
+        let mut out = String::new();
+        for (i, (k, v)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            out.push_str(k);
+            out.push('=');
+            for b in v.bytes() {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                    out.push(b as char);
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+        Bytes::from(out)
+    }
+
+    async fn put(&mut self, key: &str, value: &Bytes) -> anyhow::Result<()> {
+        match self.target {
+            Target::Kvs => self.send(http::Method::PUT, format!("/v1/kv/{key}"), None, value.clone(), false).await,
+            Target::Hw4 => {
+                let ctx = if self.causal { self.context.clone() } else { String::new() };
+                let body = self.hw4_form(&[("val", &String::from_utf8_lossy(value)), ("causal_payload", &ctx)]);
+                self.send(http::Method::PUT, format!("/kv-store/{key}"), Some(FORM), body, false).await
+            }
+            Target::Etcd => {
+                let body = serde_json::to_vec(&serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)}))?;
+                self.send(http::Method::POST, "/v3/kv/put".into(), Some(JSON), body.into(), false).await
+            }
+        }
+    }
+
+    async fn get(&mut self, key: &str) -> anyhow::Result<()> {
+        match self.target {
+            Target::Kvs => self.send(http::Method::GET, format!("/v1/kv/{key}"), None, Bytes::new(), true).await,
+            Target::Hw4 => {
+                let ctx = if self.causal { self.context.clone() } else { String::new() };
+                let body = self.hw4_form(&[("causal_payload", &ctx)]);
+                self.send(http::Method::GET, format!("/kv-store/{key}"), Some(FORM), body, true).await
+            }
+            Target::Etcd => {
+                let body = serde_json::to_vec(&serde_json::json!({"key": B64.encode(key)}))?;
+                self.send(http::Method::POST, "/v3/kv/range".into(), Some(JSON), body.into(), true).await
+            }
+        }
+    }
 }
+
+const FORM: &str = "application/x-www-form-urlencoded";
+const JSON: &str = "application/json";
 
 fn key_name(i: u64) -> String {
     format!("key_{i:08}")
@@ -204,21 +252,13 @@ async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     if args.endpoints.is_empty() || args.connections == 0 {
         bail!("need at least one endpoint and one connection");
     }
-    let http =
-        reqwest::Client::builder().pool_max_idle_per_host(args.connections).tcp_nodelay(true).timeout(Duration::from_secs(10)).build()?;
-    let value: Arc<Vec<u8>> = Arc::new((0..args.value_size).map(|i| b'a' + (i % 26) as u8).collect());
+    let value = Bytes::from((0..args.value_size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
     if args.preload {
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for c in 0..args.connections {
             let (next, value, keys) = (next.clone(), value.clone(), args.keys);
-            let mut conn = Conn {
-                http: http.clone(),
-                endpoint: args.endpoints[c % args.endpoints.len()].clone(),
-                target: args.target,
-                context: String::new(),
-                causal: false,
-            };
+            let mut conn = Conn::new(args.endpoints[c % args.endpoints.len()].clone(), args.target, false);
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -239,13 +279,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     let mut tasks = Vec::new();
     for c in 0..args.connections {
         let (value, errors, a) = (value.clone(), errors.clone(), args.clone());
-        let mut conn = Conn {
-            http: http.clone(),
-            endpoint: a.endpoints[c % a.endpoints.len()].clone(),
-            target: a.target,
-            context: String::new(),
-            causal: a.causal,
-        };
+        let mut conn = Conn::new(a.endpoints[c % a.endpoints.len()].clone(), a.target, a.causal);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_mul(1000).wrapping_add(c as u64));
