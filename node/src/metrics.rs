@@ -2,7 +2,7 @@
 //!
 //! Handles are cheap clones of atomics registered once at start-up; updating one never takes a lock.
 
-use crate::store::StoreStats;
+use crate::store::{CommitCounts, StoreStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,15 +12,15 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +54,8 @@ pub struct Metrics {
     pub anti_entropy_repairs: Counter,
     pub anti_entropy_pushed: Counter,
     keys: Family<StateLabel, Gauge>,
+    commits: Counter,
+    committed_records: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -91,7 +93,13 @@ impl Default for Metrics {
         registry.register("anti_entropy_pushed", "Records peers stored from this node through anti-entropy", anti_entropy_pushed.clone());
         let keys = Family::<StateLabel, Gauge>::default();
         registry.register("keys", "Keys stored on this node (live values and tombstones)", keys.clone());
+        let commits = Counter::default();
+        registry.register("storage_commits", "Durable group commits (one log fsync each)", commits.clone());
+        let committed_records = Counter::default();
+        registry.register("storage_committed_records", "Records made durable by group commits", committed_records.clone());
         Metrics {
+            commits,
+            committed_records,
             registry,
             requests,
             request_seconds,
@@ -107,7 +115,10 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The Prometheus text exposition, with gauges refreshed from `stats`.
-    pub fn render(&self, stats: StoreStats) -> String {
+    pub fn render(&self, stats: StoreStats, commits: CommitCounts) -> String {
+        // Counters mirror the store's own totals: add what is new since the last scrape.
+        self.commits.inc_by(commits.commits.saturating_sub(self.commits.get()));
+        self.committed_records.inc_by(commits.records.saturating_sub(self.committed_records.get()));
         self.keys.get_or_create(&StateLabel { state: "live" }).set(stats.live_keys as i64);
         self.keys.get_or_create(&StateLabel { state: "tombstone" }).set(stats.tombstones as i64);
         let mut out = String::new();

@@ -100,6 +100,9 @@ pub trait Peers: Send + Sync + 'static {
 pub struct HttpPeers {
     http: reqwest::Client,
     token: Option<String>,
+    /// Parsed RPC URL per peer (parsing one costs more than the rest of building a request).
+    /// `std` lock, never held across `.await`.
+    urls: std::sync::RwLock<HashMap<String, reqwest::Url>>,
 }
 
 impl HttpPeers {
@@ -112,7 +115,17 @@ impl HttpPeers {
             .tcp_nodelay(true)
             .build()
             .expect("a plain HTTP client always builds");
-        HttpPeers { http, token }
+        HttpPeers { http, token, urls: Default::default() }
+    }
+
+    fn url(&self, peer: &str) -> Result<reqwest::Url, PeerError> {
+        if let Some(u) = self.urls.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer) {
+            return Ok(u.clone());
+        }
+        let url = reqwest::Url::parse(&format!("http://{peer}{RPC_PATH}"))
+            .map_err(|e| PeerError::Unreachable { peer: peer.to_owned(), detail: format!("not a valid address: {e}") })?;
+        self.urls.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.to_owned(), url.clone());
+        Ok(url)
     }
 }
 
@@ -120,7 +133,7 @@ impl HttpPeers {
 impl Peers for HttpPeers {
     async fn call(&self, peer: &str, request: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
         let body = postcard::to_stdvec(request).expect("serializing plain data into a Vec cannot fail");
-        let mut req = self.http.post(format!("http://{peer}{RPC_PATH}")).timeout(timeout).body(body);
+        let mut req = self.http.post(self.url(peer)?).timeout(timeout).body(body);
         if let Some(token) = &self.token {
             req = req.header(HEADER_CLUSTER_TOKEN, token);
         }

@@ -21,6 +21,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,15 +55,40 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Counts and times every request by its route template (not the raw path: keys would explode the
 /// label space).
 async fn track(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| intern(p.as_str()));
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
     let metrics = node.metrics();
-    metrics
-        .request_seconds
-        .get_or_create(&RouteLabels { route: route.clone(), method: method.clone() })
-        .observe(started.elapsed().as_secs_f64());
+    metrics.request_seconds.get_or_create(&RouteLabels { route, method }).observe(started.elapsed().as_secs_f64());
     metrics.requests.get_or_create(&RequestLabels { route, method, status: response.status().as_u16() }).inc();
     response
+}
+
+/// Route templates as `&'static str`, so labelling a request allocates nothing. The set is bounded
+/// by the router's templates, so the leaked strings are too.
+fn intern(route: &str) -> &'static str {
+    static INTERNED: std::sync::RwLock<BTreeSet<&'static str>> = std::sync::RwLock::new(BTreeSet::new());
+    if let Some(s) = INTERNED.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(route) {
+        return s;
+    }
+    let mut set = INTERNED.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(s) = set.get(route) {
+        return s;
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
 }

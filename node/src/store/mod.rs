@@ -97,6 +97,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// The largest timestamp ever stored, so a restarted node's clock starts above it.
     fn max_timestamp(&self) -> u64;
+
+    /// Durable commits so far and the records they carried (group-commit efficiency).
+    fn commit_counts(&self) -> CommitCounts {
+        CommitCounts::default()
+    }
+}
+
+/// Group-commit counters: `records / commits` is the mean group size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitCounts {
+    pub commits: u64,
+    pub records: u64,
 }
 
 /// Order-independent digest of the versions stored in each slot, plus key counts.

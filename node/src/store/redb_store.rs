@@ -12,7 +12,7 @@
 //! wait for the writer.
 
 use super::wal::Wal;
-use super::{Applied, Record, SlotDigests, Store, StoreError, decide};
+use super::{Applied, CommitCounts, Record, SlotDigests, Store, StoreError, decide};
 use crate::placement::{Slot, slot_of};
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -59,6 +59,8 @@ pub struct RedbStore {
     writer: Option<std::thread::JoinHandle<()>>,
     digests: Arc<SlotDigests>,
     max_ts: Arc<AtomicU64>,
+    /// (commits, records) written by the writer thread, read by metrics.
+    counts: Arc<[AtomicU64; 2]>,
 }
 
 impl Drop for RedbStore {
@@ -136,9 +138,17 @@ impl RedbStore {
         }
         let max_ts = Arc::new(AtomicU64::new(max_ts));
         let (jobs, queue) = mpsc::channel();
-        let writer = Writer { db: db.clone(), digests: digests.clone(), max_ts: max_ts.clone(), wal, last_checkpoint: Instant::now() };
+        let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let writer = Writer {
+            db: db.clone(),
+            digests: digests.clone(),
+            max_ts: max_ts.clone(),
+            counts: counts.clone(),
+            wal,
+            last_checkpoint: Instant::now(),
+        };
         let writer = std::thread::Builder::new().name("kvs-store-writer".into()).spawn(move || writer.run(queue)).map_err(engine)?;
-        Ok(RedbStore { db, jobs: Some(jobs), writer: Some(writer), digests, max_ts })
+        Ok(RedbStore { db, jobs: Some(jobs), writer: Some(writer), digests, max_ts, counts })
     }
 
     /// Test only: closes the store the way `kill -9` would (no final checkpoint), so that the next
@@ -201,6 +211,10 @@ impl Store for RedbStore {
     fn max_timestamp(&self) -> u64 {
         self.max_ts.load(Ordering::Acquire)
     }
+
+    fn commit_counts(&self) -> CommitCounts {
+        CommitCounts { commits: self.counts[0].load(Ordering::Relaxed), records: self.counts[1].load(Ordering::Relaxed) }
+    }
 }
 
 /// The single writer: owns every mutation of the database and of the digests.
@@ -208,6 +222,7 @@ struct Writer {
     db: Arc<Database>,
     digests: Arc<SlotDigests>,
     max_ts: Arc<AtomicU64>,
+    counts: Arc<[AtomicU64; 2]>,
     wal: Wal,
     last_checkpoint: Instant,
 }
@@ -336,6 +351,8 @@ impl Writer {
         // append fails the transaction is dropped (aborted) and every job in the group fails.
         self.wal.append_durable(changes.iter().map(|c| (c.key.as_str(), &c.new))).map_err(engine)?;
         txn.commit().map_err(engine)?;
+        self.counts[0].fetch_add(1, Ordering::Relaxed);
+        self.counts[1].fetch_add(changes.len() as u64, Ordering::Relaxed);
         self.max_ts.fetch_max(max_ts, Ordering::AcqRel);
         for c in changes {
             self.digests.update(c.slot, &c.key, c.old.as_ref(), Some(&c.new));
