@@ -255,3 +255,23 @@ async fn t90_python_requests_client_works_unchanged() {
     assert!(out.status.success(), "python client failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("ALL OK"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
+    // B paused: A's PUT waits out the replication timeout (~250 ms), so it is in flight when A
+    // gets SIGTERM.
+    let mut c = Cluster::start(95, 2, 2, &[]).await;
+    let a = c.addrs()[0].clone();
+    c.nodes[1].pause();
+    let (http, node) = (c.http.clone(), a.clone());
+    let in_flight = tokio::spawn(async move { put(&http, &node, "last_words", "kept", "").await });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let status = c.nodes[0].terminate(Duration::from_secs(10));
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!(code, 201, "the in-flight write completed: {body}");
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+    c.nodes[1].resume();
+    c.nodes[0].restart().await;
+    let (code, body) = get(&c.http, &a, "last_words", "").await;
+    assert_eq!((code, body["value"].as_str()), (200, Some("kept")));
+}

@@ -50,6 +50,23 @@ impl NodeProc {
         assert!(status.success(), "kill -{sig} failed");
     }
 
+    /// SIGTERM, then waits (up to `within`) for the process to exit; returns its exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("node is running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait works") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within {within:?} of SIGTERM", self.addr);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pause(&self) {
         self.signal("STOP");
     }
