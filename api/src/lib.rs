@@ -92,3 +92,61 @@ pub struct Hw4Put {
     pub causal_payload: String,
     pub timestamp: u64,
 }
+
+/// Native admin API: `PUT /v1/admin/view` body — the whole desired membership and K.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewRequest {
+    /// Every member (`host:port`) the cluster should have.
+    pub members: Vec<String>,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+}
+
+/// Progress of a view change (data movement), as one node or the whole cluster sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceProgress {
+    /// The epoch being moved to (0 when none ever ran).
+    pub epoch: u64,
+    /// `idle`, `preparing`, `transferring`, `committing`, `pruning`, `done` or `failed`.
+    pub phase: String,
+    /// Records sent to new owners so far.
+    pub moved_keys: u64,
+    /// Bytes of values sent so far.
+    pub moved_bytes: u64,
+    /// Records to send in all (known once every source has counted).
+    pub total_keys: u64,
+    /// Why the last change failed, if it did.
+    pub error: Option<String>,
+}
+
+/// One partition in [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition_id: u32,
+    pub members: Vec<String>,
+    /// Live keys per member, in `members` order (`None`: the member did not answer).
+    pub live_keys: Vec<Option<u64>>,
+}
+
+/// `GET /v1/admin/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node: String,
+    /// Its committed view (`None` before it was given one).
+    pub layout: Option<Layout>,
+    /// Epoch of a view change in progress, if any.
+    pub pending_epoch: Option<u64>,
+    pub partitions: Vec<PartitionStatus>,
+    /// The latest view change driven or observed by this node, with cluster-wide movement totals.
+    pub rebalance: RebalanceProgress,
+}
+
+/// `PUT /v1/admin/view` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChanged {
+    pub layout: Layout,
+    /// False when the cluster already had this membership and K (nothing was done).
+    pub changed: bool,
+    pub moved_keys: u64,
+}

@@ -134,11 +134,33 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = ticker.tick() => {
+                node.gossip_view().await;
                 let repaired = node.anti_entropy_round().await;
                 if repaired > 0 {
                     tracing::info!(repaired, "anti-entropy repaired records");
                 }
             }
+        }
+    }
+}
+
+impl Node {
+    /// Asks one other member (round-robin) for its view and adopts it if it is newer: how a node
+    /// that was down or paused during a view change catches up.
+    async fn gossip_view(&self) {
+        let Some(view) = self.view() else { return };
+        let others: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id() && !self.health.is_down(m)).collect();
+        if others.is_empty() {
+            return;
+        }
+        let tick = self.metrics.gossip_rounds.get() as usize;
+        self.metrics.gossip_rounds.inc();
+        let peer = &others[tick % others.len()];
+        if let Ok(PeerResponse::Hello(info)) = self.peers.call(peer, &PeerRequest::Hello, self.settings.replicate_timeout).await
+            && let Some(layout) = info.layout
+            && layout.epoch > view.epoch()
+        {
+            self.adopt_view(layout).await;
         }
     }
 }

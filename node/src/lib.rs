@@ -12,14 +12,17 @@
 pub mod anti_entropy;
 pub mod causal;
 pub mod config;
+mod fence;
 pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod placement;
+pub mod rebalance;
 mod replication;
 pub mod store;
 pub mod view;
+pub mod view_store;
 
 pub use replication::may_be_missing_a_dependency;
 

@@ -36,6 +36,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             temp.path().to_owned()
         }
     };
+    let mut settings = settings;
+    settings.state_dir = Some(data_dir.clone());
     let store = Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     let peers = Arc::new(HttpPeers::new(Duration::from_millis(args.connect_timeout_ms), settings.cluster_token.clone()));
     let node = Node::new(settings, view, store, peers);

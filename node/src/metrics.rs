@@ -53,6 +53,7 @@ pub struct Metrics {
     pub causal_fetches: Counter,
     pub anti_entropy_repairs: Counter,
     pub anti_entropy_pushed: Counter,
+    pub gossip_rounds: Counter,
     keys: Family<StateLabel, Gauge>,
     commits: Counter,
     committed_records: Counter,
@@ -91,6 +92,8 @@ impl Default for Metrics {
         registry.register("anti_entropy_repairs", "Records this node stored through anti-entropy", anti_entropy_repairs.clone());
         let anti_entropy_pushed = Counter::default();
         registry.register("anti_entropy_pushed", "Records peers stored from this node through anti-entropy", anti_entropy_pushed.clone());
+        let gossip_rounds = Counter::default();
+        registry.register("view_gossip_rounds", "Times this node asked a peer for its view", gossip_rounds.clone());
         let keys = Family::<StateLabel, Gauge>::default();
         registry.register("keys", "Keys stored on this node (live values and tombstones)", keys.clone());
         let commits = Counter::default();
@@ -108,6 +111,7 @@ impl Default for Metrics {
             causal_fetches,
             anti_entropy_repairs,
             anti_entropy_pushed,
+            gossip_rounds,
             keys,
         }
     }

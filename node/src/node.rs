@@ -8,12 +8,16 @@
 //! - Every timestamp this node issues is above every timestamp it has stored or received.
 
 use crate::causal::{Hlc, VectorClock};
+use crate::fence::WriteFence;
 use crate::metrics::Metrics;
 use crate::peers::{PeerHealth, PeerRequest, PeerResponse, Peers};
 use crate::placement::PartitionId;
+use crate::rebalance::RebalanceState;
 use crate::store::{Store, StoreError};
 use crate::view::{NodeId, View};
+use crate::view_store::{ViewState, ViewStore};
 use bytes::Bytes;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -34,6 +38,10 @@ pub struct Settings {
     pub max_value_bytes: usize,
     /// Shared secret required on internal routes (and view changes) when set.
     pub cluster_token: Option<String>,
+    /// Where the view is persisted (the data directory); `None` keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Budget for one view-change control message (prepare, begin, commit) to one node.
+    pub view_change_timeout: Duration,
 }
 
 impl Settings {
@@ -47,6 +55,8 @@ impl Settings {
             anti_entropy_interval: Duration::from_millis(200),
             max_value_bytes: 1 << 20,
             cluster_token: None,
+            state_dir: None,
+            view_change_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -60,6 +70,10 @@ pub enum KvError {
     Unavailable { partition: PartitionId },
     #[error("this node does not own partition {partition} in view {epoch}")]
     NotOwner { partition: PartitionId, epoch: u64 },
+    #[error("this node is on view epoch {mine}, the sender on {theirs}")]
+    EpochMismatch { mine: u64, theirs: u64 },
+    #[error("{peer} is on a newer view")]
+    StaleView { peer: String },
     #[error(transparent)]
     Storage(#[from] StoreError),
 }
@@ -70,6 +84,14 @@ pub struct Node {
     /// The current view; `None` until this node is given one. `std` lock: held only to clone or
     /// replace the `Arc`, never across `.await`.
     view: RwLock<Option<Arc<View>>>,
+    /// The view a change in progress moves to (writes go to its owners too). Same lock discipline.
+    pending: RwLock<Option<Arc<View>>>,
+    /// Persists `view` and `pending`.
+    view_store: ViewStore,
+    /// Lets a view change wait for writes that started under the previous view.
+    pub(crate) fence: WriteFence,
+    /// View-change bookkeeping: promises, progress, the primary's lock.
+    pub(crate) rebalance: RebalanceState,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) peers: Arc<dyn Peers>,
     pub(crate) health: PeerHealth,
@@ -78,11 +100,39 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node over `store` and `peers`, starting with `view` (if it has one).
-    pub fn new(settings: Settings, view: Option<View>, store: Arc<dyn Store>, peers: Arc<dyn Peers>) -> Arc<Self> {
+    /// A node over `store` and `peers`. Starts with the view persisted in `settings.state_dir` if
+    /// there is one (a restart), else with `initial` (from `VIEW`, a first start).
+    pub fn new(settings: Settings, initial: Option<View>, store: Arc<dyn Store>, peers: Arc<dyn Peers>) -> Arc<Self> {
         let hlc = Hlc::starting_after(store.max_timestamp());
         let health = PeerHealth::new(settings.peer_hold_down);
-        Arc::new(Node { settings, view: RwLock::new(view.map(Arc::new)), store, peers, health, hlc, metrics: Metrics::default() })
+        let view_store = ViewStore::new(settings.state_dir.as_deref());
+        let saved = view_store.load().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
+            ViewState::default()
+        });
+        let view = saved.view.map(View::from_layout).or(initial);
+        let pending = saved.pending.map(View::from_layout);
+        if let Some(v) = &view {
+            tracing::info!(
+                view_epoch = v.epoch(),
+                partitions = v.number_of_partitions(),
+                pending = pending.as_ref().map(View::epoch),
+                "starting with view"
+            );
+        }
+        Arc::new(Node {
+            settings,
+            view: RwLock::new(view.map(Arc::new)),
+            pending: RwLock::new(pending.map(Arc::new)),
+            view_store,
+            fence: WriteFence::default(),
+            rebalance: RebalanceState::default(),
+            store,
+            peers,
+            health,
+            hlc,
+            metrics: Metrics::default(),
+        })
     }
 
     /// This node's identity.
@@ -112,10 +162,26 @@ impl Node {
         self.view().ok_or(KvError::NoView)
     }
 
-    /// Replaces the view (used by view changes).
-    pub fn install_view(&self, view: View) {
-        tracing::info!(view_epoch = view.epoch(), partitions = view.number_of_partitions(), "installing view");
-        *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(view));
+    /// The view a change in progress moves to, if any.
+    pub fn pending(&self) -> Option<Arc<View>> {
+        self.pending.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the view and the pending view together, durably first.
+    pub(crate) fn set_views(&self, view: Option<Arc<View>>, pending: Option<Arc<View>>) -> std::io::Result<()> {
+        let state = ViewState { view: view.as_ref().map(|v| v.layout().clone()), pending: pending.as_ref().map(|v| v.layout().clone()) };
+        self.view_store.save(&state)?;
+        if let Some(v) = &view {
+            tracing::info!(
+                view_epoch = v.epoch(),
+                partitions = v.number_of_partitions(),
+                pending = pending.as_ref().map(|p| p.epoch()),
+                "view updated"
+            );
+        }
+        *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+        *self.pending.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
+        Ok(())
     }
 
     /// Reads `key` with the client's causal context.
@@ -136,9 +202,10 @@ impl Node {
     pub async fn handle_rpc(&self, request: PeerRequest) -> PeerResponse {
         let refused = |status: u16, e: &dyn std::fmt::Display| PeerResponse::Refused { status, msg: e.to_string() };
         match request {
-            PeerRequest::Coordinate { key, op, context, view_epoch: _ } => match self.coordinate(&key, op, context).await {
+            PeerRequest::Coordinate { key, op, context, view_epoch } => match self.coordinate(&key, op, context, view_epoch).await {
                 Ok(c) => PeerResponse::Coordinated(c),
                 Err(e @ KvError::NotOwner { .. }) => refused(421, &e),
+                Err(e @ KvError::EpochMismatch { .. }) => refused(409, &e),
                 Err(e @ KvError::NoView) => refused(503, &e),
                 Err(e) => refused(500, &e),
             },
@@ -155,7 +222,17 @@ impl Node {
                 Ok(r) => r,
                 Err(e) => refused(500, &e),
             },
-            PeerRequest::Hello => PeerResponse::Hello { layout: self.view().map(|v| v.layout().clone()) },
+            PeerRequest::Hello => PeerResponse::Hello(Box::new(self.hello())),
+            PeerRequest::Prepare { layout, proposer } => self.answer_prepare(&layout, &proposer),
+            PeerRequest::Abort { epoch, proposer } => self.answer_abort(epoch, &proposer),
+            PeerRequest::Begin { proposer, layout } => self.answer_begin(&proposer, layout).await,
+            PeerRequest::Transfer { epoch, assignments } => self.answer_transfer(epoch, assignments).await,
+            PeerRequest::Commit { epoch } => self.answer_commit(epoch).await,
+            PeerRequest::Prune { epoch } => self.answer_prune(epoch).await,
+            PeerRequest::SlotDigests { slots } => {
+                let digests = self.store.digests();
+                PeerResponse::Digests(Some(slots.into_iter().map(|s| (s, digests.get(s))).collect()))
+            }
         }
     }
 

@@ -40,8 +40,42 @@ pub enum PeerRequest {
     DigestSummary { view_epoch: u64, partition: PartitionId, summary: u64 },
     /// Anti-entropy, step 2: here are my records for these slots; apply them and send me yours.
     SyncSlots { view_epoch: u64, slots: Vec<Slot>, records: Vec<(String, Record)> },
-    /// Liveness and layout probe.
+    /// Liveness, layout and progress probe.
     Hello,
+    /// View change, phase 1: promise `proposer` that no other change of `epoch` will be accepted.
+    Prepare { layout: Layout, proposer: String },
+    /// Releases a promise made to `proposer` (its change failed before it began).
+    Abort { epoch: u64, proposer: String },
+    /// Phase 2: `layout` is the pending view; dual-write to its owners from now on.
+    Begin { proposer: String, layout: Layout },
+    /// Phase 3: send these slots to their new owners (this node is their source).
+    Transfer { epoch: u64, assignments: Vec<Assignment> },
+    /// Phase 4: the pending view of `epoch` is the view.
+    Commit { epoch: u64 },
+    /// Phase 5: drop every slot this node no longer owns (after making sure an owner has it).
+    Prune { epoch: u64 },
+    /// Digests of the given slots, whatever the view.
+    SlotDigests { slots: Vec<Slot> },
+}
+
+/// One slot a source must send in a view change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub slot: Slot,
+    /// New owners that lack the slot.
+    pub receivers: Vec<String>,
+    /// Other old owners, to catch up from before sending (they may hold writes this one missed).
+    pub co_sources: Vec<String>,
+}
+
+/// A node's answer to `Hello`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloInfo {
+    pub layout: Option<Layout>,
+    pub pending: Option<Layout>,
+    pub live_keys: u64,
+    /// Keys this node has sent / must send as a source of the current or last change.
+    pub transfer: kvs_api::RebalanceProgress,
 }
 
 /// Answers, one variant per request kind (plus a refusal).
@@ -56,8 +90,15 @@ pub enum PeerResponse {
         records: Vec<(String, Record)>,
         repaired: u64,
     },
-    Hello {
-        layout: Option<Layout>,
+    Hello(Box<HelloInfo>),
+    /// Done (phases that return nothing else).
+    Ack,
+    Transferred {
+        keys: u64,
+        bytes: u64,
+    },
+    Pruned {
+        keys: u64,
     },
     /// The receiver could not do it; `status` is an HTTP status meaning the same.
     Refused {

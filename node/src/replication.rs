@@ -14,7 +14,7 @@
 
 use crate::causal::{VectorClock, Version, wall_micros};
 use crate::node::{KvError, Node};
-use crate::peers::{Coordinated, KvOp, PeerRequest, PeerResponse};
+use crate::peers::{Coordinated, KvOp, PeerError, PeerRequest, PeerResponse};
 use crate::placement::PartitionId;
 use crate::store::{Applied, Record};
 use crate::view::View;
@@ -24,17 +24,48 @@ use std::sync::Arc;
 impl Node {
     /// Routes a client operation: coordinate it here if this node replicates the key, else forward.
     pub(crate) async fn route(&self, key: &str, op: KvOp, context: VectorClock) -> Result<Coordinated, KvError> {
+        // Writes register with the fence before reading the view, so a view change can wait for
+        // every write that did not see its pending view.
+        let _fence = (!matches!(op, KvOp::Get)).then(|| self.fence.enter());
         let view = self.require_view()?;
         let partition = view.partition_of_key(key);
         if view.members(partition).iter().any(|m| m == self.id()) {
             return self.coordinate_in(&view, partition, key, op, context).await;
         }
-        self.forward(&view, partition, key, op, context).await
+        match self.forward(&view, partition, key, op.clone(), context.clone()).await {
+            Err(KvError::StaleView { peer }) => {
+                // An owner is on a newer view: learn it, then route once more under it.
+                self.refresh_view_from(&peer).await;
+                let view = self.require_view()?;
+                let partition = view.partition_of_key(key);
+                if view.members(partition).iter().any(|m| m == self.id()) {
+                    return self.coordinate_in(&view, partition, key, op, context).await;
+                }
+                match self.forward(&view, partition, key, op, context).await {
+                    Err(KvError::StaleView { .. }) => Err(KvError::Unavailable { partition }),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Asks `peer` for its view and adopts it if it is newer.
+    pub(crate) async fn refresh_view_from(&self, peer: &str) {
+        if let Ok(PeerResponse::Hello(info)) = self.peers.call(peer, &PeerRequest::Hello, self.settings.replicate_timeout).await
+            && let Some(layout) = info.layout
+        {
+            self.adopt_view(layout).await;
+        }
     }
 
     /// Coordinates an operation forwarded by another node; refuses if this node is not an owner.
-    pub(crate) async fn coordinate(&self, key: &str, op: KvOp, context: VectorClock) -> Result<Coordinated, KvError> {
+    pub(crate) async fn coordinate(&self, key: &str, op: KvOp, context: VectorClock, sender_epoch: u64) -> Result<Coordinated, KvError> {
+        let _fence = (!matches!(op, KvOp::Get)).then(|| self.fence.enter());
         let view = self.require_view()?;
+        if view.epoch() != sender_epoch {
+            return Err(KvError::EpochMismatch { mine: view.epoch(), theirs: sender_epoch });
+        }
         let partition = view.partition_of_key(key);
         if !view.members(partition).iter().any(|m| m == self.id()) {
             return Err(KvError::NotOwner { partition, epoch: view.epoch() });
@@ -56,6 +87,7 @@ impl Node {
         let start = if owners.is_empty() { 0 } else { crate::placement::slot_of(key.as_bytes()) as usize % owners.len() };
         let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).collect();
         let request = PeerRequest::Coordinate { key: key.to_owned(), op, context, view_epoch: view.epoch() };
+        let mut newer_view_at = None;
         for owner in self.health.order(rotated) {
             self.metrics.forwarded.inc();
             match self.peers.call(owner, &request, self.settings.forward_timeout).await {
@@ -64,13 +96,25 @@ impl Node {
                     return Ok(c);
                 }
                 Ok(other) => tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request"),
+                Err(PeerError::Refused { status: 409, msg, .. }) => {
+                    // Views differ. If the owner's is newer, this node must catch up.
+                    if parse_epoch(&msg).is_some_and(|theirs| theirs > view.epoch()) {
+                        newer_view_at = Some(owner.clone());
+                    }
+                }
+                Err(PeerError::Refused { status, msg, .. }) => {
+                    tracing::debug!(peer = %owner, status, %msg, "owner refused a forwarded request; trying the next replica");
+                }
                 Err(e) => {
                     tracing::debug!(peer = %owner, error = %e, "forwarding failed; trying the next replica");
                     self.health.mark_down(owner);
                 }
             }
         }
-        Err(KvError::Unavailable { partition })
+        match newer_view_at {
+            Some(peer) => Err(KvError::StaleView { peer }),
+            None => Err(KvError::Unavailable { partition }),
+        }
     }
 
     async fn coordinate_in(
@@ -109,7 +153,12 @@ impl Node {
         let is_delete = record.is_deleted();
         let batch = vec![(key.to_owned(), record.clone())];
 
-        let others: Vec<_> = view.members(partition).iter().filter(|m| *m != self.id()).collect();
+        // During a view change the write also goes to the key's owners under the pending view
+        // (dual-write), so nothing written while data moves is left behind.
+        let pending = self.pending();
+        let new_owners = pending.as_ref().map(|p| p.owners_of_key(key)).unwrap_or_default();
+        let owners = view.members(partition);
+        let others: Vec<_> = owners.iter().chain(new_owners.iter().filter(|n| !owners.contains(n))).filter(|m| *m != self.id()).collect();
         let (local, _) = tokio::join!(self.store.apply(batch.clone()), self.replicate(&others, batch));
         let outcome = local?.first().copied().unwrap_or(Applied::Stale);
         let changed_liveness = match (is_delete, outcome) {
@@ -194,6 +243,11 @@ impl Node {
             }
         });
     }
+}
+
+/// The epoch in an epoch-mismatch refusal ("... view epoch N ...").
+fn parse_epoch(msg: &str) -> Option<u64> {
+    msg.split("view epoch ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 /// Whether the client may have seen a write to this key that `local` does not include.

@@ -5,7 +5,7 @@
 //! table is `SlotTable::new(number of partitions)`, so two nodes holding views with the same layout
 //! place every key identically.
 
-use crate::placement::{PartitionId, SlotTable, chunk_members, slot_of};
+use crate::placement::{PartitionId, SLOT_COUNT, Slot, SlotTable, chunk_members, partition_count, slot_of};
 use kvs_api::Layout;
 use std::sync::Arc;
 
@@ -67,11 +67,187 @@ impl View {
     pub fn contains(&self, node: &str) -> bool {
         self.layout.members().any(|n| n == node)
     }
+
+    /// Every member, replicas then proxies.
+    pub fn all_members(&self) -> Vec<NodeId> {
+        self.layout.members().cloned().collect()
+    }
+
+    /// Replicas owning `slot`.
+    pub fn owners_of_slot(&self, slot: Slot) -> &[NodeId] {
+        self.members(self.table.owner(slot))
+    }
+
+    /// Replicas owning `key`.
+    pub fn owners_of_key(&self, key: &str) -> &[NodeId] {
+        self.members(self.partition_of_key(key))
+    }
+}
+
+/// The layout after changing the membership to `members` at replication factor `k`, with the next
+/// epoch. Pure and deterministic (every input order gives the same answer).
+///
+/// With `k` unchanged it moves as few nodes as possible: every surviving member keeps its partition;
+/// new members and survivors of dissolved partitions (only the highest ids are ever dissolved, which
+/// is what keeps the slot table's minimal-movement chain intact) fill partitions that lost members,
+/// then form new partitions in chunks of `k`, and whatever is left proxies. A change of `k`
+/// re-chunks from scratch.
+pub fn plan_layout(old: &Layout, members: &[NodeId], k: u32) -> Layout {
+    let mut wanted: Vec<NodeId> = members.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let epoch = old.epoch + 1;
+    let ku = k.max(1) as usize;
+    if k != old.replication_factor || old.partitions.is_empty() {
+        let (partitions, proxies) = chunk_members(&wanted, ku);
+        return Layout { epoch, replication_factor: k, partitions, proxies };
+    }
+    let target = if wanted.is_empty() { 0 } else { partition_count(wanted.len(), ku) };
+    let survives = |n: &NodeId| wanted.binary_search(n).is_ok();
+    let mut partitions: Vec<Vec<NodeId>> = old.partitions.iter().map(|p| p.iter().filter(|n| survives(n)).cloned().collect()).collect();
+    let placed: std::collections::BTreeSet<NodeId> = partitions.iter().flatten().cloned().collect();
+    // Pool: surviving proxies and new members (sorted), then survivors of dissolved partitions.
+    let mut pool: Vec<NodeId> = wanted.iter().filter(|n| !placed.contains(*n)).cloned().collect();
+    while partitions.len() > target {
+        let dissolved = partitions.pop().expect("more partitions than the target");
+        pool.extend(dissolved);
+        pool.sort();
+    }
+    // Degraded (fewer nodes than k): one partition holding everyone.
+    if wanted.len() < ku {
+        let mut all: Vec<NodeId> = partitions.into_iter().flatten().chain(pool).collect();
+        all.sort();
+        return Layout { epoch, replication_factor: k, partitions: if all.is_empty() { vec![] } else { vec![all] }, proxies: vec![] };
+    }
+    let mut pool = pool.into_iter();
+    for p in partitions.iter_mut() {
+        while p.len() < ku {
+            match pool.next() {
+                Some(n) => p.push(n),
+                None => break,
+            }
+        }
+    }
+    let mut rest: Vec<NodeId> = pool.collect();
+    while partitions.len() < target && rest.len() >= ku {
+        let chunk: Vec<NodeId> = rest.drain(..ku).collect();
+        partitions.push(chunk);
+    }
+    Layout { epoch, replication_factor: k, partitions, proxies: rest }
+}
+
+/// One slot's data movement in a view change: every `receiver` must get the slot's records from one
+/// of the `sources` (the slot's replicas in the old view) before the old owners prune it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotMove {
+    pub slot: Slot,
+    pub sources: Vec<NodeId>,
+    pub receivers: Vec<NodeId>,
+}
+
+/// Which slots must move, and where, when the view changes from `old` to `new`: a slot moves to
+/// every new owner that was not already an owner. Slots whose owners did not change do not appear.
+pub fn plan_moves(old: &View, new: &View) -> Vec<SlotMove> {
+    let mut moves = Vec::new();
+    for slot in 0..SLOT_COUNT as Slot {
+        let sources = old.owners_of_slot(slot);
+        let receivers: Vec<NodeId> = new.owners_of_slot(slot).iter().filter(|n| !sources.contains(n)).cloned().collect();
+        if !receivers.is_empty() {
+            moves.push(SlotMove { slot, sources: sources.to_vec(), receivers });
+        }
+    }
+    moves
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn names(n: usize) -> Vec<NodeId> {
+        (0..n).map(|i| format!("10.0.0.{:02}:8080", i + 1)).collect()
+    }
+
+    fn check_shape(l: &Layout, members: &[NodeId], k: u32) -> Result<(), TestCaseError> {
+        let n = members.len();
+        let k = k as usize;
+        let mut seen: Vec<&String> = l.members().collect();
+        seen.sort();
+        let mut want: Vec<&String> = members.iter().collect();
+        want.sort();
+        want.dedup();
+        prop_assert_eq!(seen, want, "every member exactly once");
+        if n == 0 {
+            return Ok(());
+        }
+        prop_assert_eq!(l.partitions.len(), partition_count(n, k), "floor(N/K) partitions, at least 1");
+        if n < k {
+            prop_assert_eq!(l.partitions[0].len(), n);
+        } else {
+            prop_assert!(l.partitions.iter().all(|p| p.len() == k), "{:?}", l);
+            prop_assert_eq!(l.proxies.len(), n % k);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn planned_layouts_have_the_hw4_shape(start in 1usize..10, k in 1u32..4, adds in 0usize..4, removes in proptest::collection::vec(0usize..12, 0..4)) {
+            let all = names(start + adds);
+            let old = View::initial(&all[..start], k).layout().clone();
+            let mut members: Vec<NodeId> = all.clone();
+            for r in removes {
+                if !members.is_empty() {
+                    let i = r % members.len();
+                    members.remove(i);
+                }
+            }
+            let new = plan_layout(&old, &members, k);
+            prop_assert_eq!(new.epoch, old.epoch + 1);
+            check_shape(&new, &members, k)?;
+            let mut reversed = members.clone();
+            reversed.reverse();
+            prop_assert_eq!(plan_layout(&old, &reversed, k), new, "order of the request does not matter");
+        }
+
+        #[test]
+        fn changing_k_keeps_the_shape(n in 1usize..10, k1 in 1u32..4, k2 in 1u32..4) {
+            let members = names(n);
+            let old = View::initial(&members, k1).layout().clone();
+            check_shape(&plan_layout(&old, &members, k2), &members, k2)?;
+        }
+    }
+
+    #[test]
+    fn adding_one_partition_moves_about_one_in_p_plus_one() {
+        // 4 nodes K=2 (P=2) + 2 nodes -> P=3: only the new partition's slots move.
+        let all = names(6);
+        let old = View::initial(&all[..4], 2);
+        let new = View::from_layout(plan_layout(old.layout(), &all, 2));
+        assert_eq!(&new.layout().partitions[..2], &old.layout().partitions[..], "existing partitions keep their members");
+        let moves = plan_moves(&old, &new);
+        assert_eq!(moves.len(), SLOT_COUNT / 3, "exactly the new partition's share");
+        assert!(moves.iter().all(|m| m.receivers == new.members(2)));
+        // And back: removing them moves the same slots home.
+        let back = View::from_layout(plan_layout(new.layout(), &all[..4], 2));
+        assert_eq!(back.layout().partitions, old.layout().partitions);
+        assert_eq!(plan_moves(&new, &back).len(), SLOT_COUNT / 3);
+    }
+
+    #[test]
+    fn a_lost_replica_is_replaced_from_the_proxies() {
+        let all = names(5); // 2 partitions + 1 proxy
+        let old = View::initial(&all, 2);
+        let proxy = old.layout().proxies[0].clone();
+        let gone = old.members(0)[0].clone();
+        let members: Vec<NodeId> = all.iter().filter(|n| **n != gone).cloned().collect();
+        let new = plan_layout(old.layout(), &members, 2);
+        assert_eq!(new.partitions[0], vec![old.members(0)[1].clone(), proxy]);
+        assert_eq!(new.partitions[1], old.members(1));
+        assert!(new.proxies.is_empty());
+    }
 
     #[test]
     fn initial_view_is_order_independent_and_complete() {

@@ -9,7 +9,7 @@ use crate::peers::Coordinated;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use kvs_api::MAX_HW4_KEY_CHARS;
@@ -22,7 +22,6 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/kv-store/get_partition_id", get(get_partition_id))
         .route("/kv-store/get_all_partition_ids", get(get_all_partition_ids))
         .route("/kv-store/get_partition_members", get(get_partition_members))
-        .route("/kv-store/update_view", put(update_view))
         .route("/kv-store/{key}", get(get_key).put(put_key).delete(delete_key))
         .route("/kv-store/", get(empty_key).put(empty_key).delete(empty_key))
 }
@@ -31,7 +30,7 @@ pub fn routes() -> Router<Arc<Node>> {
 pub struct Params(HashMap<String, String>);
 
 impl Params {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
 
@@ -195,8 +194,4 @@ async fn get_partition_members(State(node): State<Arc<Node>>, params: Params) ->
         ));
     }
     Ok(Json(json!({"result": "success", "partition_members": view.members(id)})))
-}
-
-async fn update_view() -> ApiError {
-    ApiError::new(StatusCode::NOT_IMPLEMENTED, "view changes are not supported by this build yet")
 }

@@ -3,9 +3,11 @@
 //!
 //! - `/kv-store/...` — the compatibility ("HW4") API (`hw4`)
 //! - `/v1/kv/{key}` — the native API (`native`)
+//! - `/v1/admin/view`, `/v1/admin/status`, HW4 `update_view` — view changes and status (`admin`)
 //! - `/internal/v1/rpc` — node-to-node RPC (`internal`)
 //! - `/metrics`, `/healthz`, `/readyz` — operations (`ops`)
 
+mod admin;
 mod error;
 mod hw4;
 mod internal;
@@ -34,6 +36,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let body_limit = (node.settings().max_value_bytes * 3 + BODY_OVERHEAD).max(64 << 20);
     Router::new()
         .merge(hw4::routes())
+        .merge(admin::routes())
         .merge(native::routes())
         .merge(internal::routes())
         .merge(ops::routes())

@@ -120,6 +120,20 @@ impl Cluster {
         Cluster { nodes, http: client() }
     }
 
+    /// Starts one more node at `addr` with `K` but without `VIEW`: it waits to be added.
+    pub async fn spawn_joiner(&mut self, addr: &str, k: u32) {
+        let env = vec![("K".to_owned(), k.to_string())];
+        let mut node = NodeProc { addr: addr.to_owned(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
+        node.spawn();
+        wait_healthy(addr).await;
+        self.nodes.push(node);
+    }
+
+    /// Addresses of nodes whose process is running.
+    pub fn running(&self) -> Vec<String> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect()
+    }
+
     pub fn addrs(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
     }
@@ -188,4 +202,22 @@ pub async fn put(http: &reqwest::Client, node: &str, key: &str, val: &str, paylo
 
 pub async fn get(http: &reqwest::Client, node: &str, key: &str, payload: &str) -> (u16, Value) {
     hw4(http, "GET", node, key, &[("causal_payload", payload)]).await
+}
+
+/// HW4 `update_view`: `kind` is add or remove.
+pub async fn update_view(http: &reqwest::Client, via: &str, kind: &str, ip_port: &str) -> (u16, Value) {
+    let resp = http
+        .put(format!("http://{via}/kv-store/update_view?type={kind}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("ip_port={ip_port}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("update_view to {via} failed: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON"))
+}
+
+/// `GET /v1/admin/status` from `node`.
+pub async fn status(http: &reqwest::Client, node: &str) -> Value {
+    http.get(format!("http://{node}/v1/admin/status")).send().await.expect("status").json().await.expect("JSON")
 }

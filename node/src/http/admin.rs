@@ -1,0 +1,87 @@
+//! Administrative routes: the native whole-view change (`PUT /v1/admin/view`), cluster status
+//! (`GET /v1/admin/status`), and HW4's single-node `PUT /kv-store/update_view?type=add|remove`.
+//! When the node has a cluster token, all of them require it.
+
+use super::ApiError;
+use super::hw4::Params;
+use super::internal::authorize;
+use crate::node::Node;
+use crate::rebalance::ChangeError;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use kvs_api::{ClusterStatus, ViewChanged, ViewRequest};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+pub fn routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/v1/admin/view", put(put_view))
+        .route("/v1/admin/status", get(status))
+        .route("/kv-store/update_view", put(update_view))
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        let status = match &e {
+            ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ChangeError::Conflict(_) => StatusCode::CONFLICT,
+            ChangeError::NoView | ChangeError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn put_view(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<ViewRequest>, JsonRejection>,
+) -> Result<Json<ViewChanged>, ApiError> {
+    authorize(&node, &headers)?;
+    let Json(req) = body.map_err(|e| {
+        ApiError::new(e.status(), format!("{}; send {{\"members\": [\"host:port\", ...], \"replication_factor\": K}}", e.body_text()))
+    })?;
+    Ok(Json(node.change_view(req.members, req.replication_factor).await?))
+}
+
+async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<ClusterStatus>, ApiError> {
+    authorize(&node, &headers)?;
+    Ok(Json(node.cluster_status().await))
+}
+
+async fn update_view(State(node): State<Arc<Node>>, headers: HeaderMap, params: Params) -> Result<Json<Value>, ApiError> {
+    authorize(&node, &headers)?;
+    let kind =
+        params.get("type").ok_or_else(|| ApiError::bad_request("missing type: use update_view?type=add or update_view?type=remove"))?;
+    let target = params
+        .get("ip_port")
+        .ok_or_else(|| ApiError::bad_request("missing ip_port: send the node as the form field ip_port (e.g. ip_port=10.0.0.5:8080)"))?;
+    let target = target.trim().to_owned();
+    let view = node.require_view()?;
+    let k = view.layout().replication_factor;
+    let mut members = view.all_members();
+    match kind {
+        "add" => {
+            if !members.contains(&target) {
+                members.push(target.clone());
+            }
+        }
+        "remove" => {
+            members.retain(|m| *m != target);
+            if members.is_empty() {
+                return Err(ApiError::bad_request(format!("{target} is the only member; a cluster cannot remove its last node")));
+            }
+        }
+        other => return Err(ApiError::bad_request(format!("type must be add or remove, not {other:?}"))),
+    }
+    let changed = node.change_view(members, k).await?;
+    let number_of_partitions = changed.layout.partitions.len();
+    Ok(Json(if kind == "add" {
+        let id = changed.layout.partitions.iter().position(|p| p.contains(&target)).map_or(-1, |p| p as i64);
+        json!({"result": "success", "partition_id": id, "number_of_partitions": number_of_partitions})
+    } else {
+        json!({"result": "success", "number_of_partitions": number_of_partitions})
+    }))
+}
