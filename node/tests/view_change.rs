@@ -186,6 +186,7 @@ async fn t50_two_concurrent_view_changes_never_share_an_epoch() {
     let nodes = c.addrs();
     let (a, b) = tokio::join!(update_view(&c.http, &nodes[0], "add", &x), update_view(&c.http, &nodes[3], "add", &y));
     let statuses = [a.0, b.0];
+    println!("concurrent changes answered {statuses:?}");
     assert!(statuses.iter().all(|s| *s == 200 || *s == 409), "each is applied or refused: {a:?} {b:?}");
     assert!(statuses.contains(&200), "one of them wins: {a:?} {b:?}");
     for (s, body) in [&a, &b] {
