@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -32,6 +32,23 @@ enum Cmd {
     /// Pause a replica (SIGSTOP), write keys through another node, resume it and measure how long
     /// until the paused replica holds them all (anti-entropy convergence).
     Converge(ConvergeArgs),
+    /// Load a cluster, then add one node and remove it again under client traffic; report the
+    /// time, keys moved against the minimum, client throughput and errors during each move.
+    Rebalance(RebalanceArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RebalanceArgs {
+    /// Load shape for the preload and the client traffic during the moves (`--seconds` is the
+    /// baseline measurement before the first move).
+    #[command(flatten)]
+    load: LoadArgs,
+    /// The node (`host:port`, started without VIEW) to add and then remove.
+    #[arg(long)]
+    add: String,
+    /// Replication factor of the cluster.
+    #[arg(long, default_value_t = 2)]
+    replication_factor: u32,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -248,43 +265,68 @@ fn key_name(i: u64) -> String {
     format!("key_{i:08}")
 }
 
+fn value_of(size: usize) -> Bytes {
+    Bytes::from((0..size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>())
+}
+
 async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     if args.endpoints.is_empty() || args.connections == 0 {
         bail!("need at least one endpoint and one connection");
     }
-    let value = Bytes::from((0..args.value_size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
     if args.preload {
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for c in 0..args.connections {
-            let (next, value, keys) = (next.clone(), value.clone(), args.keys);
-            let mut conn = Conn::new(args.endpoints[c % args.endpoints.len()].clone(), args.target, false);
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= keys {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    conn.put(&key_name(i), &value).await.with_context(|| format!("preloading {}", key_name(i)))?;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
+        preload(&args).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let (stop, secs) = (stop.clone(), args.seconds);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let report = measure(&args, stop).await;
+    timer.abort();
+    report
+}
+
+/// Writes every key once, spread over the connections.
+async fn preload(args: &LoadArgs) -> anyhow::Result<()> {
+    let value = value_of(args.value_size);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let (next, value, keys) = (next.clone(), value.clone(), args.keys);
+        let mut conn = Conn::new(args.endpoints[c % args.endpoints.len()].clone(), args.target, false);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                conn.put(&key_name(i), &value).await.with_context(|| format!("preloading {}", key_name(i)))?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Runs the GET/PUT mix on every connection until `stop` is set.
+async fn measure(args: &LoadArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Report> {
+    let value = value_of(args.value_size);
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.connections {
-        let (value, errors, a) = (value.clone(), errors.clone(), args.clone());
+        let (value, errors, a, stop) = (value.clone(), errors.clone(), args.clone(), stop.clone());
         let mut conn = Conn::new(a.endpoints[c % a.endpoints.len()].clone(), a.target, a.causal);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed.wrapping_mul(1000).wrapping_add(c as u64));
             let mut first_error = None;
-            while Instant::now() < deadline {
+            while !stop.load(Ordering::Relaxed) {
                 let key = key_name(rng.random_range(0..a.keys));
                 let t0 = Instant::now();
                 let result = if rng.random_bool(a.get_ratio.clamp(0.0, 1.0)) { conn.get(&key).await } else { conn.put(&key, &value).await };
@@ -313,7 +355,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Report> {
     let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
-        label: args.label,
+        label: args.label.clone(),
         target: format!("{:?}", args.target).to_lowercase(),
         connections: args.connections,
         get_ratio: args.get_ratio,
@@ -386,6 +428,75 @@ async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn cluster_status(http: &reqwest::Client, node: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(http.get(format!("http://{node}/v1/admin/status")).send().await?.error_for_status()?.json().await?)
+}
+
+/// Live keys of each partition (first member's count).
+fn partition_keys(status: &serde_json::Value) -> Vec<u64> {
+    status["partitions"].as_array().map_or_else(Vec::new, |ps| ps.iter().map(|p| p["live_keys"][0].as_u64().unwrap_or(0)).collect())
+}
+
+async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+    let members = args.load.endpoints.clone();
+    let primary = members[0].clone();
+    let t = Instant::now();
+    preload(&args.load).await?;
+    eprintln!("kvs-bench: preloaded {} keys in {:.1} s", args.load.keys, t.elapsed().as_secs_f64());
+    let baseline = load(LoadArgs { preload: false, ..args.load.clone() }).await?;
+    println!("{}", serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors}));
+    let with_new: Vec<String> = members.iter().cloned().chain([args.add.clone()]).collect();
+    for (step, target) in [("add", with_new), ("remove", members.clone())] {
+        let before = cluster_status(&http, &primary).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let (a, stop) = (args.load.clone(), stop.clone());
+            tokio::spawn(async move { measure(&a, stop).await })
+        };
+        let started = Instant::now();
+        let resp = http
+            .put(format!("http://{primary}/v1/admin/view"))
+            .json(&serde_json::json!({"members": target, "replication_factor": args.replication_factor}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await?;
+        let seconds = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let during = traffic.await??;
+        if !status.is_success() {
+            bail!("{step} failed: {status} {body}");
+        }
+        let after = cluster_status(&http, &primary).await?;
+        let (p_before, p_after) = (partition_keys(&before), partition_keys(&after));
+        // Keys that changed partition: the new partition's keys on add, the removed one's on remove.
+        let distinct_moved = if p_after.len() > p_before.len() { p_after.last().copied() } else { p_before.last().copied() }.unwrap_or(0);
+        let partitions = p_after.len().max(p_before.len()) as u64;
+        let minimum = args.load.keys / partitions;
+        let copies = body["moved_keys"].as_u64().unwrap_or(0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "step": step,
+                "seconds": seconds,
+                "partitions_before": p_before.len(),
+                "partitions_after": p_after.len(),
+                "keys_changing_partition": distinct_moved,
+                "minimum": minimum,
+                "moved_vs_minimum": distinct_moved as f64 / minimum.max(1) as f64,
+                "record_copies_sent": copies,
+                "keys_per_sec": distinct_moved as f64 / seconds,
+                "copies_per_sec": copies as f64 / seconds,
+                "client_ops_per_sec": during.ops_per_sec,
+                "client_p99_ms": during.p99_ms,
+                "client_errors": during.errors,
+            })
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
@@ -407,6 +518,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Converge(a) => converge(a).await?,
+        Cmd::Rebalance(a) => rebalance(a).await?,
     }
     Ok(())
 }
