@@ -445,7 +445,10 @@ async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
     preload(&args.load).await?;
     eprintln!("kvs-bench: preloaded {} keys in {:.1} s", args.load.keys, t.elapsed().as_secs_f64());
     let baseline = load(LoadArgs { preload: false, ..args.load.clone() }).await?;
-    println!("{}", serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors}));
+    println!(
+        "{}",
+        serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors})
+    );
     let with_new: Vec<String> = members.iter().cloned().chain([args.add.clone()]).collect();
     for (step, target) in [("add", with_new), ("remove", members.clone())] {
         let before = cluster_status(&http, &primary).await?;

@@ -217,14 +217,24 @@ impl Node {
             return Err(ChangeError::Failed("no member of the new view is reachable".into()));
         }
 
+        let mut phase_started = Instant::now();
+        let mut phase_done = |phase: &str| {
+            tracing::info!(view_epoch = epoch, phase, took_ms = phase_started.elapsed().as_millis() as u64, "view change phase done");
+            phase_started = Instant::now();
+        };
+        phase_done("prepare");
+
         // 2. Begin: pending view everywhere, dual-writes from here on.
         self.set_status(|s| s.phase = "beginning".into());
         let live = self.broadcast(&live, |_| PeerRequest::Begin { proposer: self.id().to_owned(), layout: target.clone() }, timeout).await;
+
+        phase_done("begin");
 
         // 3. Transfer.
         self.set_status(|s| s.phase = "transferring".into());
         let moved = self.transfer_all(current, &new_view, &live).await?;
         self.set_status(|s| s.moved_keys = moved);
+        phase_done("transfer");
 
         // 4. Commit.
         self.set_status(|s| s.phase = "committing".into());
@@ -234,9 +244,12 @@ impl Node {
             let _ = self.set_views(Some(Arc::new(new_view.clone())), None);
         }
 
+        phase_done("commit");
+
         // 5. Prune (each node checks an owner has its data before dropping it).
         self.set_status(|s| s.phase = "pruning".into());
         self.broadcast(&live, |_| PeerRequest::Prune { epoch }, TRANSFER_TIMEOUT).await;
+        phase_done("prune");
         Ok(moved)
     }
 
@@ -413,7 +426,8 @@ impl Node {
                 per_receiver.entry(r).or_default().push(a.slot);
             }
         }
-        let total: u64 = per_receiver.values().flatten().map(|&s| self.store.scan_slot(s).map_or(0, |r| r.len() as u64)).sum();
+        let digests = self.store.digests();
+        let total: u64 = per_receiver.values().flatten().map(|&s| digests.records_in(s)).sum();
         *lock(&self.rebalance.transfer) =
             RebalanceProgress { epoch, phase: "transferring".into(), total_keys: total, ..Default::default() };
         let streams = per_receiver.into_iter().map(|(receiver, slots)| self.stream_to(receiver, slots));

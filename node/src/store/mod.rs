@@ -118,6 +118,8 @@ pub struct CommitCounts {
 /// metrics) look at it while the single writer changes it.
 pub struct SlotDigests {
     slots: Vec<AtomicU64>,
+    /// Records (live and tombstones) per slot.
+    records: Vec<AtomicI64>,
     live_keys: AtomicI64,
     tombstones: AtomicI64,
 }
@@ -126,6 +128,7 @@ impl Default for SlotDigests {
     fn default() -> Self {
         SlotDigests {
             slots: (0..SLOT_COUNT).map(|_| AtomicU64::new(0)).collect(),
+            records: (0..SLOT_COUNT).map(|_| AtomicI64::new(0)).collect(),
             live_keys: AtomicI64::new(0),
             tombstones: AtomicI64::new(0),
         }
@@ -138,11 +141,17 @@ impl SlotDigests {
         self.slots[slot as usize].load(Ordering::Acquire)
     }
 
+    /// Records (live and tombstones) stored in `slot`.
+    pub fn records_in(&self, slot: Slot) -> u64 {
+        self.records[slot as usize].load(Ordering::Acquire).max(0) as u64
+    }
+
     /// Records that `key` in `slot` went from `old` to `new` (either may be absent).
     pub fn update(&self, slot: Slot, key: &str, old: Option<&Record>, new: Option<&Record>) {
         let mut delta = 0;
         for (record, sign) in [(old, -1), (new, 1)] {
             if let Some(record) = record {
+                self.records[slot as usize].fetch_add(sign, Ordering::AcqRel);
                 delta ^= version_hash(key, record);
                 let counter = if record.is_deleted() { &self.tombstones } else { &self.live_keys };
                 counter.fetch_add(sign, Ordering::AcqRel);
@@ -154,6 +163,7 @@ impl SlotDigests {
     /// Forgets a whole slot (after pruning it).
     pub fn clear_slot(&self, slot: Slot, live: i64, tombstones: i64) {
         self.slots[slot as usize].store(0, Ordering::Release);
+        self.records[slot as usize].store(0, Ordering::Release);
         self.live_keys.fetch_sub(live, Ordering::AcqRel);
         self.tombstones.fetch_sub(tombstones, Ordering::AcqRel);
     }

@@ -49,6 +49,11 @@ fn check(store: &dyn Store, model: &BTreeMap<String, Record>) -> Result<(), Test
         let scanned = store.scan_slot(slot_of(key.as_bytes())).unwrap();
         prop_assert!(scanned.iter().any(|(k, s)| k == key && s == r));
     }
+    for k in 0..12u8 {
+        let slot = slot_of(key_name(k).as_bytes());
+        let expected = model.keys().filter(|key| slot_of(key.as_bytes()) == slot).count() as u64;
+        prop_assert_eq!(store.digests().records_in(slot), expected);
+    }
     for (slot, d) in digests.iter().enumerate() {
         prop_assert_eq!(store.digests().get(slot as u16), *d, "slot {}", slot);
     }
