@@ -126,6 +126,9 @@ pub struct PartitionStatus {
     pub members: Vec<String>,
     /// Live keys per member, in `members` order (`None`: the member did not answer).
     pub live_keys: Vec<Option<u64>>,
+    /// Per member, a hash of the versions it stores for this partition: replicas that agree hold
+    /// the same data (`None`: the member did not answer).
+    pub digests: Vec<Option<String>>,
 }
 
 /// `GET /v1/admin/status`.

@@ -29,6 +29,13 @@ impl Node {
         view.table().slots_of(partition).into_iter().map(|s| (s, digests.get(s))).collect()
     }
 
+    /// One hash over this node's digests of its own partition (`None` for proxies).
+    pub(crate) fn partition_digest(&self) -> Option<u64> {
+        let view = self.view()?;
+        let partition = view.partition_of_node(self.id())?;
+        Some(summarize(&self.slot_digests(&view, partition)))
+    }
+
     /// One round with every other replica of this node's partition. Returns records repaired here.
     pub async fn anti_entropy_round(&self) -> u64 {
         let Some(view) = self.view() else { return 0 };

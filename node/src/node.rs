@@ -72,6 +72,10 @@ pub enum KvError {
     NotOwner { partition: PartitionId, epoch: u64 },
     #[error("this node is on view epoch {mine}, the sender on {theirs}")]
     EpochMismatch { mine: u64, theirs: u64 },
+    #[error(
+        "this replica of partition {partition} has not received a write your causal context depends on, and the replicas that have it are unreachable from here; retry (another node may reach them)"
+    )]
+    CausalUnavailable { partition: PartitionId },
     #[error("{peer} is on a newer view")]
     StaleView { peer: String },
     #[error(transparent)]
@@ -206,7 +210,7 @@ impl Node {
                 Ok(c) => PeerResponse::Coordinated(c),
                 Err(e @ KvError::NotOwner { .. }) => refused(421, &e),
                 Err(e @ KvError::EpochMismatch { .. }) => refused(409, &e),
-                Err(e @ KvError::NoView) => refused(503, &e),
+                Err(e @ (KvError::NoView | KvError::CausalUnavailable { .. })) => refused(503, &e),
                 Err(e) => refused(500, &e),
             },
             PeerRequest::Replicate { records } => match self.apply_replicated(records).await {

@@ -74,6 +74,9 @@ pub struct HelloInfo {
     pub layout: Option<Layout>,
     pub pending: Option<Layout>,
     pub live_keys: u64,
+    /// One hash over this node's digests of its partition's slots (equal on two replicas means
+    /// they hold the same versions).
+    pub partition_digest: Option<u64>,
     /// Keys this node has sent / must send as a source of the current or last change.
     pub transfer: kvs_api::RebalanceProgress,
 }

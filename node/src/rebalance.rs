@@ -625,6 +625,7 @@ impl Node {
             layout: self.view().map(|v| v.layout().clone()),
             pending: self.pending().map(|v| v.layout().clone()),
             live_keys: self.store.digests().stats().live_keys,
+            partition_digest: self.partition_digest(),
             transfer: lock(&self.rebalance.transfer).clone(),
         }
     }
@@ -666,6 +667,10 @@ impl Node {
                         partition_id: i as u32,
                         members: members.clone(),
                         live_keys: members.iter().map(|m| infos.get(m).and_then(|i| i.as_ref()).map(|i| i.live_keys)).collect(),
+                        digests: members
+                            .iter()
+                            .map(|m| infos.get(m).and_then(|i| i.as_ref()).and_then(|i| i.partition_digest).map(|d| format!("{d:016x}")))
+                            .collect(),
                     })
                     .collect()
             })

@@ -204,21 +204,25 @@ impl Node {
         }
         self.metrics.causal_fetches.inc();
         let request = PeerRequest::Fetch { key: key.to_owned() };
-        let fetches = members.iter().filter(|m| *m != self.id() && !self.health.is_down(m)).map(|peer| {
+        // Ask every other replica, even ones recently marked down: this read cannot be answered
+        // correctly without them.
+        let fetches = members.iter().filter(|m| *m != self.id()).map(|peer| {
             let request = &request;
             async move {
                 match self.peers.call(peer, request, self.settings.replicate_timeout).await {
-                    Ok(PeerResponse::Fetched(r)) => r,
-                    Ok(_) => None,
+                    Ok(PeerResponse::Fetched(r)) => Ok(r),
+                    Ok(_) => Err(()),
                     Err(e) => {
                         tracing::debug!(peer = %peer, error = %e, "causal fetch failed");
                         self.health.mark_down(peer);
-                        None
+                        Err(())
                     }
                 }
             }
         });
-        let newest_remote = join_all(fetches).await.into_iter().flatten().max_by(|a, b| a.version.cmp(&b.version));
+        let answers = join_all(fetches).await;
+        let all_answered = answers.iter().all(Result::is_ok);
+        let newest_remote = answers.into_iter().flatten().flatten().max_by(|a, b| a.version.cmp(&b.version));
         let newest = match (local, newest_remote) {
             (Some(l), Some(r)) if r.version > l.version => {
                 self.repair_in_background(key, r.clone());
@@ -230,6 +234,12 @@ impl Node {
             }
             (l, _) => l,
         };
+        // With every replica heard, the newest version is the answer. With some unreachable and the
+        // context still pointing past what we have, answering would break causality: refuse, so
+        // the forwarder tries another replica (or the client retries).
+        if !all_answered && may_be_missing_a_dependency(newest.as_ref(), context, members) {
+            return Err(KvError::CausalUnavailable { partition });
+        }
         Ok(Coordinated { partition, record: newest, changed_liveness: false })
     }
 

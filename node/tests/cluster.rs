@@ -275,3 +275,24 @@ async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
     let (code, body) = get(&c.http, &a, "last_words", "").await;
     assert_eq!((code, body["value"].as_str()), (200, Some("kept")));
 }
+
+/// Regression (found by the fault-injection suite, seed 2 over network namespaces): a replica that
+/// could not fetch what a client's causal context required answered with its stale value
+/// instead of refusing, so a client read an older value than its own acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
+    let c = Cluster::start(56, 2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
+    let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
+    put(&c.http, &a, "x", "old", "").await;
+    c.nodes[1].pause();
+    let (_, fresh) = put(&c.http, &a, "x", "new", "").await;
+    c.nodes[1].resume();
+    c.nodes[0].pause(); // B can no longer fetch the write its client already saw
+    let payload = fresh["causal_payload"].as_str().unwrap();
+    let (status, body) = get(&c.http, &b, "x", payload).await;
+    assert_eq!(status, 503, "never the stale value: {body}");
+    assert!(body["msg"].as_str().unwrap().contains("causal context"), "{body}");
+    c.nodes[0].resume();
+    let (status, body) = get(&c.http, &b, "x", payload).await;
+    assert_eq!((status, body["value"].as_str()), (200, Some("new")), "{body}");
+}

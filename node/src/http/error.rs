@@ -30,7 +30,9 @@ impl ApiError {
 impl From<KvError> for ApiError {
     fn from(e: KvError) -> Self {
         let status = match &e {
-            KvError::NoView | KvError::Unavailable { .. } | KvError::StaleView { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            KvError::NoView | KvError::Unavailable { .. } | KvError::StaleView { .. } | KvError::CausalUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             KvError::EpochMismatch { .. } => StatusCode::CONFLICT,
             KvError::NotOwner { .. } => StatusCode::MISDIRECTED_REQUEST,
             KvError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
