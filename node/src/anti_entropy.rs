@@ -66,9 +66,13 @@ impl Node {
     ) -> Result<u64, SyncError> {
         let timeout = self.settings.replicate_timeout * 4;
         let request = PeerRequest::DigestSummary { view_epoch: view.epoch(), partition, summary };
-        let theirs = match self.peers.call(peer, &request, timeout).await? {
-            PeerResponse::Digests(None) => return Ok(0),
-            PeerResponse::Digests(Some(theirs)) => theirs,
+        let (stable, theirs) = match self.peers.call(peer, &request, timeout).await? {
+            PeerResponse::Summary { stable, digests: None } => {
+                // Same data: we hold everything the peer coordinated up to its stable time.
+                self.freshness.synced(peer, stable);
+                return Ok(0);
+            }
+            PeerResponse::Summary { stable, digests: Some(theirs) } => (stable, theirs),
             other => return Err(SyncError::Unexpected(format!("{other:?}"))),
         };
         let theirs: HashMap<Slot, u64> = theirs.into_iter().collect();
@@ -85,6 +89,8 @@ impl Node {
                 other => return Err(SyncError::Unexpected(format!("{other:?}"))),
             }
         }
+        // Every differing slot now holds the peer's records as of after its stable time.
+        self.freshness.synced(peer, stable);
         Ok(repaired)
     }
 
@@ -109,8 +115,11 @@ impl Node {
         let Some(view) = self.view().filter(|v| v.epoch() == view_epoch) else {
             return PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") };
         };
+        // Stable first: every write at or below it is already in the digests taken next.
+        let stable = self.freshness.stable(&self.hlc);
         let mine = self.slot_digests(&view, partition);
-        if summarize(&mine) == summary { PeerResponse::Digests(None) } else { PeerResponse::Digests(Some(mine)) }
+        let digests = if summarize(&mine) == summary { None } else { Some(mine) };
+        PeerResponse::Summary { stable, digests }
     }
 
     /// Step 2, answering side: apply the initiator's records, send back ours that it lacks.

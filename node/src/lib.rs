@@ -13,6 +13,7 @@ pub mod anti_entropy;
 pub mod causal;
 pub mod config;
 mod fence;
+pub mod freshness;
 pub mod http;
 pub mod metrics;
 pub mod node;
@@ -23,8 +24,6 @@ mod replication;
 pub mod store;
 pub mod view;
 pub mod view_store;
-
-pub use replication::may_be_missing_a_dependency;
 
 use node::Node;
 use std::future::Future;

@@ -9,6 +9,7 @@
 
 use crate::causal::{Hlc, VectorClock};
 use crate::fence::WriteFence;
+use crate::freshness::Freshness;
 use crate::metrics::Metrics;
 use crate::peers::{PeerHealth, PeerRequest, PeerResponse, Peers};
 use crate::placement::PartitionId;
@@ -96,6 +97,10 @@ pub struct Node {
     pub(crate) fence: WriteFence,
     /// View-change bookkeeping: promises, progress, the primary's lock.
     pub(crate) rebalance: RebalanceState,
+    /// What this node knows about holding every write it depends on (see `freshness`).
+    pub(crate) freshness: Freshness,
+    /// HLC time when the current view was installed (see `freshness`).
+    view_installed_at: std::sync::atomic::AtomicU64,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) peers: Arc<dyn Peers>,
     pub(crate) health: PeerHealth,
@@ -131,6 +136,8 @@ impl Node {
             view_store,
             fence: WriteFence::default(),
             rebalance: RebalanceState::default(),
+            freshness: Freshness::default(),
+            view_installed_at: std::sync::atomic::AtomicU64::new(hlc.peek()),
             store,
             peers,
             health,
@@ -166,6 +173,11 @@ impl Node {
         self.view().ok_or(KvError::NoView)
     }
 
+    /// HLC time when the current view was installed (startup for a restarted node).
+    pub(crate) fn view_installed_at(&self) -> u64 {
+        self.view_installed_at.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The view a change in progress moves to, if any.
     pub fn pending(&self) -> Option<Arc<View>> {
         self.pending.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -183,7 +195,11 @@ impl Node {
                 "view updated"
             );
         }
+        let changed = self.view().map(|v| v.epoch()) != view.as_ref().map(|v| v.epoch());
         *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+        if changed {
+            self.view_installed_at.store(self.hlc.peek(), std::sync::atomic::Ordering::Release);
+        }
         *self.pending.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
         Ok(())
     }

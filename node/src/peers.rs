@@ -87,8 +87,14 @@ pub enum PeerResponse {
     Coordinated(Coordinated),
     Replicated,
     Fetched(Option<Record>),
-    /// `None` when the summaries match; otherwise the responder's per-slot digests, in slot order.
+    /// Per-slot digests (of the requested slots).
     Digests(Option<Vec<(Slot, u64)>>),
+    /// Answer to `DigestSummary`: the responder's stable timestamp (taken before its digests) and,
+    /// when the summaries differ, its per-slot digests in slot order.
+    Summary {
+        stable: u64,
+        digests: Option<Vec<(Slot, u64)>>,
+    },
     Synced {
         records: Vec<(String, Record)>,
         repaired: u64,

@@ -13,6 +13,7 @@
 //!   version (repairing itself on the way).
 
 use crate::causal::{VectorClock, Version, wall_micros};
+use crate::freshness::{FORMER_REPLICA_MARGIN_MICROS, may_lack};
 use crate::node::{KvError, Node};
 use crate::peers::{Coordinated, KvOp, PeerError, PeerRequest, PeerResponse};
 use crate::placement::PartitionId;
@@ -143,7 +144,8 @@ impl Node {
         let current = self.store.get(key)?;
         let was_live = current.as_ref().is_some_and(|r| !r.is_deleted());
         let depends_on = context.max_entry().max(current.as_ref().map_or(0, |r| r.version.ts));
-        let ts = self.hlc.tick(wall_micros(), depends_on);
+        let in_flight = self.freshness.begin_write(&self.hlc, wall_micros(), depends_on);
+        let ts = in_flight.ts;
         let mut clock = context;
         if let Some(c) = &current {
             clock.merge(&c.clock);
@@ -159,7 +161,15 @@ impl Node {
         let new_owners = pending.as_ref().map(|p| p.owners_of_key(key)).unwrap_or_default();
         let owners = view.members(partition);
         let others: Vec<_> = owners.iter().chain(new_owners.iter().filter(|n| !owners.contains(n))).filter(|m| *m != self.id()).collect();
-        let (local, _) = tokio::join!(self.store.apply(batch.clone()), self.replicate(&others, batch));
+        let local_batch = batch.clone();
+        let (local, _) = tokio::join!(
+            async {
+                let applied = self.store.apply(local_batch).await;
+                drop(in_flight);
+                applied
+            },
+            self.replicate(&others, batch)
+        );
         let outcome = local?.first().copied().unwrap_or(Applied::Stale);
         let changed_liveness = match (is_delete, outcome) {
             (false, _) => !was_live,
@@ -199,7 +209,7 @@ impl Node {
     async fn coordinate_read(&self, view: &View, partition: PartitionId, key: &str, context: &VectorClock) -> Result<Coordinated, KvError> {
         let local = self.store.get(key)?;
         let members = view.members(partition);
-        if !may_be_missing_a_dependency(local.as_ref(), context, members) {
+        if !self.may_lack(local.as_ref(), context, members) {
             return Ok(Coordinated { partition, record: local, changed_liveness: false });
         }
         self.metrics.causal_fetches.inc();
@@ -237,10 +247,18 @@ impl Node {
         // With every replica heard, the newest version is the answer. With some unreachable and the
         // context still pointing past what we have, answering would break causality: refuse, so
         // the forwarder tries another replica (or the client retries).
-        if !all_answered && may_be_missing_a_dependency(newest.as_ref(), context, members) {
+        if !all_answered && self.may_lack(newest.as_ref(), context, members) {
             return Err(KvError::CausalUnavailable { partition });
         }
         Ok(Coordinated { partition, record: newest, changed_liveness: false })
+    }
+
+    /// [`crate::freshness::may_lack`] with what this node knows.
+    fn may_lack(&self, local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> bool {
+        let covered = |node: &str| if node == self.id() { self.freshness.stable(&self.hlc) } else { self.freshness.synced_from(node) };
+        let former_until =
+            if self.pending().is_some() { u64::MAX } else { self.view_installed_at().saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
+        may_lack(local, context, replicas, covered, former_until)
     }
 
     fn repair_in_background(&self, key: &str, record: Record) {
@@ -258,41 +276,4 @@ impl Node {
 /// The epoch in an epoch-mismatch refusal ("... view epoch N ...").
 fn parse_epoch(msg: &str) -> Option<u64> {
     msg.split("view epoch ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
-/// Whether the client may have seen a write to this key that `local` does not include.
-///
-/// Every clock entry is an HLC timestamp and a write's timestamp exceeds every entry of its own
-/// clock except its writer's, which equals it. So if no replica's entry in the client's context is
-/// above the local version's timestamp (or equal to it under another writer), every write the client
-/// depends on is ordered at or before the local version, and the local answer is causally safe.
-pub fn may_be_missing_a_dependency(local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> bool {
-    let (ts, writer) = local.map_or((0, ""), |r| (r.version.ts, r.version.writer.as_str()));
-    replicas.iter().any(|m| {
-        let seen = context.get(m);
-        seen > ts || (seen == ts && seen > 0 && m != writer)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(ts: u64, writer: &str) -> Record {
-        Record { version: Version { ts, writer: writer.into() }, clock: VectorClock::new(), value: None }
-    }
-
-    #[test]
-    fn dependency_check() {
-        let replicas = vec!["a".to_string(), "b".to_string()];
-        let mut ctx = VectorClock::new();
-        assert!(!may_be_missing_a_dependency(None, &ctx, &replicas), "empty context never needs a fetch");
-        ctx.observe("a", 10);
-        assert!(may_be_missing_a_dependency(None, &ctx, &replicas));
-        assert!(!may_be_missing_a_dependency(Some(&rec(10, "a")), &ctx, &replicas), "it is that write");
-        assert!(may_be_missing_a_dependency(Some(&rec(10, "b")), &ctx, &replicas), "same ts, other writer");
-        assert!(!may_be_missing_a_dependency(Some(&rec(11, "b")), &ctx, &replicas));
-        ctx.observe("z", 99);
-        assert!(!may_be_missing_a_dependency(Some(&rec(11, "b")), &ctx, &replicas), "non-replicas are ignored");
-    }
 }

@@ -229,3 +229,50 @@ async fn metrics_expose_requests_and_keys() {
     assert!(text.contains(r#"kvs_http_requests_total{route="/kv-store/{key}",method="PUT",status="201"} 1"#), "{text}");
     assert!(text.contains("kvs_http_request_duration_seconds_bucket"), "{text}");
 }
+
+#[tokio::test]
+async fn view_changes_and_status_need_the_token_when_one_is_configured() {
+    let mut settings = Settings::new(ME);
+    settings.cluster_token = Some("s3cret".into());
+    let n = node_with(settings, Some(View::initial(&[ME.to_owned()], 1)));
+    let epoch_before = n.view().unwrap().epoch();
+    let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=add", "ip_port=127.0.0.9:8080").await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "cluster token");
+    let req = Request::put("/v1/admin/view")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"members":["127.0.0.1:8080","127.0.0.9:8080"],"replication_factor":1}"#))
+        .unwrap();
+    let (s, _, _) = send(&n, req).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = send(&n, Request::get("/v1/admin/status").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(n.view().unwrap().epoch(), epoch_before, "nothing changed");
+    let req = Request::get("/v1/admin/status").header("kvs-cluster-token", "s3cret").body(Body::empty()).unwrap();
+    let (s, _, _) = send(&n, req).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn view_change_requests_are_validated() {
+    let n = node();
+    let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=grow", "ip_port=127.0.0.9:8080").await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "type must be add or remove");
+    let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=add", "").await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "missing ip_port");
+    let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=add", "ip_port=nonsense").await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "not host:port");
+    let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=remove", &format!("ip_port={ME}")).await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "last node");
+    let json =
+        |body: &str| Request::put("/v1/admin/view").header("content-type", "application/json").body(Body::from(body.to_owned())).unwrap();
+    let (s, _, b) = send(&n, json(r#"{"members":[],"replication_factor":1}"#)).await;
+    assert_error(s, &serde_json::from_slice(&b).unwrap(), StatusCode::BAD_REQUEST, "at least one node");
+    let (s, _, b) = send(&n, json(r#"{"members":["127.0.0.1:8080"],"replication_factor":0}"#)).await;
+    assert_error(s, &serde_json::from_slice(&b).unwrap(), StatusCode::BAD_REQUEST, "at least 1");
+    let (s, _, b) = send(&n, json(r#"{"members":"x"}"#)).await;
+    assert_error(s, &serde_json::from_slice(&b).unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "replication_factor");
+    // The same membership again is a no-op success.
+    let (s, _, b) = send(&n, json(r#"{"members":["127.0.0.1:8080"],"replication_factor":1}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["changed"], false);
+}

@@ -151,6 +151,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     let deadline = start + Duration::from_secs_f64(plan.seconds);
     let mut members: Vec<usize> = (0..plan.members).collect();
     let mut spares: Vec<usize> = (plan.members..plan.members + plan.spares).collect();
+    let mut k = plan.k;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..700))).await;
         let victim = members[rng.random_range(0..members.len())];
@@ -165,7 +166,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             // Add a spare, or remove a member (back to the spares), through a random other member.
             let via = *members.iter().find(|m| **m != victim).unwrap_or(&members[0]);
             let mut next = members.clone();
-            let added = if !spares.is_empty() && (rng.random_bool(0.5) || members.len() <= plan.members) {
+            // A quarter of the changes change K instead of the membership.
+            let next_k = if k == plan.k { plan.k + 1 } else { plan.k };
+            let change_k = rng.random_bool(0.25) && members.len() >= next_k as usize;
+            let added = if change_k {
+                None
+            } else if !spares.is_empty() && (rng.random_bool(0.5) || members.len() <= plan.members) {
                 let s = spares.remove(0);
                 next.push(s);
                 Some(s)
@@ -173,6 +179,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 next.retain(|m| *m != victim);
                 None
             };
+            let target_k = if change_k { next_k } else { k };
+            if change_k {
+                *faults.entry("K change".into()).or_default() += 1;
+            }
             state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = Some((FaultKind::ViewChange, usize::MAX));
             // Sometimes a node is paused while the view changes.
             let paused = rng.random_bool(0.3).then_some(victim).filter(|v| Some(*v) != added && next.contains(v));
@@ -188,7 +198,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 cluster.resume(p);
             }
             if ok {
-                if added.is_none() {
+                k = target_k;
+                if added.is_none() && !change_k {
                     spares.push(victim);
                 }
                 members = next;

@@ -49,7 +49,11 @@ impl From<PayloadError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // Unavailability (503) is expected while nodes are down: a warning. Anything else 5xx is a
+        // fault of this node: an error.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(status = self.status.as_u16(), msg = %self.msg, "request failed");
+        } else if self.status.is_server_error() {
             tracing::error!(status = self.status.as_u16(), msg = %self.msg, "request failed");
         }
         let mut body = serde_json::to_value(ErrorBody::new(self.msg)).expect("ErrorBody serializes");
