@@ -40,6 +40,8 @@ impl Node {
     pub async fn anti_entropy_round(&self) -> u64 {
         let Some(view) = self.view() else { return 0 };
         let Some(partition) = view.partition_of_node(self.id()) else { return 0 };
+        // Stable before digests: after a successful round the peer holds all our writes up to it.
+        let my_stable = self.freshness.stable(&self.hlc);
         let mine = self.slot_digests(&view, partition);
         let summary = summarize(&mine);
         let mut repaired = 0;
@@ -47,6 +49,7 @@ impl Node {
             match self.sync_with(&view, peer, partition, summary, &mine).await {
                 Ok(n) => {
                     self.health.mark_up(peer);
+                    self.freshness.repaired(peer, my_stable);
                     repaired += n;
                 }
                 Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round failed"),

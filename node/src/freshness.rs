@@ -23,8 +23,26 @@ use std::sync::Mutex;
 /// to clock skew and the time a commit takes to reach every node.
 pub const FORMER_REPLICA_MARGIN_MICROS: u64 = 10_000_000;
 
+/// A coordinator's record of its replication to one peer.
+struct PeerLedger {
+    /// Timestamps of this node's writes being sent to the peer (ts -> count).
+    sending: BTreeMap<u64, usize>,
+    /// The oldest of this node's writes that failed to reach the peer since it was last repaired.
+    failed_from: Option<u64>,
+}
+
+impl Default for PeerLedger {
+    /// Until a first anti-entropy round with the peer, nothing is vouched for: this node may have
+    /// written things (before a restart, say) that never reached it.
+    fn default() -> Self {
+        PeerLedger { sending: BTreeMap::new(), failed_from: Some(0) }
+    }
+}
+
 #[derive(Default)]
 pub struct Freshness {
+    /// Per peer, what of this node's writes it is known to hold. `std` mutex, never across `.await`.
+    ledgers: Mutex<HashMap<String, PeerLedger>>,
     /// Timestamps of writes this node coordinates that are not yet in its store (ts -> count).
     /// `std` mutex: O(log n) under it, never held across `.await`; it is taken twice per write.
     in_flight: Mutex<BTreeMap<u64, usize>>,
@@ -60,9 +78,50 @@ impl Freshness {
     pub fn stable(&self, hlc: &Hlc) -> u64 {
         let in_flight = lock(&self.in_flight);
         match in_flight.keys().next() {
-            Some(oldest) => oldest - 1,
+            Some(oldest) => oldest.saturating_sub(1),
             None => hlc.peek(),
         }
+    }
+
+    /// A write of this node (stamped `ts`) is being sent to `peer`.
+    pub fn sending(&self, peer: &str, ts: u64) {
+        *lock(&self.ledgers).entry(peer.to_owned()).or_default().sending.entry(ts).or_insert(0) += 1;
+    }
+
+    /// The send of `ts` to `peer` ended; `ok` when the peer stored it.
+    pub fn sent(&self, peer: &str, ts: u64, ok: bool) {
+        let mut ledgers = lock(&self.ledgers);
+        let ledger = ledgers.entry(peer.to_owned()).or_default();
+        if let Some(n) = ledger.sending.get_mut(&ts) {
+            *n -= 1;
+            if *n == 0 {
+                ledger.sending.remove(&ts);
+            }
+        }
+        if !ok {
+            ledger.failed_from = Some(ledger.failed_from.map_or(ts, |f| f.min(ts)));
+        }
+    }
+
+    /// Anti-entropy made `peer` hold everything this node had at `stable`: failures up to it are
+    /// repaired.
+    pub fn repaired(&self, peer: &str, stable: u64) {
+        let mut ledgers = lock(&self.ledgers);
+        let ledger = ledgers.entry(peer.to_owned()).or_default();
+        if ledger.failed_from.is_some_and(|f| f <= stable) {
+            ledger.failed_from = None;
+        }
+    }
+
+    /// A timestamp up to which `peer` holds every write this node coordinated: below this node's
+    /// stable time, below every send still under way and below every unrepaired failure.
+    pub fn floor_for(&self, peer: &str, hlc: &Hlc) -> u64 {
+        let stable = self.stable(hlc);
+        let ledgers = lock(&self.ledgers);
+        let Some(ledger) = ledgers.get(peer) else { return 0 };
+        let sending = ledger.sending.keys().next().map_or(u64::MAX, |t| t.saturating_sub(1));
+        let failed = ledger.failed_from.map_or(u64::MAX, |t| t.saturating_sub(1));
+        stable.min(sending).min(failed)
     }
 
     /// Records that this node now holds everything `peer` coordinated up to `ts`.
@@ -142,6 +201,26 @@ mod tests {
         ctx.observe("z", 99);
         assert!(!may_lack(Some(&rec(11, "b")), &ctx, &replicas, nothing, 50), "z's write came after the view change: another partition");
         assert!(may_lack(Some(&rec(11, "b")), &ctx, &replicas, nothing, 100), "z may have written this key before the view change");
+    }
+
+    #[test]
+    fn floors_stay_below_sends_under_way_and_failures() {
+        let hlc = Hlc::starting_after(100);
+        let f = Freshness::default();
+        let w = f.begin_write(&hlc, 0, 0);
+        let ts = w.ts;
+        drop(w);
+        assert_eq!(f.floor_for("p", &hlc), 0, "nothing is vouched for before a first repair");
+        f.repaired("p", 0);
+        assert_eq!(f.floor_for("p", &hlc), ts);
+        f.sending("p", ts);
+        assert_eq!(f.floor_for("p", &hlc), ts - 1);
+        f.sent("p", ts, false);
+        assert_eq!(f.floor_for("p", &hlc), ts - 1, "a failed send holds the floor down");
+        f.repaired("p", ts - 1);
+        assert_eq!(f.floor_for("p", &hlc), ts - 1, "repairs older than the failure do not clear it");
+        f.repaired("p", ts);
+        assert_eq!(f.floor_for("p", &hlc), ts);
     }
 
     #[test]

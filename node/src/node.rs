@@ -229,8 +229,11 @@ impl Node {
                 Err(e @ (KvError::NoView | KvError::CausalUnavailable { .. })) => refused(503, &e),
                 Err(e) => refused(500, &e),
             },
-            PeerRequest::Replicate { records } => match self.apply_replicated(records).await {
-                Ok(()) => PeerResponse::Replicated,
+            PeerRequest::Replicate { records, from, floor } => match self.apply_replicated(records).await {
+                Ok(()) => {
+                    self.freshness.synced(&from, floor);
+                    PeerResponse::Replicated
+                }
                 Err(e) => refused(500, &e),
             },
             PeerRequest::Fetch { key } => match self.store.get(&key) {

@@ -471,7 +471,8 @@ impl Node {
     async fn send_batch(&self, receiver: &str, records: Vec<(String, Record)>) -> Result<(u64, u64), String> {
         let keys = records.len() as u64;
         let bytes: u64 = records.iter().map(|(_, r)| r.value.as_ref().map_or(0, |v| v.len() as u64)).sum();
-        let request = PeerRequest::Replicate { records };
+        // Transfers carry others' writes: they vouch for nothing (floor 0).
+        let request = PeerRequest::Replicate { records, from: self.id().to_owned(), floor: 0 };
         let mut last_error = String::new();
         for attempt in 0..3 {
             match self.peers.call(receiver, &request, self.settings.replicate_timeout * 40).await {

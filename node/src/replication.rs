@@ -168,7 +168,7 @@ impl Node {
                 drop(in_flight);
                 applied
             },
-            self.replicate(&others, batch)
+            self.replicate(&others, ts, batch)
         );
         let outcome = local?.first().copied().unwrap_or(Applied::Stale);
         let changed_liveness = match (is_delete, outcome) {
@@ -180,16 +180,22 @@ impl Node {
     }
 
     /// Sends records to each peer in parallel; returns how many acknowledged them.
-    pub(crate) async fn replicate(&self, peers: &[&String], records: Vec<(String, Record)>) -> usize {
-        let request = Arc::new(PeerRequest::Replicate { records });
+    /// Sends this node's new write (stamped `ts`) to each peer in parallel, telling each how far it
+    /// is now known to be complete; returns how many stored it.
+    pub(crate) async fn replicate(&self, peers: &[&String], ts: u64, records: Vec<(String, Record)>) -> usize {
+        let records = Arc::new(records);
         let calls = peers.iter().map(|&peer| {
-            let request = request.clone();
+            let records = records.clone();
             async move {
+                self.freshness.sending(peer, ts);
                 if self.health.is_down(peer) {
                     self.metrics.replication.skipped.inc();
+                    self.freshness.sent(peer, ts, false);
                     return false;
                 }
-                match self.peers.call(peer, &request, self.settings.replicate_timeout).await {
+                let floor = self.freshness.floor_for(peer, &self.hlc);
+                let request = PeerRequest::Replicate { records: records.as_ref().clone(), from: self.id().to_owned(), floor };
+                let ok = match self.peers.call(peer, &request, self.settings.replicate_timeout).await {
                     Ok(_) => {
                         self.metrics.replication.ok.inc();
                         true
@@ -200,7 +206,9 @@ impl Node {
                         self.health.mark_down(peer);
                         false
                     }
-                }
+                };
+                self.freshness.sent(peer, ts, ok);
+                ok
             }
         });
         join_all(calls).await.into_iter().filter(|&ok| ok).count()

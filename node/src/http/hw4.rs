@@ -55,17 +55,20 @@ impl<S: Send + Sync> FromRequest<S> for Params {
         let body = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::new(e.status(), format!("could not read the request body: {}", e.body_text())))?;
-        let mut params: HashMap<String, String> = HashMap::new();
-        for (source, text) in [("query string", query.as_bytes()), ("body", &body[..])] {
-            let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(text).map_err(|e| {
-                ApiError::bad_request(format!(
-                    "the {source} is not valid application/x-www-form-urlencoded data ({e}); send fields like val=...&causal_payload=..."
-                ))
-            })?;
-            params.extend(pairs);
-        }
-        Ok(Params(params))
+        parse_params(query.as_bytes(), &body).map(Params).map_err(ApiError::bad_request)
     }
+}
+
+/// Form fields from a query string and a form body (body wins on conflict). Pure; fuzzed.
+pub fn parse_params(query: &[u8], body: &[u8]) -> Result<HashMap<String, String>, String> {
+    let mut params: HashMap<String, String> = HashMap::new();
+    for (source, text) in [("query string", query), ("body", body)] {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(text).map_err(|e| {
+            format!("the {source} is not valid application/x-www-form-urlencoded data ({e}); send fields like val=...&causal_payload=...")
+        })?;
+        params.extend(pairs);
+    }
+    Ok(params)
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {

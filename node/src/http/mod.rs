@@ -15,6 +15,7 @@ mod native;
 mod ops;
 
 pub use error::ApiError;
+pub use hw4::parse_params;
 
 use crate::metrics::{RequestLabels, RouteLabels};
 use crate::node::Node;

@@ -13,6 +13,11 @@ mod memory;
 mod redb_store;
 mod wal;
 
+/// Opens a write-ahead log file and returns how many intact records it holds (for fuzzing).
+pub fn replay_wal_for_fuzzing(path: &std::path::Path) -> std::io::Result<usize> {
+    wal::Wal::open(path).map(|(_, records)| records.len())
+}
+
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
