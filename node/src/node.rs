@@ -101,6 +101,8 @@ pub struct Node {
     pub(crate) freshness: Freshness,
     /// HLC time when the current view was installed (see `freshness`).
     view_installed_at: std::sync::atomic::AtomicU64,
+    /// This node itself, for background tasks it spawns.
+    me: std::sync::Weak<Node>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) peers: Arc<dyn Peers>,
     pub(crate) health: PeerHealth,
@@ -129,7 +131,8 @@ impl Node {
                 "starting with view"
             );
         }
-        Arc::new(Node {
+        Arc::new_cyclic(|me| Node {
+            me: me.clone(),
             settings,
             view: RwLock::new(view.map(Arc::new)),
             pending: RwLock::new(pending.map(Arc::new)),
@@ -173,6 +176,11 @@ impl Node {
         self.view().ok_or(KvError::NoView)
     }
 
+    /// A handle to this node for tasks that outlive the current request.
+    pub(crate) fn self_handle(&self) -> std::sync::Weak<Node> {
+        self.me.clone()
+    }
+
     /// HLC time when the current view was installed (startup for a restarted node).
     pub(crate) fn view_installed_at(&self) -> u64 {
         self.view_installed_at.load(std::sync::atomic::Ordering::Acquire)
@@ -199,6 +207,7 @@ impl Node {
         *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = view;
         if changed {
             self.view_installed_at.store(self.hlc.peek(), std::sync::atomic::Ordering::Release);
+            self.freshness.forget_peers();
         }
         *self.pending.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
         Ok(())
@@ -229,13 +238,16 @@ impl Node {
                 Err(e @ (KvError::NoView | KvError::CausalUnavailable { .. })) => refused(503, &e),
                 Err(e) => refused(500, &e),
             },
-            PeerRequest::Replicate { records, from, floor } => match self.apply_replicated(records).await {
-                Ok(()) => {
-                    self.freshness.synced(&from, floor);
-                    PeerResponse::Replicated
+            PeerRequest::Replicate { records, from, cap, pending } => {
+                let theirs: Vec<u64> = records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
+                match self.apply_replicated(records).await {
+                    Ok(()) => {
+                        self.freshness.received(&from, &theirs, &crate::freshness::Announcement { cap, pending });
+                        PeerResponse::Replicated
+                    }
+                    Err(e) => refused(500, &e),
                 }
-                Err(e) => refused(500, &e),
-            },
+            }
             PeerRequest::Fetch { key } => match self.store.get(&key) {
                 Ok(r) => PeerResponse::Fetched(r),
                 Err(e) => refused(500, &e),

@@ -32,9 +32,10 @@ pub enum KvOp {
 pub enum PeerRequest {
     /// "You own this key: coordinate this operation." Never forwarded again by the receiver.
     Coordinate { key: String, op: KvOp, context: VectorClock, view_epoch: u64 },
-    /// Store these records newest-wins and answer once they are durable. `floor`: once stored,
-    /// the receiver holds every write `from` coordinated with a timestamp up to it.
-    Replicate { records: Vec<(String, Record)>, from: String, floor: u64 },
+    /// Store these records newest-wins and answer once they are durable. Once stored, the receiver
+    /// holds every write `from` coordinated up to `cap`, except those in `pending` not yet arrived
+    /// (see `freshness`).
+    Replicate { records: Vec<(String, Record)>, from: String, cap: u64, pending: Vec<u64> },
     /// Send me your record of `key` (for causal reads).
     Fetch { key: String },
     /// Anti-entropy, step 1: here is the hash of my digests over `partition`'s slots under `view_epoch`.

@@ -13,7 +13,7 @@
 //!   version (repairing itself on the way).
 
 use crate::causal::{VectorClock, Version, wall_micros};
-use crate::freshness::{FORMER_REPLICA_MARGIN_MICROS, may_lack};
+use crate::freshness::{FORMER_REPLICA_MARGIN_MICROS, Knowledge, Verdict, judge};
 use crate::node::{KvError, Node};
 use crate::peers::{Coordinated, KvOp, PeerError, PeerRequest, PeerResponse};
 use crate::placement::PartitionId;
@@ -144,8 +144,15 @@ impl Node {
         let current = self.store.get(key)?;
         let was_live = current.as_ref().is_some_and(|r| !r.is_deleted());
         let depends_on = context.max_entry().max(current.as_ref().map_or(0, |r| r.version.ts));
-        let in_flight = self.freshness.begin_write(&self.hlc, wall_micros(), depends_on);
+        // During a view change the write also goes to the key's owners under the pending view
+        // (dual-write), so nothing written while data moves is left behind.
+        let pending = self.pending();
+        let new_owners = pending.as_ref().map(|p| p.owners_of_key(key)).unwrap_or_default();
+        let owners = view.members(partition);
+        let others: Vec<_> = owners.iter().chain(new_owners.iter().filter(|n| !owners.contains(n))).filter(|m| *m != self.id()).collect();
+        let in_flight = self.freshness.begin_write(&self.hlc, wall_micros(), depends_on, &others);
         let ts = in_flight.ts;
+        let _sends = self.freshness.send_guard(ts, &others);
         let mut clock = context;
         if let Some(c) = &current {
             clock.merge(&c.clock);
@@ -155,12 +162,6 @@ impl Node {
         let is_delete = record.is_deleted();
         let batch = vec![(key.to_owned(), record.clone())];
 
-        // During a view change the write also goes to the key's owners under the pending view
-        // (dual-write), so nothing written while data moves is left behind.
-        let pending = self.pending();
-        let new_owners = pending.as_ref().map(|p| p.owners_of_key(key)).unwrap_or_default();
-        let owners = view.members(partition);
-        let others: Vec<_> = owners.iter().chain(new_owners.iter().filter(|n| !owners.contains(n))).filter(|m| *m != self.id()).collect();
         let local_batch = batch.clone();
         let (local, _) = tokio::join!(
             async {
@@ -180,21 +181,26 @@ impl Node {
     }
 
     /// Sends records to each peer in parallel; returns how many acknowledged them.
-    /// Sends this node's new write (stamped `ts`) to each peer in parallel, telling each how far it
-    /// is now known to be complete; returns how many stored it.
+    /// Sends this node's new write (stamped `ts`, already registered as being sent to each of
+    /// `peers`) to each peer in parallel, telling each how far it is now known to be complete;
+    /// returns how many stored it.
     pub(crate) async fn replicate(&self, peers: &[&String], ts: u64, records: Vec<(String, Record)>) -> usize {
         let records = Arc::new(records);
         let calls = peers.iter().map(|&peer| {
             let records = records.clone();
             async move {
-                self.freshness.sending(peer, ts);
                 if self.health.is_down(peer) {
                     self.metrics.replication.skipped.inc();
                     self.freshness.sent(peer, ts, false);
                     return false;
                 }
-                let floor = self.freshness.floor_for(peer, &self.hlc);
-                let request = PeerRequest::Replicate { records: records.as_ref().clone(), from: self.id().to_owned(), floor };
+                let announced = self.freshness.announcement_for(peer, &self.hlc);
+                let request = PeerRequest::Replicate {
+                    records: records.as_ref().clone(),
+                    from: self.id().to_owned(),
+                    cap: announced.cap,
+                    pending: announced.pending,
+                };
                 let ok = match self.peers.call(peer, &request, self.settings.replicate_timeout).await {
                     Ok(_) => {
                         self.metrics.replication.ok.inc();
@@ -217,8 +223,15 @@ impl Node {
     async fn coordinate_read(&self, view: &View, partition: PartitionId, key: &str, context: &VectorClock) -> Result<Coordinated, KvError> {
         let local = self.store.get(key)?;
         let members = view.members(partition);
-        if !self.may_lack(local.as_ref(), context, members) {
-            return Ok(Coordinated { partition, record: local, changed_liveness: false });
+        match self.judge(view, local.as_ref(), context, members) {
+            Verdict::Fresh => return Ok(Coordinated { partition, record: local, changed_liveness: false }),
+            Verdict::Behind => {
+                // This node missed a view change: refuse (the forwarder tries another node) and
+                // catch up in the background.
+                self.refresh_view_soon();
+                return Err(KvError::CausalUnavailable { partition });
+            }
+            Verdict::Fetch => {}
         }
         self.metrics.causal_fetches.inc();
         let request = PeerRequest::Fetch { key: key.to_owned() };
@@ -255,18 +268,33 @@ impl Node {
         // With every replica heard, the newest version is the answer. With some unreachable and the
         // context still pointing past what we have, answering would break causality: refuse, so
         // the forwarder tries another replica (or the client retries).
-        if !all_answered && self.may_lack(newest.as_ref(), context, members) {
+        if !all_answered && self.judge(view, newest.as_ref(), context, members) != Verdict::Fresh {
             return Err(KvError::CausalUnavailable { partition });
         }
         Ok(Coordinated { partition, record: newest, changed_liveness: false })
     }
 
-    /// [`crate::freshness::may_lack`] with what this node knows.
-    fn may_lack(&self, local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> bool {
+    /// [`crate::freshness::judge`] with what this node knows.
+    fn judge(&self, view: &View, local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> Verdict {
         let covered = |node: &str| if node == self.id() { self.freshness.stable(&self.hlc) } else { self.freshness.synced_from(node) };
-        let former_until =
-            if self.pending().is_some() { u64::MAX } else { self.view_installed_at().saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
-        may_lack(local, context, replicas, covered, former_until)
+        let known = |node: &str| view.contains(node) || self.pending().is_some_and(|p| p.contains(node));
+        let installed_at = self.view_installed_at();
+        let former_until = if self.pending().is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
+        judge(local, context, &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until })
+    }
+
+    /// Asks every peer for its view in the background (a newer one is adopted).
+    fn refresh_view_soon(&self) {
+        let Some(view) = self.view() else { return };
+        let peers: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id()).collect();
+        let me = self.self_handle();
+        tokio::spawn(async move {
+            if let Some(node) = me.upgrade() {
+                for peer in peers {
+                    node.refresh_view_from(&peer).await;
+                }
+            }
+        });
     }
 
     fn repair_in_background(&self, key: &str, record: Record) {

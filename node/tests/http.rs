@@ -197,7 +197,9 @@ async fn internal_rpc_rejects_garbage_and_missing_tokens() {
         clock: Default::default(),
         value: Some("evil".into()),
     };
-    let msg = postcard::to_stdvec(&PeerRequest::Replicate { records: vec![("k".into(), record)], from: "x".into(), floor: 0 }).unwrap();
+    let msg =
+        postcard::to_stdvec(&PeerRequest::Replicate { records: vec![("k".into(), record)], from: "x".into(), cap: 0, pending: vec![] })
+            .unwrap();
     let rpc = |token: Option<&str>, body: Vec<u8>| {
         let mut r = Request::post("/internal/v1/rpc");
         if let Some(t) = token {

@@ -49,12 +49,15 @@ pub struct Summary {
     pub convergence_ms: Option<f64>,
     /// Per fault kind active at the time: (ops sent to nodes not under fault, successful, p99 ms).
     pub availability: BTreeMap<String, (usize, usize, f64)>,
+    /// Most common reasons operations on healthy nodes failed, with counts.
+    pub failure_reasons: Vec<(String, usize)>,
     pub violations: Vec<String>,
 }
 
 struct Recorded {
     op: Op,
-    node: usize,
+    /// Why it failed (status and the start of the message), for the summary.
+    error: Option<String>,
 }
 
 /// Shared between clients and nemesis: which node is under which fault right now.
@@ -104,6 +107,7 @@ async fn client_loop(
             Kind::Get => http.get(&url),
         };
         let result = req.header(kvs_api::HEADER_CAUSAL_CONTEXT, &context).send().await;
+        let mut error = None;
         let outcome = match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
@@ -116,16 +120,23 @@ async fn client_loop(
                     (Kind::Get, 200, Some(b)) => Outcome::Ok(Some(String::from_utf8_lossy(&b).into_owned())),
                     (Kind::Get, 404, Some(_)) => Outcome::Ok(None),
                     (Kind::Put(_) | Kind::Delete, 200 | 201, Some(_)) => Outcome::Ok(None),
-                    _ => Outcome::Unknown,
+                    (_, status, body) => {
+                        let msg = body.map(|b| String::from_utf8_lossy(&b).chars().take(70).collect::<String>()).unwrap_or_default();
+                        error = Some(format!("{status} {msg}"));
+                        Outcome::Unknown
+                    }
                 }
             }
-            Err(_) => Outcome::Unknown,
+            Err(e) => {
+                error = Some(if e.is_timeout() { "client timeout".into() } else { "connection failed".into() });
+                Outcome::Unknown
+            }
         };
         let complete = micros(start);
         let under_fault = fault.filter(|(_, n)| *n == node).map(|(k, _)| k);
         let active = fault.map(|(k, _)| k);
         let op = Op { client: id, key, kind, invoke, complete, outcome };
-        out.push((Recorded { op, node }, if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) }));
+        out.push((Recorded { op, error }, if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) }));
         if matches!(out.last().map(|(r, _)| &r.op.outcome), Some(Outcome::Unknown)) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -257,7 +268,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     let lost = check_final(&history, &finals);
     let causal = check_causal(&history);
     let mut availability: BTreeMap<String, (usize, usize, Vec<u64>)> = BTreeMap::new();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for (r, healthy_target) in &recorded {
+        if let (Some(kind), Some(e)) = (healthy_target, &r.error) {
+            *reasons.entry(format!("{kind:?}: {e}")).or_default() += 1;
+        }
         if let Some(kind) = healthy_target {
             let e = availability.entry(format!("{kind:?}")).or_default();
             e.0 += 1;
@@ -266,7 +281,6 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             }
             e.2.push(r.op.complete - r.op.invoke);
         }
-        let _ = r.node;
     }
     let availability = availability
         .into_iter()
@@ -289,6 +303,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
         causal_violations: causal.len(),
         convergence_ms,
         availability,
+        failure_reasons: {
+            let mut v: Vec<(String, usize)> = reasons.into_iter().collect();
+            v.sort_by_key(|r| std::cmp::Reverse(r.1));
+            v.truncate(8);
+            v
+        },
         violations: lost.iter().chain(&causal).take(20).map(describe).collect(),
     })
 }
@@ -332,6 +352,12 @@ impl Summary {
         out.push_str("\n| fault active | ops to healthy nodes | succeeded | p99 latency |\n|---|---:|---:|---:|\n");
         for (k, (n, ok, p99)) in &self.availability {
             out.push_str(&format!("| {k} | {n} | {:.2} % | {p99:.1} ms |\n", *ok as f64 * 100.0 / (*n).max(1) as f64));
+        }
+        if !self.failure_reasons.is_empty() {
+            out.push_str("\nmost common failures on healthy nodes:\n");
+            for (reason, n) in &self.failure_reasons {
+                out.push_str(&format!("- {n} × {reason}\n"));
+            }
         }
         if !self.violations.is_empty() {
             out.push_str("\nviolations:\n");

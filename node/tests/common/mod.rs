@@ -67,8 +67,18 @@ impl NodeProc {
         }
     }
 
+    /// SIGSTOP, returning once every thread of the process is stopped (signals are asynchronous).
     pub fn pause(&self) {
         self.signal("STOP");
+        let stat = format!("/proc/{}/stat", self.pid());
+        for _ in 0..200 {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            if state.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("{} did not stop", self.addr);
     }
 
     pub fn resume(&self) {
