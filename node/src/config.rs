@@ -62,6 +62,15 @@ pub struct Args {
     #[arg(long, env = "KVS_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<PathBuf>,
 
+    /// Open connections served at once; more are answered 503 and closed.
+    #[arg(long, env = "KVS_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Time a client may take to send a request's headers, in milliseconds (slow clients are cut
+    /// off so they cannot hold connections forever).
+    #[arg(long, env = "KVS_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+
     /// Threads serving requests. Default: one per CPU. Set it to the node's share of the CPUs when
     /// several nodes share a machine (1 runs everything on a single thread).
     #[arg(long, env = "KVS_WORKER_THREADS")]
@@ -124,6 +133,14 @@ impl Args {
             members.push(entry.to_owned());
         }
         Ok(Some(View::initial(&members, self.k)))
+    }
+
+    /// Connection limits from the flags.
+    pub fn connection_limits(&self) -> crate::ConnectionLimits {
+        crate::ConnectionLimits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: Duration::from_millis(self.header_timeout_ms.max(1)),
+        }
     }
 
     /// Node settings from the flags.

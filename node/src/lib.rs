@@ -28,23 +28,91 @@ pub mod view_store;
 use node::Node;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// Limits that keep a node responsive to everyone when some clients misbehave.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Open connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client may take to send a request's headers (slowloris).
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { max_connections: 4096, header_timeout: Duration::from_secs(10) }
+    }
+}
 
 /// Serves `node` on `listener` and runs its background work until `shutdown` completes; then stops
 /// accepting, finishes in-flight requests and returns.
 pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    run_with_limits(listener, node, ConnectionLimits::default(), shutdown).await
+}
+
+/// [`run`] with explicit connection limits.
+pub async fn run_with_limits(
+    listener: TcpListener,
+    node: Arc<Node>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+    let background = tokio::spawn(anti_entropy::run(node.clone(), async move {
+        let mut rx = stop_rx;
         let _ = rx.wait_for(|&s| s).await;
-    };
-    let background = tokio::spawn(anti_entropy::run(node.clone(), stopped(stop_rx.clone())));
+    }));
     let app = http::router(node);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        let _ = stop_tx.send(true);
-    });
-    let result = server.await;
+    // Each connection holds a permit; a full server answers 503 instead of queueing forever.
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    graceful.shutdown().await;
     let _ = background.await;
-    result
+    Ok(())
+}
+
+/// Answers a connection over the limit with a 503 that says why, then closes it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"result":"error","msg":"too many open connections to this node; retry later or use another node"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
 }

@@ -43,7 +43,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
-    kvs_node::run(listener, node, shutdown_signal()).await.context("serving HTTP")?;
+    kvs_node::run_with_limits(listener, node, args.connection_limits(), shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -310,3 +310,55 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
     }
     panic!("B never served the write after A came back: {last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t97_slow_and_greedy_clients_do_not_starve_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(97, 1, 1, &[("KVS_MAX_CONNECTIONS", "50"), ("KVS_HEADER_TIMEOUT_MS", "500")]).await;
+    let node = c.addrs()[0].clone();
+    // Slowloris: 40 connections that never finish their headers.
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(&node).await.unwrap();
+        s.write_all(b"GET /v1/kv/x HTTP/1.1\r\nHost: k\r\nX-Slow: ").await.unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    let (status, _) = put(&c.http, &node, "k", "v", "").await;
+    assert_eq!(status, 201, "others are served while slow clients hang");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The slow ones are cut off once the header timeout passes.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for s in &mut slow {
+        let mut buf = [0u8; 256];
+        let n =
+            tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("the server closes slow connections").unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "closed or 408, got {text:?}");
+    }
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Greedy: more idle connections than the limit; the extra ones are told why.
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(tokio::net::TcpStream::connect(&node).await.unwrap());
+    }
+    let mut refused = 0;
+    for s in &mut idle {
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await
+            && n > 0
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("HTTP/1.1 503") {
+                assert!(text.contains("too many open connections"), "{text}");
+                refused += 1;
+            }
+        }
+    }
+    assert!((15..=25).contains(&refused), "about 20 of 70 refused with a limit of 50, got {refused}");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get(&c.http, &node, "k", "").await;
+    assert_eq!((status, body["value"].as_str()), (200, Some("v")), "the node recovers once they leave");
+}

@@ -28,6 +28,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Longest a client may take to send a request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Room for form encoding and metadata on top of the largest value.
 const BODY_OVERHEAD: usize = 64 * 1024;
 
@@ -44,6 +47,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // A client trickling its body ties up a connection, not the node: cut it off.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(axum::middleware::from_fn_with_state(node.clone(), track))
         .with_state(node)
 }
