@@ -24,30 +24,26 @@ use std::sync::Arc;
 
 impl Node {
     /// Routes a client operation: coordinate it here if this node replicates the key, else forward.
+    /// If an owner turns out to be on a newer view, learn it and route once more under it.
     pub(crate) async fn route(&self, key: &str, op: KvOp, context: VectorClock) -> Result<Coordinated, KvError> {
         // Writes register with the fence before reading the view, so a view change can wait for
         // every write that did not see its pending view.
         let _fence = (!matches!(op, KvOp::Get)).then(|| self.fence.enter());
-        let view = self.require_view()?;
-        let partition = view.partition_of_key(key);
-        if view.members(partition).iter().any(|m| m == self.id()) {
-            return self.coordinate_in(&view, partition, key, op, context).await;
-        }
-        match self.forward(&view, partition, key, op.clone(), context.clone()).await {
-            Err(KvError::StaleView { peer }) => {
-                // An owner is on a newer view: learn it, then route once more under it.
-                self.refresh_view_from(&peer).await;
-                let view = self.require_view()?;
-                let partition = view.partition_of_key(key);
-                if view.members(partition).iter().any(|m| m == self.id()) {
-                    return self.coordinate_in(&view, partition, key, op, context).await;
-                }
-                match self.forward(&view, partition, key, op, context).await {
-                    Err(KvError::StaleView { .. }) => Err(KvError::Unavailable { partition }),
-                    other => other,
-                }
+        let mut refreshed = false;
+        loop {
+            let view = self.require_view()?;
+            let partition = view.partition_of_key(key);
+            if view.members(partition).iter().any(|m| m == self.id()) {
+                return self.coordinate_in(&view, partition, key, op, context).await;
             }
-            other => other,
+            match self.forward(&view, partition, key, op.clone(), context.clone()).await {
+                Err(KvError::StaleView { peer }) if !refreshed => {
+                    self.refresh_view_from(&peer).await;
+                    refreshed = true;
+                }
+                Err(KvError::StaleView { .. }) => return Err(KvError::Unavailable { partition }),
+                other => return other,
+            }
         }
     }
 
