@@ -1,0 +1,4 @@
+//! kvs-operator: the `KVStoreCluster` custom resource and the pure parts of its controller.
+
+pub mod controller;
+pub mod crd;
