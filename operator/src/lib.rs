@@ -2,3 +2,5 @@
 
 pub mod controller;
 pub mod crd;
+pub mod driver;
+pub mod local;
