@@ -84,9 +84,12 @@ async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
     let mut last_line = String::new();
     let mut change: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    // Created once, before any work: a signal that arrives while a step runs is kept, not lost.
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
             _ = ticker.tick() => {}
         }
         if modified(&a.file) != seen_mtime {
@@ -144,6 +147,16 @@ async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
     println!("stopping the nodes (data kept in {})", data_dir.display());
     backend.stop_all();
     Ok(())
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }
 
 #[tokio::main]

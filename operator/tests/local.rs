@@ -1,0 +1,130 @@
+//! `kvs-operator local` end to end: real node processes on loopback, driven by edits of the
+//! KVStoreCluster file — scale out, change K, scale in, stop, resume — with every key checked.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BASE: &str = "127.0.41.";
+
+fn node_bin() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("debug").join("kvs-node");
+    if !bin.exists() {
+        assert!(Command::new(env!("CARGO")).args(["build", "-p", "kvs-node"]).current_dir(&root).status().unwrap().success());
+    }
+    bin
+}
+
+fn write_spec(path: &Path, replicas: u32, k: u32) {
+    let yaml = format!(
+        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: t\nspec:\n  replicas: {replicas}\n  replicationFactor: {k}\n"
+    );
+    std::fs::write(path, yaml).unwrap();
+    // The watcher compares modification times; make sure this edit gets a new one.
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+fn start(spec: &Path, data: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kvs-operator"))
+        .args(["local", "-f"])
+        .arg(spec)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--address-base", BASE])
+        .env("KVS_NODE_BIN", node_bin())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn addr(ordinal: u32) -> String {
+    format!("{BASE}{}:8080", ordinal + 1)
+}
+
+/// Waits until node 0 reports a committed view with `members` nodes at `k` and no change pending.
+async fn wait_for_view(http: &reqwest::Client, members: usize, k: u32) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("http://{}/v1/admin/status", addr(0))).send().await
+            && let Ok(s) = r.json::<serde_json::Value>().await
+        {
+            let layout = &s["layout"];
+            let n = layout["partitions"].as_array().map_or(0, |p| p.iter().map(|m| m.as_array().unwrap().len()).sum::<usize>())
+                + layout["proxies"].as_array().map_or(0, Vec::len);
+            if n == members && layout["replication_factor"] == k && s["pending_epoch"].is_null() {
+                return s;
+            }
+            last = s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no view of {members} nodes at K={k} within 60 s; last status {last}");
+}
+
+async fn assert_keys(http: &reqwest::Client, nodes: u32, n: usize) {
+    for o in 0..nodes {
+        for i in 0..n {
+            let r = http.get(format!("http://{}/v1/kv/k{i}", addr(o))).send().await.unwrap();
+            assert_eq!(r.status(), 200, "k{i} via {}", addr(o));
+            assert_eq!(r.text().await.unwrap(), format!("v{i}"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_scales_changes_k_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("cluster.yaml");
+    let data = dir.path().join("data");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    write_spec(&spec, 4, 2);
+    let mut op = start(&spec, &data);
+    wait_for_view(&http, 4, 2).await;
+    for i in 0..100 {
+        let r = http.put(format!("http://{}/v1/kv/k{i}", addr(i % 4))).body(format!("v{i}")).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+    write_spec(&spec, 6, 2);
+    let st = wait_for_view(&http, 6, 2).await;
+    assert_eq!(st["layout"]["partitions"].as_array().unwrap().len(), 3);
+    assert_keys(&http, 6, 100).await;
+    write_spec(&spec, 6, 3);
+    let st = wait_for_view(&http, 6, 3).await;
+    assert_eq!(st["layout"]["partitions"].as_array().unwrap().len(), 2);
+    assert_keys(&http, 6, 100).await;
+    write_spec(&spec, 2, 2);
+    wait_for_view(&http, 2, 2).await;
+    // The leaving pods are stopped once their data has moved.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(format!("http://{}/healthz", addr(5))).send().await.is_ok() {
+        assert!(Instant::now() < deadline, "pod 5 still running after scale-in");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_keys(&http, 2, 100).await;
+    // Ctrl-C stops everything cleanly; running again resumes with the data.
+    interrupt(&mut op).await;
+    assert!(http.get(format!("http://{}/healthz", addr(0))).send().await.is_err(), "nodes stopped with the operator");
+    let mut op = start(&spec, &data);
+    wait_for_view(&http, 2, 2).await;
+    assert_keys(&http, 2, 100).await;
+    interrupt(&mut op).await;
+}
+
+/// Ctrl-C, then wait (20 s at most) for the operator to stop its nodes and exit successfully.
+async fn interrupt(op: &mut Child) {
+    Command::new("kill").arg("-INT").arg(op.id().to_string()).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = op.try_wait().unwrap() {
+            assert!(status.success(), "operator exited with {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "operator did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
