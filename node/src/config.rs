@@ -17,8 +17,8 @@ pub struct Args {
     #[arg(long, env = "IPPORT")]
     pub ipport: String,
 
-    /// Comma-separated `ip:port` of the initial members. Omit it on a node that will be added to a
-    /// running cluster later (it waits for `update_view`).
+    /// Comma-separated `ip:port` of the initial members. Omit it (or leave this node out of it) on a
+    /// node that will be added to a running cluster later: it waits for `update_view`.
     #[arg(long, env = "VIEW")]
     pub view: Option<String>,
 
@@ -132,6 +132,11 @@ impl Args {
             port_of(entry).ok_or_else(|| ConfigError::BadViewEntry(entry.to_owned()))?;
             members.push(entry.to_owned());
         }
+        if !members.contains(&self.ipport) {
+            // Started with the cluster's initial VIEW but not part of it (e.g. a pod added by
+            // scaling out a StatefulSet whose template carries VIEW): wait to be added.
+            return Ok(None);
+        }
         Ok(Some(View::initial(&members, self.k)))
     }
 
@@ -177,6 +182,10 @@ mod tests {
         let view = a.initial_view().unwrap().unwrap();
         assert_eq!(view.members(0), ["10.0.0.3:8080", "10.0.0.4:8080"]);
         assert!(args(&["--ipport", "10.0.0.3:8080"]).initial_view().unwrap().is_none());
+        assert!(
+            args(&["--ipport", "10.0.0.9:8080", "--view", "10.0.0.3:8080,10.0.0.4:8080"]).initial_view().unwrap().is_none(),
+            "not in VIEW: waits to be added"
+        );
     }
 
     #[test]

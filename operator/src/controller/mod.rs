@@ -3,5 +3,6 @@
 //! next rebalancing step from what was observed. (The kube-rs controller that applies them is the
 //! next piece of work.)
 
+pub mod build;
 pub mod plan;
 pub mod validate;

@@ -1,0 +1,254 @@
+//! The children of a `KVStoreCluster`, built as plain objects (pure: no client): the StatefulSet of
+//! node pods, the headless Service that gives them stable names, the client Service and the
+//! PodDisruptionBudget. "Where is the StatefulSet built?" has one answer: here.
+//!
+//! Node identity: pod `<cluster>-<ordinal>` serves as
+//! `<cluster>-<ordinal>.<cluster>-nodes.<namespace>.svc.cluster.local:8080` (the headless
+//! Service's stable DNS name), so a restarted pod keeps its identity and its volume. A pod that is
+//! not in `VIEW` (one added by scaling out) starts without a view and waits to be added.
+
+use super::validate::Validated;
+use crate::crd::KVStoreCluster;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use std::collections::BTreeMap;
+
+/// The port every node serves on.
+pub const PORT: i32 = 8080;
+
+/// Labels on every child; the selector uses the first two.
+pub fn labels(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "kvstore".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), cluster.to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), "kvs-operator".to_owned()),
+    ])
+}
+
+/// The selector of a cluster's node pods, as a label-selector string (status.selector).
+pub fn selector_string(cluster: &str) -> String {
+    format!("app.kubernetes.io/instance={cluster},app.kubernetes.io/name=kvstore")
+}
+
+fn selector_labels(cluster: &str) -> BTreeMap<String, String> {
+    labels(cluster).into_iter().filter(|(k, _)| k != "app.kubernetes.io/managed-by").collect()
+}
+
+fn name_of(c: &KVStoreCluster) -> String {
+    c.metadata.name.clone().unwrap_or_default()
+}
+
+fn namespace_of(c: &KVStoreCluster) -> String {
+    c.metadata.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+/// Name of the headless Service (stable pod names).
+pub fn headless_name(cluster: &str) -> String {
+    format!("{cluster}-nodes")
+}
+
+/// The node identity of pod `ordinal`.
+pub fn identity(cluster: &str, namespace: &str, ordinal: u32) -> String {
+    format!("{cluster}-{ordinal}.{}.{namespace}.svc.cluster.local:{PORT}", headless_name(cluster))
+}
+
+fn meta(c: &KVStoreCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace_of(c)),
+        labels: Some(labels(&name_of(c))),
+        owner_references: c.controller_owner_ref(&()).map(|r: OwnerReference| vec![r]),
+        ..Default::default()
+    }
+}
+
+fn port() -> ServicePort {
+    ServicePort { name: Some("http".into()), port: PORT, target_port: Some(IntOrString::Int(PORT)), ..Default::default() }
+}
+
+/// Headless Service: gives every pod a stable DNS name, ready or not (nodes must reach a pod that
+/// is joining before it is a member).
+pub fn headless_service(c: &KVStoreCluster) -> Service {
+    Service {
+        metadata: meta(c, headless_name(&name_of(c))),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&name_of(c))),
+            ports: Some(vec![port()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Client Service: any node answers any request.
+pub fn client_service(c: &KVStoreCluster) -> Service {
+    Service {
+        metadata: meta(c, name_of(c)),
+        spec: Some(ServiceSpec { selector: Some(selector_labels(&name_of(c))), ports: Some(vec![port()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// At most one node pod voluntarily disrupted at a time.
+pub fn disruption_budget(c: &KVStoreCluster) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(c, name_of(c)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&name_of(c))), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+fn probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(PORT), ..Default::default() }),
+        period_seconds: Some(5),
+        ..Default::default()
+    }
+}
+
+/// The StatefulSet of node pods with `replicas` pods; `initial_view` is the first view (the pods
+/// listed in it start as members; later ones wait to be added).
+pub fn stateful_set(c: &KVStoreCluster, spec: &Validated, replicas: u32, initial_view: &[String]) -> StatefulSet {
+    let name = name_of(c);
+    let ns = namespace_of(c);
+    let mut env_vars = vec![
+        EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        env("IPPORT", format!("$(POD_NAME).{}.{ns}.svc.cluster.local:{PORT}", headless_name(&name))),
+        env("LISTEN", format!("0.0.0.0:{PORT}")),
+        env("K", spec.replication_factor.to_string()),
+        env("VIEW", initial_view.join(",")),
+        env("KVS_DATA_DIR", "/data"),
+    ];
+    if let Some(max) = c.spec.max_value_bytes {
+        env_vars.push(env("KVS_MAX_VALUE_BYTES", max.to_string()));
+    }
+    let container = Container {
+        name: "kvs-node".into(),
+        image: Some(c.spec.image.clone()),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() }]),
+        env: Some(env_vars),
+        // Ready = serving HTTP: a pod that is joining has no view yet and must still be reachable.
+        readiness_probe: Some(probe("/healthz")),
+        liveness_probe: Some(probe("/healthz")),
+        volume_mounts: Some(vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), ..Default::default() }]),
+        ..Default::default()
+    };
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some("data".into()), ..Default::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: c.spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(c.spec.storage.size.clone()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: meta(c, name.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas as i32),
+            service_name: Some(headless_name(&name)),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(&name)), ..Default::default() }),
+                spec: Some(PodSpec { containers: vec![container], termination_grace_period_seconds: Some(30), ..Default::default() }),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::validate::validate;
+    use crate::crd::{KVStoreClusterSpec, StorageSpec};
+
+    fn cluster() -> KVStoreCluster {
+        let mut c = KVStoreCluster::new(
+            "demo",
+            KVStoreClusterSpec {
+                replicas: 4,
+                replication_factor: 2,
+                image: "kvs:1".into(),
+                storage: StorageSpec::default(),
+                max_value_bytes: Some(2048),
+            },
+        );
+        c.metadata.namespace = Some("prod".into());
+        c.metadata.uid = Some("uid-1".into());
+        c
+    }
+
+    #[test]
+    fn statefulset_runs_nodes_with_stable_identities_and_volumes() {
+        let c = cluster();
+        let v = validate(&c.spec).unwrap();
+        let view: Vec<String> = (0..4).map(|o| identity("demo", "prod", o)).collect();
+        let sts = stateful_set(&c, &v, 4, &view);
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(4));
+        assert_eq!(spec.service_name.as_deref(), Some("demo-nodes"));
+        let container = &spec.template.spec.as_ref().unwrap().containers[0];
+        let env: BTreeMap<_, _> =
+            container.env.as_ref().unwrap().iter().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect();
+        assert_eq!(env["IPPORT"], "$(POD_NAME).demo-nodes.prod.svc.cluster.local:8080");
+        assert_eq!(env["K"], "2");
+        assert_eq!(env["VIEW"], view.join(","));
+        assert_eq!(env["KVS_MAX_VALUE_BYTES"], "2048");
+        assert_eq!(identity("demo", "prod", 0), "demo-0.demo-nodes.prod.svc.cluster.local:8080");
+        assert_eq!(container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+        let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "1Gi");
+        // Selector matches the pod labels; every child is owned by the cluster.
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("KVStoreCluster", "uid-1", Some(true)));
+    }
+
+    #[test]
+    fn services_and_budget_select_the_node_pods() {
+        let c = cluster();
+        let headless = headless_service(&c);
+        let hs = headless.spec.as_ref().unwrap();
+        assert_eq!((hs.cluster_ip.as_deref(), hs.publish_not_ready_addresses), (Some("None"), Some(true)));
+        let client = client_service(&c);
+        assert_eq!(client.spec.as_ref().unwrap().selector, hs.selector);
+        let pdb = disruption_budget(&c);
+        assert_eq!(pdb.spec.as_ref().unwrap().max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(selector_string("demo"), "app.kubernetes.io/instance=demo,app.kubernetes.io/name=kvstore");
+    }
+}
