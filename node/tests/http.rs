@@ -278,3 +278,21 @@ async fn view_change_requests_are_validated() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["changed"], false);
 }
+
+#[tokio::test]
+async fn internal_batches_may_be_larger_than_client_bodies() {
+    let n = node(); // client values are limited to 1000 bytes
+    let big = |i: u32| kvs_node::store::Record {
+        version: kvs_node::causal::Version { ts: 10 + i as u64, writer: "x".into() },
+        clock: Default::default(),
+        value: Some(vec![7u8; 300_000].into()),
+    };
+    let records = (0..10).map(|i| (format!("k{i}"), big(i))).collect();
+    let msg = postcard::to_stdvec(&PeerRequest::Replicate { records, from: "x".into(), cap: 0, pending: vec![] }).unwrap();
+    assert!(msg.len() > 2_000_000);
+    let (s, _, _) = send(&n, Request::post("/internal/v1/rpc").body(Body::from(msg)).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(n.store().digests().stats().live_keys, 10);
+    let (s, _, b) = send(&n, Request::put("/v1/kv/k").body(Body::from(vec![0u8; 100_000])).unwrap()).await;
+    assert_error(s, &serde_json::from_slice(&b).unwrap(), StatusCode::PAYLOAD_TOO_LARGE, "limit");
+}

@@ -31,18 +31,23 @@ use std::time::Instant;
 /// Longest a client may take to send a request body.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Largest node-to-node message (transfer batches are capped at 4 MiB of records plus values up
+/// to the value limit each).
+const INTERNAL_BODY_LIMIT: usize = 256 << 20;
+
 /// Room for form encoding and metadata on top of the largest value.
 const BODY_OVERHEAD: usize = 64 * 1024;
 
 /// The node's whole HTTP application.
 pub fn router(node: Arc<Node>) -> Router {
-    // Form-encoding can triple a value's size (%XX per byte); internal batches carry many records.
-    let body_limit = (node.settings().max_value_bytes * 3 + BODY_OVERHEAD).max(64 << 20);
+    // Form-encoding can triple a value's size (%XX per byte). Internal batches (transfers of many
+    // records) get a limit of their own on the internal routes only.
+    let body_limit = node.settings().max_value_bytes * 3 + BODY_OVERHEAD;
     Router::new()
         .merge(hw4::routes())
         .merge(admin::routes())
         .merge(native::routes())
-        .merge(internal::routes())
+        .merge(internal::routes().layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT)))
         .merge(ops::routes())
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
