@@ -12,7 +12,7 @@
 use crate::node::Node;
 use crate::peers::{PeerRequest, PeerResponse};
 use crate::placement::{PartitionId, Slot};
-use crate::store::{Applied, Record, StoreError};
+use crate::store::{Record, StoreError};
 use crate::view::View;
 use sha1::{Digest, Sha1};
 use std::collections::HashMap;
@@ -86,7 +86,7 @@ impl Node {
             let request = PeerRequest::SyncSlots { view_epoch: view.epoch(), slots: slots.to_vec(), records };
             match self.peers.call(peer, &request, timeout).await? {
                 PeerResponse::Synced { records, repaired: there } => {
-                    repaired += self.apply_counting(records).await?;
+                    repaired += self.apply_replicated(records).await?;
                     self.metrics.anti_entropy_pushed.inc_by(there);
                 }
                 other => return Err(SyncError::Unexpected(format!("{other:?}"))),
@@ -95,22 +95,6 @@ impl Node {
         // Every differing slot now holds the peer's records as of after its stable time.
         self.freshness.synced(peer, stable);
         Ok(repaired)
-    }
-
-    fn scan_slots(&self, slots: &[Slot]) -> Result<Vec<(String, Record)>, StoreError> {
-        let mut out = Vec::new();
-        for &slot in slots {
-            out.extend(self.store.scan_slot(slot)?);
-        }
-        Ok(out)
-    }
-
-    async fn apply_counting(&self, records: Vec<(String, Record)>) -> Result<u64, StoreError> {
-        if let Some(max) = records.iter().map(|(_, r)| r.version.ts).max() {
-            self.hlc.observe(max);
-        }
-        let outcomes = self.store.apply(records).await?;
-        Ok(outcomes.iter().filter(|o| **o != Applied::Stale).count() as u64)
     }
 
     /// Step 1, answering side.
@@ -136,7 +120,7 @@ impl Node {
             return Ok(PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") });
         }
         let theirs: HashMap<String, crate::causal::Version> = records.iter().map(|(k, r)| (k.clone(), r.version.clone())).collect();
-        let repaired = self.apply_counting(records).await?;
+        let repaired = self.apply_replicated(records).await?;
         self.metrics.anti_entropy_repairs.inc_by(repaired);
         let mine = self.scan_slots(&slots)?;
         let newer: Vec<_> = mine.into_iter().filter(|(k, r)| theirs.get(k).is_none_or(|v| r.version > *v)).collect();

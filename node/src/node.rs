@@ -241,7 +241,7 @@ impl Node {
             PeerRequest::Replicate { records, from, cap, pending } => {
                 let theirs: Vec<u64> = records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
                 match self.apply_replicated(records).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         self.freshness.received(&from, &theirs, &crate::freshness::Announcement { cap, pending });
                         PeerResponse::Replicated
                     }
@@ -271,11 +271,22 @@ impl Node {
         }
     }
 
-    /// Stores records sent by another replica and moves the clock past them.
-    pub(crate) async fn apply_replicated(&self, records: Vec<(String, crate::store::Record)>) -> Result<(), StoreError> {
+    /// Stores records sent by another node (newest-wins) and moves the clock past them. Returns
+    /// how many were newer than what this node had.
+    pub(crate) async fn apply_replicated(&self, records: Vec<(String, crate::store::Record)>) -> Result<u64, StoreError> {
         if let Some(max) = records.iter().map(|(_, r)| r.version.ts).max() {
             self.hlc.observe(max);
         }
-        self.store.apply(records).await.map(|_| ())
+        let outcomes = self.store.apply(records).await?;
+        Ok(outcomes.iter().filter(|o| **o != crate::store::Applied::Stale).count() as u64)
+    }
+
+    /// Every record in `slots`.
+    pub(crate) fn scan_slots(&self, slots: &[crate::placement::Slot]) -> Result<Vec<(String, crate::store::Record)>, StoreError> {
+        let mut out = Vec::new();
+        for &slot in slots {
+            out.extend(self.store.scan_slot(slot)?);
+        }
+        Ok(out)
     }
 }

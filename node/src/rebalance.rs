@@ -496,7 +496,7 @@ impl Node {
         for chunk in slots.chunks(DIGEST_CHUNK) {
             let differing = self.differing_slots(peer, chunk).await?;
             for part in differing.chunks(64) {
-                let records = self.scan_many(part)?;
+                let records = self.scan_slots(part).map_err(|e| e.to_string())?;
                 let request = PeerRequest::SyncSlots { view_epoch: view.epoch(), slots: part.to_vec(), records };
                 match self.peers.call(peer, &request, self.settings.replicate_timeout * 40).await.map_err(|e| e.to_string())? {
                     PeerResponse::Synced { records, .. } => {
@@ -518,14 +518,6 @@ impl Node {
         };
         let digests = self.store.digests();
         Ok(chunk.iter().copied().filter(|s| theirs.get(s).copied().unwrap_or(0) != digests.get(*s)).collect())
-    }
-
-    fn scan_many(&self, slots: &[Slot]) -> Result<Vec<(String, Record)>, String> {
-        let mut out = Vec::new();
-        for &s in slots {
-            out.extend(self.store.scan_slot(s).map_err(|e| e.to_string())?);
-        }
-        Ok(out)
     }
 
     pub(crate) async fn answer_commit(&self, epoch: u64) -> PeerResponse {

@@ -273,9 +273,10 @@ impl Node {
     /// [`crate::freshness::judge`] with what this node knows.
     fn judge(&self, view: &View, local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> Verdict {
         let covered = |node: &str| if node == self.id() { self.freshness.stable(&self.hlc) } else { self.freshness.synced_from(node) };
-        let known = |node: &str| view.contains(node) || self.pending().is_some_and(|p| p.contains(node));
+        let pending = self.pending();
+        let known = |node: &str| view.contains(node) || pending.as_ref().is_some_and(|p| p.contains(node));
         let installed_at = self.view_installed_at();
-        let former_until = if self.pending().is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
+        let former_until = if pending.is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
         judge(local, context, &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until })
     }
 
