@@ -105,6 +105,10 @@ impl VectorClock {
     }
 }
 
+/// The context entry holding the newest view epoch the client has been served under. Not a node
+/// (node ids are `host:port`); merging takes the maximum like any entry.
+pub const EPOCH_ENTRY: &str = "#epoch";
+
 /// Longest accepted `causal_payload`: room for ~400 node entries; anything longer is not ours.
 pub const MAX_PAYLOAD_LEN: usize = 16 * 1024;
 const MAX_NODE_ID_LEN: usize = 255;

@@ -20,7 +20,7 @@
 //!
 //! The decision itself is [`may_lack`], a pure function.
 
-use crate::causal::{Hlc, VectorClock};
+use crate::causal::{EPOCH_ENTRY, Hlc, VectorClock};
 use crate::store::Record;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -268,6 +268,8 @@ pub struct Knowledge<'a> {
     pub installed_at: u64,
     /// Entries of non-replicas count up to this: writes made before a view change moved the key.
     pub former_until: u64,
+    /// This node's view epoch: a context from a newer epoch means this node missed a change.
+    pub epoch: u64,
 }
 
 /// Judges a read of a key whose local version is `local` against the client's `context`.
@@ -276,9 +278,12 @@ pub struct Knowledge<'a> {
 /// except its writer's, which equals it; so an entry not above the local version (or equal to it
 /// under the same writer) is already reflected locally.
 pub fn judge(local: Option<&Record>, context: &VectorClock, k: &Knowledge<'_>) -> Verdict {
+    if context.get(EPOCH_ENTRY) > k.epoch {
+        return Verdict::Behind;
+    }
     let (ts, writer) = local.map_or((0, ""), |r| (r.version.ts, r.version.writer.as_str()));
     let mut verdict = Verdict::Fresh;
-    for (node, seen) in context.iter() {
+    for (node, seen) in context.iter().filter(|(n, _)| *n != EPOCH_ENTRY) {
         if seen < ts || (seen == ts && node == writer) {
             continue;
         }
@@ -316,6 +321,7 @@ mod tests {
             covered,
             installed_at,
             former_until,
+            epoch: 3,
         };
         let base = k(nothing, 0, 0);
         let mut ctx = VectorClock::new();
@@ -347,6 +353,15 @@ mod tests {
             "a node we do not know wrote after our view: we missed a change"
         );
         assert_eq!(judge(Some(&rec(11, "b")), &ctx, &k(nothing, 120, 200)), Verdict::Fetch, "it wrote before our view: a removed node");
+        let mut ctx = VectorClock::new();
+        ctx.observe(EPOCH_ENTRY, 3);
+        assert_eq!(judge(None, &ctx, &k(nothing, 0, 0)), Verdict::Fresh, "same epoch: the entry is not a node");
+        ctx.observe(EPOCH_ENTRY, 4);
+        assert_eq!(
+            judge(Some(&rec(11, "b")), &ctx, &k(nothing, 0, 0)),
+            Verdict::Behind,
+            "served under a newer view elsewhere: we missed a change"
+        );
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub struct Coordinated {
     pub record: Option<Record>,
     /// Put: the key had no live value before. Delete: it had one.
     pub changed_liveness: bool,
+    /// Epoch of the view the coordinator served under (goes into the client's causal context, so
+    /// a node on an older view can tell it is behind).
+    pub view_epoch: u64,
 }
 
 /// Why a call to a peer failed. Every variant means "try another replica".

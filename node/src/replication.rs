@@ -173,7 +173,7 @@ impl Node {
             (true, Applied::Stale) => false,
             (true, _) => was_live,
         };
-        Ok(Coordinated { partition, record: Some(record), changed_liveness })
+        Ok(Coordinated { partition, record: Some(record), changed_liveness, view_epoch: view.epoch() })
     }
 
     /// Sends records to each peer in parallel; returns how many acknowledged them.
@@ -220,7 +220,7 @@ impl Node {
         let local = self.store.get(key)?;
         let members = view.members(partition);
         match self.judge(view, local.as_ref(), context, members) {
-            Verdict::Fresh => return Ok(Coordinated { partition, record: local, changed_liveness: false }),
+            Verdict::Fresh => return Ok(Coordinated { partition, record: local, changed_liveness: false, view_epoch: view.epoch() }),
             Verdict::Behind => {
                 // This node missed a view change: refuse (the forwarder tries another node) and
                 // catch up in the background.
@@ -267,7 +267,7 @@ impl Node {
         if !all_answered && self.judge(view, newest.as_ref(), context, members) != Verdict::Fresh {
             return Err(KvError::CausalUnavailable { partition });
         }
-        Ok(Coordinated { partition, record: newest, changed_liveness: false })
+        Ok(Coordinated { partition, record: newest, changed_liveness: false, view_epoch: view.epoch() })
     }
 
     /// [`crate::freshness::judge`] with what this node knows.
@@ -277,7 +277,7 @@ impl Node {
         let known = |node: &str| view.contains(node) || pending.as_ref().is_some_and(|p| p.contains(node));
         let installed_at = self.view_installed_at();
         let former_until = if pending.is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
-        judge(local, context, &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until })
+        judge(local, context, &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until, epoch: view.epoch() })
     }
 
     /// Asks every peer for its view in the background (a newer one is adopted).

@@ -14,16 +14,11 @@ async fn check(network: Network, seed: u64, seconds: f64) {
     assert!(summary.convergence_ms.is_some(), "replicas converged after healing");
 }
 
-// Ignored until the open straggler bug (issue #4 note) is fixed: these runs find it on some
-// machines/loads, which is their job, but they must not turn CI red for everyone meanwhile.
-// Run with `cargo test -p kvs-e2e -- --ignored`.
-#[ignore = "finds an open causal bug (straggler after a view change); see issue #4"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_pauses_crashes_and_view_changes_seed_1() {
     check(Network::Loopback { net: unique_id(100) }, 1, 12.0).await;
 }
 
-#[ignore = "finds an open causal bug (straggler after a view change); see issue #4"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_partitions_pauses_crashes_and_view_changes_seed_2() {
     if !namespaces_available() {

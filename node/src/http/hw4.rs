@@ -5,7 +5,6 @@
 use super::ApiError;
 use crate::causal::VectorClock;
 use crate::node::Node;
-use crate::peers::Coordinated;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -92,14 +91,6 @@ async fn empty_key() -> ApiError {
     ApiError::bad_request(format!("key must be 1 to {MAX_HW4_KEY_CHARS} characters long; it is empty"))
 }
 
-/// The payload to hand back: the client's context merged with what this answer depends on.
-fn payload_after(mut context: VectorClock, c: &Coordinated) -> String {
-    if let Some(r) = &c.record {
-        context.merge(&r.clock);
-    }
-    context.to_payload()
-}
-
 async fn get_key(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -108,7 +99,7 @@ async fn get_key(
     let key = key_from(path)?;
     let context = params.causal_context()?;
     let c = node.read(&key, context.clone()).await?;
-    let payload = payload_after(context, &c);
+    let payload = super::context_after(context, &c);
     match c.record.as_ref().and_then(|r| r.value.as_ref().map(|v| (r, v))) {
         Some((record, value)) => Ok(Json(json!({
             "result": "success",
@@ -163,7 +154,7 @@ async fn write_answer(node: &Node, key: &str, value: Option<Bytes>, context: Vec
     let body = json!({
         "result": "success",
         "partition_id": c.partition,
-        "causal_payload": payload_after(context, &c),
+        "causal_payload": super::context_after(context, &c),
         "timestamp": ts,
     });
     Ok((status, Json(body)).into_response())

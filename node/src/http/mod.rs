@@ -58,6 +58,16 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The causal context to hand back: the client's, merged with what this answer depends on and
+/// the view epoch it was served under.
+pub(crate) fn context_after(mut context: crate::causal::VectorClock, c: &crate::peers::Coordinated) -> String {
+    if let Some(r) = &c.record {
+        context.merge(&r.clock);
+    }
+    context.observe(crate::causal::EPOCH_ENTRY, c.view_epoch);
+    context.to_payload()
+}
+
 async fn no_such_route(req: Request) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {}; see docs/api.md for the routes", req.method(), req.uri().path()))
 }

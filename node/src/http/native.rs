@@ -50,13 +50,6 @@ fn meta_headers(context: String, c: &Coordinated) -> [(HeaderName, HeaderValue);
     ]
 }
 
-fn context_after(mut context: VectorClock, c: &Coordinated) -> String {
-    if let Some(r) = &c.record {
-        context.merge(&r.clock);
-    }
-    context.to_payload()
-}
-
 async fn get_key(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
@@ -65,7 +58,7 @@ async fn get_key(
     let key = key_from(path)?;
     let context = context_from(&headers)?;
     let c = node.read(&key, context.clone()).await?;
-    let meta = meta_headers(context_after(context, &c), &c);
+    let meta = meta_headers(super::context_after(context, &c), &c);
     match c.record.as_ref().and_then(|r| r.value.clone()) {
         Some(value) => Ok((meta, [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], value).into_response()),
         None => Ok((meta, ApiError::new(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"))).into_response()),
@@ -101,7 +94,7 @@ async fn delete_key(
 async fn write(node: &Node, key: &str, value: Option<Bytes>, context: VectorClock) -> Result<Response, ApiError> {
     let is_put = value.is_some();
     let c = node.write(key, value, context.clone()).await?;
-    let causal_context = context_after(context, &c);
+    let causal_context = super::context_after(context, &c);
     let body = WriteResponse {
         partition_id: c.partition,
         causal_context: causal_context.clone(),
