@@ -62,6 +62,11 @@ pub struct Args {
     #[arg(long, env = "KVS_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<PathBuf>,
 
+    /// Hosts file (`address name...` lines) resolving peer names before DNS; re-read when it
+    /// changes. For environments without cluster DNS (test control planes, laptops).
+    #[arg(long, env = "KVS_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+
     /// Open connections served at once; more are answered 503 and closed.
     #[arg(long, env = "KVS_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,

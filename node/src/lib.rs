@@ -14,6 +14,7 @@ pub mod causal;
 pub mod config;
 mod fence;
 pub mod freshness;
+pub mod hosts;
 pub mod http;
 pub mod metrics;
 pub mod node;

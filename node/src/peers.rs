@@ -162,8 +162,13 @@ pub struct HttpPeers {
 
 impl HttpPeers {
     /// `connect_timeout` bounds TCP connection setup (a dead host must not cost more than this).
-    pub fn new(connect_timeout: Duration, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+    /// `hosts_file` maps peer names to addresses ahead of DNS (see [`crate::hosts`]).
+    pub fn new(connect_timeout: Duration, token: Option<String>, hosts_file: Option<std::path::PathBuf>) -> Self {
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = hosts_file {
+            builder = builder.dns_resolver(std::sync::Arc::new(crate::hosts::HostsFileResolver::new(path)));
+        }
+        let http = builder
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
