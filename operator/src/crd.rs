@@ -1,9 +1,11 @@
 //! The `KVStoreCluster` custom resource (group `kvstore.dev`, version `v1alpha1`, short name
 //! `kvsc`). Every field's doc comment becomes its description in the CRD (`kubectl explain`).
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A kvstore cluster: `replicas` nodes, cut into partitions of `replicationFactor` replicas.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -20,9 +22,15 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".status.partitions"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Rebalance","type":"string","jsonPath":".status.rebalance.progress"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.replicas >= 1", "message": "replicas must be at least 1"},
+    {"rule": "self.replicationFactor >= 1", "message": "replicationFactor must be at least 1"},
+    {"rule": "self.image.size() > 0", "message": "image must name a container image"},
+]))]
 pub struct KVStoreClusterSpec {
     /// Number of kvstore nodes (pods). Partitions = floor(replicas / replicationFactor); the
     /// remainder proxy requests and store nothing.
@@ -32,11 +40,27 @@ pub struct KVStoreClusterSpec {
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1))]
     pub replication_factor: i32,
-    /// Container image of the kvstore node.
+    /// Container image of the kvstore node. Changing it restarts the pods one at a time; each
+    /// keeps its identity and data.
     #[serde(default = "default_image")]
     pub image: String,
-    /// Storage for each node's data (one PersistentVolumeClaim per pod).
+    /// When to pull the image (`Always`, `IfNotPresent`, `Never`); the Kubernetes default when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
+    pub image_pull_policy: Option<String>,
+    /// CPU and memory requests and limits of each node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must be scheduled on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Storage for each node's data (one PersistentVolumeClaim per pod). Fixed at creation:
+    /// a StatefulSet's volume claims cannot change.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "storage cannot be changed after creation (the StatefulSet's volume claims are immutable)"},
+    ]))]
     pub storage: StorageSpec,
     /// Largest value a client may store, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,8 +80,11 @@ fn default_image() -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Size of each node's volume, e.g. `1Gi`.
+    /// Size of each node's volume, a Kubernetes quantity such as `1Gi` or `500Mi`.
     #[serde(default = "default_size")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isQuantity(self)", "message": "size must be a Kubernetes quantity such as 1Gi or 500Mi"},
+    ]))]
     pub size: String,
     /// StorageClass of the volumes; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,31 +105,72 @@ impl Default for StorageSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KVStoreClusterStatus {
-    /// The spec generation this status describes.
+    /// The `metadata.generation` of the spec this status describes.
     #[serde(default)]
     pub observed_generation: i64,
-    /// `Pending`, `Running`, `Rebalancing`, `Degraded` or `Failed`.
+    /// `Pending` (no view yet), `Running` (matches the spec), `Rebalancing` (pods or data are
+    /// moving towards the spec), `Degraded` (serving, but with fewer copies or pods than asked) or
+    /// `Failed` (the spec cannot be acted on; see the Degraded condition).
     #[serde(default)]
     pub phase: String,
-    /// Pods that are Ready.
+    /// `Available`, `Progressing` and `Degraded`, each with a reason and a message.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Node pods that are Ready.
     #[serde(default)]
     pub ready_replicas: i32,
     /// Partitions in the current view.
     #[serde(default)]
     pub partitions: i32,
-    /// Nodes that proxy (store nothing).
+    /// Nodes in the current view that proxy (store nothing).
     #[serde(default)]
     pub proxies: i32,
-    /// Current view epoch.
+    /// Epoch of the view the nodes run.
     #[serde(default)]
     pub view_epoch: i64,
-    /// Members of the current view (`host:port`).
+    /// Members of the current view (`host:port` identities).
     #[serde(default)]
     pub members: Vec<String>,
-    /// Keys moved / to move in the current rebalance.
+    /// The view change under way, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rebalance: Option<String>,
+    pub rebalance: Option<RebalanceStatus>,
     /// Label selector of the node pods (for the scale subresource).
     #[serde(default)]
     pub selector: String,
+}
+
+/// A view change in progress, as the nodes report it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceStatus {
+    /// The epoch the cluster is moving to.
+    pub epoch: i64,
+    /// The protocol step: `preparing`, `transferring`, `committing`, `pruning`, `done`.
+    pub phase: String,
+    /// Keys copied to their new owners so far.
+    pub moved_keys: i64,
+    /// Keys that have to move.
+    pub total_keys: i64,
+    /// Human summary for `kubectl get`, e.g. `transfer 41% (4100/10000 keys)`.
+    pub progress: String,
+}
+
+/// One aspect of the cluster's state (the usual Kubernetes condition shape).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Available`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable cause in CamelCase.
+    pub reason: String,
+    /// What is going on, for people.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The generation the condition was computed for.
+    #[serde(default)]
+    pub observed_generation: i64,
 }

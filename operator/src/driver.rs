@@ -11,41 +11,106 @@ use kvs_api::{ClusterStatus, ViewRequest};
 use std::time::Duration;
 
 /// Where node pods run.
-#[allow(async_fn_in_trait)]
-pub trait Backend {
+#[async_trait::async_trait]
+pub trait Backend: Send {
     /// How many pods the backend is set to run (the StatefulSet's replicas).
     fn replicas(&self) -> u32;
     /// Sets the number of pods (highest ordinals are added or removed).
     async fn set_replicas(&mut self, replicas: u32, spec: &Validated) -> anyhow::Result<()>;
     /// The pods that exist, with identity and readiness.
-    async fn pods(&mut self) -> Vec<Pod>;
+    async fn pods(&mut self) -> anyhow::Result<Vec<Pod>>;
 }
 
-/// What one step saw and did.
+/// What one step saw.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observation {
     pub step: Step,
+    pub pods: Vec<Pod>,
     pub status: Option<ClusterStatus>,
+    /// The nodes report a view change in progress (perhaps one posted before a restart): wait for
+    /// it instead of acting on `step`.
+    pub changing: bool,
 }
 
-/// Talks to nodes' admin API.
+/// A view change posted to a primary, running in the background: it returns only when the data
+/// has moved, and the driver keeps observing (and reporting progress) meanwhile.
+pub struct ViewChangeTask {
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// What was asked, for events and logs.
+    pub description: String,
+}
+
+impl ViewChangeTask {
+    /// Posts `members` at `replication_factor` to `primary`.
+    pub fn start(admin: std::sync::Arc<dyn NodeAdmin>, primary: String, members: Vec<String>, replication_factor: u32) -> Self {
+        let description = format!("{} nodes at replicationFactor {replication_factor} (via {primary})", members.len());
+        let handle = tokio::spawn(async move { admin.change_view(&primary, members, replication_factor).await });
+        ViewChangeTask { handle, description }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Stops waiting for it (the nodes finish a change they started on their own).
+    pub fn abandon(self) {
+        self.handle.abort();
+    }
+
+    /// Its outcome (waits if it is still running).
+    pub async fn outcome(self) -> anyhow::Result<()> {
+        match self.handle.await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("the view change task ended abnormally: {e}")),
+        }
+    }
+}
+
+/// The nodes' admin API, as the driver needs it (a trait so reconcile scenarios can run against a
+/// scripted cluster).
+#[async_trait::async_trait]
+pub trait NodeAdmin: Send + Sync + 'static {
+    /// The cluster status from the first ready pod that answers with a view.
+    async fn status(&self, pods: &[Pod]) -> Option<ClusterStatus>;
+    /// Posts a membership and K to the node at `primary` (an address); returns when the data has
+    /// moved.
+    async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()>;
+}
+
+/// [`NodeAdmin`] over HTTP.
 pub struct Admin {
     http: reqwest::Client,
+    /// The cluster token the nodes require on admin routes, if they have one.
+    token: Option<String>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        // View changes wait for data to move: allow them time.
-        Admin { http: reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("a plain HTTP client builds") }
+        Admin::new(None)
     }
 }
 
 impl Admin {
-    /// `GET /v1/admin/status` from the first pod that answers.
-    pub async fn status(&self, pods: &[Pod]) -> Option<ClusterStatus> {
+    pub fn new(token: Option<String>) -> Self {
+        // View changes wait for data to move: allow them time.
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("a plain HTTP client builds");
+        Admin { http, token }
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => req.header(kvs_api::HEADER_CLUSTER_TOKEN, token),
+            None => req,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeAdmin for Admin {
+    async fn status(&self, pods: &[Pod]) -> Option<ClusterStatus> {
         for p in pods.iter().filter(|p| p.ready) {
-            let url = format!("http://{}/v1/admin/status", p.identity);
-            if let Ok(resp) = self.http.get(url).timeout(Duration::from_secs(5)).send().await
+            let req = self.http.get(format!("http://{}/v1/admin/status", p.address)).timeout(Duration::from_secs(5));
+            if let Ok(resp) = self.authorized(req).send().await
                 && let Ok(status) = resp.json::<ClusterStatus>().await
                 && status.layout.is_some()
             {
@@ -55,10 +120,9 @@ impl Admin {
         None
     }
 
-    /// `PUT /v1/admin/view` on `primary`.
-    pub async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
-        let resp =
-            self.http.put(format!("http://{primary}/v1/admin/view")).json(&ViewRequest { members, replication_factor }).send().await?;
+    async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
+        let req = self.http.put(format!("http://{primary}/v1/admin/view")).json(&ViewRequest { members, replication_factor });
+        let resp = self.authorized(req).send().await?;
         if !resp.status().is_success() {
             let status = resp.status();
             anyhow::bail!("{primary} answered {status}: {}", resp.text().await.unwrap_or_default());
@@ -68,9 +132,11 @@ impl Admin {
 }
 
 /// Observes the pods and the view and plans the next step towards `spec`.
-pub async fn observe<B: Backend>(backend: &mut B, admin: &Admin, spec: &Validated) -> Observation {
-    let pods = backend.pods().await;
+pub async fn observe(backend: &mut dyn Backend, admin: &dyn NodeAdmin, spec: &Validated) -> anyhow::Result<Observation> {
+    let pods = backend.pods().await?;
     let status = admin.status(&pods).await;
     let view = status.as_ref().and_then(|s| s.layout.as_ref());
-    Observation { step: plan(spec.replicas, spec.replication_factor, backend.replicas(), &pods, view), status }
+    let step = plan(spec.replicas, spec.replication_factor, backend.replicas(), &pods, view);
+    let changing = status.as_ref().is_some_and(|s| s.pending_epoch.is_some());
+    Ok(Observation { step, pods, status, changing })
 }

@@ -1,18 +1,23 @@
-//! Local mode's backend: node "pods" are `kvs-node` processes on loopback addresses
-//! (`<address-base><ordinal+1>:8080`), each with its data under `<data-dir>/pod-<ordinal>`.
+//! Local mode (`kvs-operator local -f cluster.yaml`): a KVStoreCluster run on this machine without
+//! Kubernetes. Node "pods" are `kvs-node` processes on loopback addresses
+//! (`<address-base><ordinal+1>:8080`), each with its data under `<data-dir>/pod-<ordinal>`; the
+//! same planner and view-change driver as the controller move the data. The file is watched:
+//! edits to `replicas` or `replicationFactor` are applied with a progress display.
 //!
 //! Like a StatefulSet: pods have stable ordinals and identities, scaling removes the highest
 //! ordinals, and a pod's data directory outlives the process (so running again resumes). Unlike
 //! one, a removed pod's data is deleted: the driver only removes pods after the view no longer
 //! contains them, so their data has already moved.
 
-use crate::controller::plan::Pod;
-use crate::controller::validate::Validated;
-use crate::driver::Backend;
+use crate::controller::plan::{Pod, Step};
+use crate::controller::validate::{Validated, validate};
+use crate::crd::KVStoreCluster;
+use crate::driver::{Admin, Backend, NodeAdmin, ViewChangeTask, observe};
+use anyhow::Context;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub struct LocalBackend {
     node_bin: PathBuf,
@@ -121,6 +126,7 @@ impl Drop for LocalBackend {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for LocalBackend {
     fn replicas(&self) -> u32 {
         self.pods.keys().next_back().map_or(0, |o| o + 1)
@@ -142,7 +148,7 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    async fn pods(&mut self) -> Vec<Pod> {
+    async fn pods(&mut self) -> anyhow::Result<Vec<Pod>> {
         let mut out = Vec::new();
         let ordinals: Vec<u32> = self.pods.keys().copied().collect();
         for o in ordinals {
@@ -150,9 +156,9 @@ impl Backend for LocalBackend {
             let exited = self.pods.get_mut(&o).is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
             // Ready = serving HTTP (a new node has no view until it is added: /healthz, not /readyz).
             let ready = !exited && self.http.get(format!("http://{identity}/healthz")).send().await.is_ok_and(|r| r.status().is_success());
-            out.push(Pod { ordinal: o, identity, ready });
+            out.push(Pod { ordinal: o, address: identity.clone(), identity, ready });
         }
-        out
+        Ok(out)
     }
 }
 
@@ -163,4 +169,144 @@ pub fn default_node_binary() -> PathBuf {
         .and_then(|p| p.parent().map(|d| d.join("kvs-node")))
         .filter(|p| p.exists())
         .unwrap_or_else(|| Path::new("kvs-node").to_path_buf())
+}
+
+/// `kvs-operator local`.
+#[derive(clap::Args, Debug)]
+pub struct LocalArgs {
+    /// The KVStoreCluster manifest (watched: edits are applied).
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// Where the nodes keep their data (`<data-dir>/<name>/pod-N`).
+    #[arg(long, env = "KVS_LOCAL_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Nodes listen on `<address-base><ordinal+1>:8080`.
+    #[arg(long, env = "KVS_LOCAL_ADDRESS_BASE", default_value = "127.0.0.")]
+    pub address_base: String,
+    /// The kvs-node binary. Default: next to this executable.
+    #[arg(long, env = "KVS_NODE_BIN")]
+    pub node_bin: Option<PathBuf>,
+}
+
+fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Validated)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cluster: KVStoreCluster = serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
+    let valid = validate(&cluster.spec).with_context(|| format!("{} has an invalid spec", path.display()))?;
+    Ok((cluster, valid))
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn describe(step: &Step, status: Option<&kvs_api::ClusterStatus>) -> String {
+    let view = status.and_then(|s| s.layout.as_ref()).map_or("no view yet".to_owned(), |l| {
+        format!("epoch {} · {} partitions × K={} · {} proxies", l.epoch, l.partitions.len(), l.replication_factor, l.proxies.len())
+    });
+    let action = match step {
+        Step::Done => "in sync".to_owned(),
+        Step::ScaleStatefulSet { replicas } => format!("setting pods to {replicas}"),
+        Step::WaitForPods { ordinals } => format!("waiting for pods {ordinals:?}"),
+        Step::ChangeView { members, replication_factor, .. } => {
+            format!("moving data to a view of {} nodes at K={replication_factor}", members.len())
+        }
+    };
+    format!("{view} — {action}")
+}
+
+/// Runs the cluster described by `a.file` until Ctrl-C or SIGTERM.
+pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
+    let (cluster, mut spec) = load(&a.file)?;
+    let name = cluster.metadata.name.clone().unwrap_or_else(|| "kvstore".into());
+    let node_bin = a.node_bin.unwrap_or_else(default_node_binary);
+    let data_dir = a.data_dir.join(&name);
+    let mut backend = LocalBackend::start(node_bin, data_dir.clone(), a.address_base, &spec)?;
+    println!("kvs-operator local: cluster {name:?}, data in {}, watching {}", data_dir.display(), a.file.display());
+    if let Some(d) = &spec.degraded {
+        println!("  degraded: {d}");
+    }
+    let admin: std::sync::Arc<dyn NodeAdmin> = std::sync::Arc::new(Admin::default());
+    let mut seen_mtime = modified(&a.file);
+    let mut last_line = String::new();
+    let mut change: Option<ViewChangeTask> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    // Created once, before any work: a signal that arrives while a step runs is kept, not lost.
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticker.tick() => {}
+        }
+        if modified(&a.file) != seen_mtime {
+            seen_mtime = modified(&a.file);
+            match load(&a.file) {
+                Ok((_, new)) => {
+                    println!(
+                        "spec changed: {} replicas, K={} (was {}, K={})",
+                        new.replicas, new.replication_factor, spec.replicas, spec.replication_factor
+                    );
+                    spec = new;
+                }
+                Err(e) => println!("ignoring the edit: {e:#}"),
+            }
+        }
+        if let Some(task) = &change {
+            // A view change is moving data: show its progress, plan again when it is done.
+            if !task.is_finished() {
+                let pods = backend.pods().await.unwrap_or_default();
+                if let Some(r) = admin.status(&pods).await.map(|s| s.rebalance) {
+                    let line = format!("  rebalancing to epoch {}: {} — {}/{} keys moved", r.epoch, r.phase, r.moved_keys, r.total_keys);
+                    if line != last_line {
+                        println!("{line}");
+                        last_line = line;
+                    }
+                }
+                continue;
+            }
+            // Finished, so awaiting it returns at once.
+            if let Some(task) = change.take()
+                && let Err(e) = task.outcome().await
+            {
+                println!("view change failed (will retry): {e:#}");
+            }
+        }
+        let obs = observe(&mut backend, admin.as_ref(), &spec).await?;
+        let line = if obs.changing {
+            "a view change is under way on the nodes — waiting for it".to_owned()
+        } else {
+            describe(&obs.step, obs.status.as_ref())
+        };
+        if line != last_line {
+            println!("{line}");
+            last_line = line;
+        }
+        if obs.changing {
+            continue;
+        }
+        match obs.step {
+            Step::ScaleStatefulSet { replicas } => {
+                if let Err(e) = backend.set_replicas(replicas, &spec).await {
+                    println!("scaling failed: {e:#}");
+                }
+            }
+            Step::ChangeView { primary, members, replication_factor } => {
+                change = Some(ViewChangeTask::start(admin.clone(), primary, members, replication_factor));
+            }
+            Step::WaitForPods { .. } | Step::Done => {}
+        }
+    }
+    println!("stopping the nodes (data kept in {})", data_dir.display());
+    backend.stop_all();
+    Ok(())
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

@@ -6,13 +6,21 @@
 //! `<cluster>-<ordinal>.<cluster>-nodes.<namespace>.svc.cluster.local:8080` (the headless
 //! Service's stable DNS name), so a restarted pod keeps its identity and its volume. A pod that is
 //! not in `VIEW` (one added by scaling out) starts without a view and waits to be added.
+//!
+//! The pod template carries the cluster's *initial* view (`VIEW`, `K`) and never a later one: a
+//! template change restarts every pod, and the nodes keep their current view in their data
+//! directory anyway. So the template is built from the [`InitialView`] read back from the existing
+//! StatefulSet, and only changes when the user changes the image, resources or scheduling.
+//!
+//! Without cluster DNS (a test control plane) the same identities work when something provides the
+//! name → address mapping: the node's `KVS_HOSTS_FILE` (see `kvs_node::hosts`).
 
 use super::validate::Validated;
 use crate::crd::KVStoreCluster;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -53,6 +61,53 @@ fn namespace_of(c: &KVStoreCluster) -> String {
 /// Name of the headless Service (stable pod names).
 pub fn headless_name(cluster: &str) -> String {
     format!("{cluster}-nodes")
+}
+
+/// Name of the Secret holding the cluster's internal auth token.
+pub fn token_secret_name(cluster: &str) -> String {
+    format!("{cluster}-token")
+}
+
+/// The key of the token in that Secret.
+pub const TOKEN_KEY: &str = "token";
+
+/// The Secret with the cluster token (created once; the token is never rotated by the operator).
+pub fn token_secret(c: &KVStoreCluster, token: &str) -> Secret {
+    Secret {
+        metadata: meta(c, token_secret_name(&name_of(c))),
+        string_data: Some(BTreeMap::from([(TOKEN_KEY.to_owned(), token.to_owned())])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// The view the pods start with (the pod template's `VIEW` and `K`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitialView {
+    pub members: Vec<String>,
+    pub replication_factor: u32,
+}
+
+impl InitialView {
+    /// A new cluster's first view: every pod of the spec, at the spec's K.
+    pub fn for_new_cluster(c: &KVStoreCluster, spec: &Validated) -> Self {
+        let members = (0..spec.replicas).map(|o| identity(&name_of(c), &namespace_of(c), o)).collect();
+        InitialView { members, replication_factor: spec.replication_factor }
+    }
+
+    /// The initial view an existing StatefulSet was built with (`None` if it has no such env).
+    pub fn of(sts: &StatefulSet) -> Option<Self> {
+        let env = sts.spec.as_ref()?.template.spec.as_ref()?.containers.first()?.env.as_ref()?;
+        let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+        let members = value("VIEW")?.split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect();
+        let replication_factor = value("K")?.parse().ok()?;
+        Some(InitialView { members, replication_factor })
+    }
+}
+
+/// The ordinal of a node pod named `<cluster>-<ordinal>`.
+pub fn ordinal_of(cluster: &str, pod_name: &str) -> Option<u32> {
+    pod_name.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
 }
 
 /// The node identity of pod `ordinal`.
@@ -124,9 +179,9 @@ fn probe(path: &str) -> Probe {
     }
 }
 
-/// The StatefulSet of node pods with `replicas` pods; `initial_view` is the first view (the pods
-/// listed in it start as members; later ones wait to be added).
-pub fn stateful_set(c: &KVStoreCluster, spec: &Validated, replicas: u32, initial_view: &[String]) -> StatefulSet {
+/// The StatefulSet of node pods with `replicas` pods; `initial` is the first view (the pods listed
+/// in it start as members; later ones wait to be added).
+pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) -> StatefulSet {
     let name = name_of(c);
     let ns = namespace_of(c);
     let mut env_vars = vec![
@@ -140,9 +195,17 @@ pub fn stateful_set(c: &KVStoreCluster, spec: &Validated, replicas: u32, initial
         },
         env("IPPORT", format!("$(POD_NAME).{}.{ns}.svc.cluster.local:{PORT}", headless_name(&name))),
         env("LISTEN", format!("0.0.0.0:{PORT}")),
-        env("K", spec.replication_factor.to_string()),
-        env("VIEW", initial_view.join(",")),
+        env("K", initial.replication_factor.to_string()),
+        env("VIEW", initial.members.join(",")),
         env("KVS_DATA_DIR", "/data"),
+        EnvVar {
+            name: "KVS_CLUSTER_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector { name: token_secret_name(&name), key: TOKEN_KEY.into(), optional: None }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
     ];
     if let Some(max) = c.spec.max_value_bytes {
         env_vars.push(env("KVS_MAX_VALUE_BYTES", max.to_string()));
@@ -150,6 +213,8 @@ pub fn stateful_set(c: &KVStoreCluster, spec: &Validated, replicas: u32, initial
     let container = Container {
         name: "kvs-node".into(),
         image: Some(c.spec.image.clone()),
+        image_pull_policy: c.spec.image_pull_policy.clone(),
+        resources: c.spec.resources.clone(),
         ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() }]),
         env: Some(env_vars),
         // Ready = serving HTTP: a pod that is joining has no view yet and must still be reachable.
@@ -180,7 +245,13 @@ pub fn stateful_set(c: &KVStoreCluster, spec: &Validated, replicas: u32, initial
             selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(labels(&name)), ..Default::default() }),
-                spec: Some(PodSpec { containers: vec![container], termination_grace_period_seconds: Some(30), ..Default::default() }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    node_selector: c.spec.node_selector.clone(),
+                    // A node finishes in-flight writes on SIGTERM; give it time.
+                    termination_grace_period_seconds: Some(30),
+                    ..Default::default()
+                }),
             },
             volume_claim_templates: Some(vec![claim]),
             ..Default::default()
@@ -202,6 +273,9 @@ mod tests {
                 replicas: 4,
                 replication_factor: 2,
                 image: "kvs:1".into(),
+                image_pull_policy: None,
+                resources: None,
+                node_selector: None,
                 storage: StorageSpec::default(),
                 max_value_bytes: Some(2048),
             },
@@ -215,8 +289,14 @@ mod tests {
     fn statefulset_runs_nodes_with_stable_identities_and_volumes() {
         let c = cluster();
         let v = validate(&c.spec).unwrap();
+        let initial = InitialView::for_new_cluster(&c, &v);
         let view: Vec<String> = (0..4).map(|o| identity("demo", "prod", o)).collect();
-        let sts = stateful_set(&c, &v, 4, &view);
+        assert_eq!(initial.members, view);
+        let sts = stateful_set(&c, 4, &initial);
+        // The initial view reads back from the StatefulSet: later reconciles keep the template.
+        assert_eq!(InitialView::of(&sts), Some(initial.clone()));
+        assert_eq!(ordinal_of("demo", "demo-12"), Some(12));
+        assert_eq!(ordinal_of("demo", "demox-1"), None);
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(4));
         assert_eq!(spec.service_name.as_deref(), Some("demo-nodes"));
@@ -227,6 +307,8 @@ mod tests {
         assert_eq!(env["K"], "2");
         assert_eq!(env["VIEW"], view.join(","));
         assert_eq!(env["KVS_MAX_VALUE_BYTES"], "2048");
+        let token = container.env.as_ref().unwrap().iter().find(|e| e.name == "KVS_CLUSTER_TOKEN").unwrap();
+        assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "demo-token");
         assert_eq!(identity("demo", "prod", 0), "demo-0.demo-nodes.prod.svc.cluster.local:8080");
         assert_eq!(container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];

@@ -1,8 +1,291 @@
-//! The reconcile pipeline, `validate → build → apply → rebalance → status`. The pure steps live
-//! here and are unit-tested without a cluster: [`validate`] checks a spec, [`plan`] decides the
-//! next rebalancing step from what was observed. (The kube-rs controller that applies them is the
-//! next piece of work.)
+//! The `KVStoreCluster` controller: a reconcile pipeline `validate → build → apply → rebalance →
+//! status`. The pure steps ([`validate`], [`build`], [`plan`], [`status`]) are unit-tested without
+//! a cluster; [`apply`] is the Kubernetes I/O; this module wires them into a kube-rs `Controller`.
+//!
+//! Invariants:
+//! - **The truth is read, not remembered.** Every reconcile observes the StatefulSet, the pods and
+//!   the view the nodes report, then takes the one next step the planner gives. An operator
+//!   restarted at any point (even mid-rebalance) observes again and finishes or safely redoes the
+//!   step; a view change found running on the nodes is waited for, never posted twice.
+//! - **Data moves before pods go.** Scale-in posts the smaller view first; the StatefulSet shrinks
+//!   only once the view no longer contains the leaving pods (see [`plan`]).
+//! - **One view change per cluster at a time**, tracked in [`Context`]; it runs in the background
+//!   while reconciles keep publishing its progress to the status.
 
+pub mod apply;
 pub mod build;
 pub mod plan;
+pub mod status;
 pub mod validate;
+
+use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
+use crate::driver::{Backend, NodeAdmin, ViewChangeTask, observe};
+use crate::metrics::Metrics;
+use apply::KubeBackend;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod as KubePod;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use plan::Step;
+use status::{Activity, Observed};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Finalizer on every `KVStoreCluster`: its children are deleted before it goes.
+pub const FINALIZER: &str = "kvstore.dev/cleanup";
+
+/// How often a cluster is looked at while something moves, and when it is in sync.
+const BUSY_REQUEUE: Duration = Duration::from_secs(2);
+const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("observing the cluster: {0:#}")]
+    Observe(anyhow::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("KVStoreCluster {0} has no namespace")]
+    NotNamespaced(String),
+}
+
+/// Builds the node admin client for a cluster, given its token.
+pub type AdminFactory = Arc<dyn Fn(Option<String>) -> Arc<dyn NodeAdmin> + Send + Sync>;
+
+/// State shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub admin_for: AdminFactory,
+    /// View changes running in the background, by `namespace/name`. `std` lock: never held
+    /// across `.await`.
+    changes: Mutex<HashMap<String, ViewChangeTask>>,
+    /// Consecutive failed reconciles, by `namespace/name` (for backoff).
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, admin_for: AdminFactory) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
+        Context { client, recorder, metrics, admin_for, changes: Mutex::default(), failures: Mutex::default() }
+    }
+}
+
+fn key(c: &KVStoreCluster) -> String {
+    format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reconciles one cluster (wrapped in the finalizer: apply, or clean up when deleted).
+pub async fn reconcile(cluster: Arc<KVStoreCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = cluster.namespace().ok_or_else(|| Error::NotNamespaced(cluster.name_any()))?;
+    let api: Api<KVStoreCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, cluster.clone(), |event| async {
+        match event {
+            Finalizer::Apply(c) => reconcile_apply(&c, &ctx).await,
+            Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.count_reconcile(result.is_ok());
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&key(&cluster));
+    }
+    result
+}
+
+/// Retries a failed reconcile with exponential backoff (1 s, 2 s, ... up to 5 min).
+pub fn error_policy(cluster: Arc<KVStoreCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut all = lock(&ctx.failures);
+        let n = all.entry(key(&cluster)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
+    tracing::warn!(cluster = %key(&cluster), error = %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+}
+
+async fn publish(ctx: &Context, cluster: &KVStoreCluster, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        tracing::warn!(cluster = %key(cluster), error = %e, "could not publish an event");
+    }
+}
+
+async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {
+    let generation = cluster.metadata.generation.unwrap_or_default();
+    let spec = match validate::validate(&cluster.spec) {
+        Ok(spec) => spec,
+        Err(invalid) => {
+            let already_said = cluster.status.as_ref().is_some_and(|s| s.phase == "Failed" && s.observed_generation == generation);
+            if !already_said {
+                publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
+            }
+            let activity = Activity::Invalid(invalid.to_string());
+            write_status(cluster, ctx, &activity, None, &[], None).await?;
+            // Nothing to do until the spec changes.
+            return Ok(Action::await_change());
+        }
+    };
+    let token = apply::ensure_token(&ctx.client, cluster).await?;
+    let admin = (ctx.admin_for)(Some(token));
+    let mut backend = KubeBackend::apply_children(&ctx.client, cluster, &spec).await?;
+    let sts_before = backend.replicas();
+
+    // A view change this operator started: still running, or finished since the last look.
+    let (running, finished) = {
+        let mut changes = lock(&ctx.changes);
+        match changes.get(&key(cluster)) {
+            Some(task) if !task.is_finished() => (true, None),
+            Some(_) => (false, changes.remove(&key(cluster))),
+            None => (false, None),
+        }
+    };
+    if let Some(task) = finished {
+        let description = task.description.clone();
+        let outcome = task.outcome().await;
+        ctx.metrics.count_view_change(outcome.is_ok());
+        match outcome {
+            Ok(()) => publish(ctx, cluster, EventType::Normal, "ViewChanged", format!("data moved to a view of {description}")).await,
+            Err(e) => {
+                publish(ctx, cluster, EventType::Warning, "ViewChangeFailed", format!("view change to {description} failed: {e:#}")).await
+            }
+        }
+    }
+
+    let observation = observe(&mut backend, admin.as_ref(), &spec).await.map_err(Error::Observe)?;
+    let activity = if running || observation.changing {
+        Activity::MovingData
+    } else {
+        match &observation.step {
+            Step::ScaleStatefulSet { replicas } => {
+                backend.set_replicas(*replicas, &spec).await.map_err(Error::Observe)?;
+                let verb = if *replicas > sts_before { "adding pods" } else { "removing pods whose data has moved" };
+                publish(ctx, cluster, EventType::Normal, "Scaling", format!("StatefulSet {sts_before} → {replicas} pods ({verb})")).await;
+            }
+            Step::ChangeView { primary, members, replication_factor } => {
+                let task = ViewChangeTask::start(admin.clone(), primary.clone(), members.clone(), *replication_factor);
+                publish(ctx, cluster, EventType::Normal, "ViewChange", format!("moving data to a view of {}", task.description)).await;
+                tracing::info!(cluster = %key(cluster), view = %task.description, "posting a view change");
+                lock(&ctx.changes).insert(key(cluster), task);
+            }
+            Step::WaitForPods { .. } | Step::Done => {}
+        }
+        Activity::Step(observation.step.clone())
+    };
+    write_status(cluster, ctx, &activity, Some(&spec), &observation.pods, observation.status.as_ref()).await?;
+    Ok(match activity {
+        Activity::Step(Step::Done) => Action::requeue(IDLE_REQUEUE),
+        _ => Action::requeue(BUSY_REQUEUE),
+    })
+}
+
+/// Computes and (if it changed) writes the status.
+async fn write_status(
+    cluster: &KVStoreCluster,
+    ctx: &Context,
+    activity: &Activity,
+    spec: Option<&validate::Validated>,
+    pods: &[plan::Pod],
+    nodes: Option<&kvs_api::ClusterStatus>,
+) -> Result<(), Error> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let new: KVStoreClusterStatus = status::status(&Observed {
+        generation: cluster.metadata.generation.unwrap_or_default(),
+        spec,
+        activity,
+        pods,
+        nodes,
+        selector: build::selector_string(&cluster.name_any()),
+        now: &now,
+        previous: cluster.status.as_ref(),
+    });
+    ctx.metrics.observe_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new);
+    if cluster.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let api: Api<KVStoreCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": new });
+    api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+async fn cleanup(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {
+    if let Some(task) = lock(&ctx.changes).remove(&key(cluster)) {
+        task.abandon();
+    }
+    apply::delete_children(&ctx.client, cluster).await?;
+    ctx.metrics.forget_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any());
+    publish(ctx, cluster, EventType::Normal, "Deleted", "deleted the StatefulSet, Services, budget and token (volumes are kept)".into())
+        .await;
+    Ok(Action::await_change())
+}
+
+/// Runs the controller until `shutdown` completes: watches `KVStoreCluster`s (all namespaces, or
+/// `namespace`), the StatefulSets they own and their node pods.
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (clusters, statefulsets, pods) = match namespace {
+        Some(ns) => {
+            (Api::<KVStoreCluster>::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns))
+        }
+        None => (Api::<KVStoreCluster>::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    };
+    let node_pods = watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator,app.kubernetes.io/name=kvstore");
+    Controller::new(clusters, watcher::Config::default())
+        .owns::<StatefulSet>(statefulsets, watcher::Config::default())
+        .watches(pods, node_pods, |pod: KubePod| {
+            let cluster = pod.labels().get("app.kubernetes.io/instance").cloned();
+            let namespace = pod.namespace();
+            cluster.into_iter().map(move |name| {
+                let r = ObjectRef::<KVStoreCluster>::new(&name);
+                match &namespace {
+                    Some(ns) => r.within(ns),
+                    None => r,
+                }
+            })
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(cluster = %object, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error (retried)"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 9, 10, 50].iter().map(|&n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 256, 300, 300]);
+    }
+}

@@ -16,8 +16,11 @@ use kvs_api::Layout;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub ordinal: u32,
-    /// The node identity it serves under (`host:port`).
+    /// The node identity it serves under (`host:port`): its name in views.
     pub identity: String,
+    /// Where the operator reaches it (`host:port`); the pod IP in Kubernetes, where a new pod's
+    /// DNS name may not resolve yet.
+    pub address: String,
     pub ready: bool,
 }
 
@@ -28,7 +31,8 @@ pub enum Step {
     ScaleStatefulSet { replicas: u32 },
     /// Wait for these ordinals to become ready.
     WaitForPods { ordinals: Vec<u32> },
-    /// Post this membership and K to the primary (`PUT /v1/admin/view`).
+    /// Post this membership and K to the primary (`PUT /v1/admin/view`); `primary` is the
+    /// address to post to.
     ChangeView { primary: String, members: Vec<String>, replication_factor: u32 },
     /// The cluster matches the spec.
     Done,
@@ -66,7 +70,7 @@ pub fn plan(replicas: u32, replication_factor: u32, sts_replicas: u32, pods: &[P
             .find_map(identity)
             .or_else(|| identity(0));
         let Some(primary) = primary else { return Step::WaitForPods { ordinals: vec![0] } };
-        return Step::ChangeView { primary: primary.identity.clone(), members: wanted_identities, replication_factor };
+        return Step::ChangeView { primary: primary.address.clone(), members: wanted_identities, replication_factor };
     }
     // The view is right; drop pods that no longer hold data.
     if sts_replicas > replicas {
@@ -80,7 +84,9 @@ mod tests {
     use super::*;
 
     fn pods(n: u32, ready: u32) -> Vec<Pod> {
-        (0..n).map(|o| Pod { ordinal: o, identity: format!("kv-{o}:8080"), ready: o < ready }).collect()
+        (0..n)
+            .map(|o| Pod { ordinal: o, identity: format!("kv-{o}:8080"), address: format!("10.0.0.{o}:8080"), ready: o < ready })
+            .collect()
     }
 
     fn layout(members: u32, k: u32) -> Layout {
@@ -100,7 +106,7 @@ mod tests {
         assert_eq!(plan(6, 2, 4, &pods(4, 4), Some(&view)), Step::ScaleStatefulSet { replicas: 6 });
         assert_eq!(plan(6, 2, 6, &pods(6, 5), Some(&view)), Step::WaitForPods { ordinals: vec![5] });
         let Step::ChangeView { primary, members, replication_factor } = plan(6, 2, 6, &pods(6, 6), Some(&view)) else { panic!() };
-        assert_eq!((primary.as_str(), members.len(), replication_factor), ("kv-0:8080", 6, 2));
+        assert_eq!((primary.as_str(), members.len(), replication_factor), ("10.0.0.0:8080", 6, 2));
         assert_eq!(plan(6, 2, 6, &pods(6, 6), Some(&layout(6, 2))), Step::Done);
     }
 
@@ -135,6 +141,11 @@ mod tests {
         assert_eq!(plan(4, 1, 4, &ps, Some(&layout(4, 2))), Step::WaitForPods { ordinals: vec![0] });
         // When scaling in while pod 0 is fine, pod 0 drives.
         let Step::ChangeView { primary, .. } = plan(2, 2, 4, &pods(4, 4), Some(&layout(4, 2))) else { panic!() };
-        assert_eq!(primary, "kv-0:8080");
+        assert_eq!(primary, "10.0.0.0:8080");
+        // Pod 0 is not a member (it lost its volume and came back empty): a member drives.
+        let view =
+            Layout { epoch: 3, replication_factor: 1, partitions: (1..4).map(|o| vec![format!("kv-{o}:8080")]).collect(), proxies: vec![] };
+        let Step::ChangeView { primary, members, .. } = plan(4, 1, 4, &pods(4, 4), Some(&view)) else { panic!() };
+        assert_eq!((primary.as_str(), members.len()), ("10.0.0.1:8080", 4));
     }
 }

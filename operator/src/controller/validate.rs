@@ -67,7 +67,16 @@ mod tests {
     use crate::crd::StorageSpec;
 
     fn spec(replicas: i32, rf: i32) -> KVStoreClusterSpec {
-        KVStoreClusterSpec { replicas, replication_factor: rf, image: "img".into(), storage: StorageSpec::default(), max_value_bytes: None }
+        KVStoreClusterSpec {
+            replicas,
+            replication_factor: rf,
+            image: "img".into(),
+            image_pull_policy: None,
+            resources: None,
+            node_selector: None,
+            storage: StorageSpec::default(),
+            max_value_bytes: None,
+        }
     }
 
     #[test]

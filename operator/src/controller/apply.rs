@@ -1,0 +1,200 @@
+//! The Kubernetes side effects of a reconcile: server-side apply of the built children, the
+//! cluster token Secret, reading the node pods, and deleting the children on cleanup. Also the
+//! Kubernetes [`Backend`] of the shared rebalance driver (the StatefulSet is its "pods").
+//!
+//! Every write is a server-side apply with the field manager [`MANAGER`] (forced: the operator owns
+//! these fields), so re-applying the same objects is a no-op and a restarted operator converges.
+
+use super::build::{self, InitialView, PORT};
+use super::plan::Pod;
+use super::validate::Validated;
+use crate::crd::KVStoreCluster;
+use crate::driver::Backend;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod as KubePod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+
+/// Field manager of every object the operator applies.
+pub const MANAGER: &str = "kvs-operator";
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn apply<K>(api: &Api<K>, object: &K) -> kube::Result<K>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    api.patch(&object.name_any(), &apply_params(), &Patch::Apply(object)).await
+}
+
+/// One cluster's children, as the operator sees them in the API.
+pub struct KubeBackend {
+    cluster: KVStoreCluster,
+    name: String,
+    namespace: String,
+    statefulsets: Api<StatefulSet>,
+    pods: Api<KubePod>,
+    /// The view the pod template carries (read back from the StatefulSet; see `build`).
+    initial: InitialView,
+    /// The StatefulSet's replicas as last applied or read.
+    replicas: u32,
+}
+
+impl KubeBackend {
+    /// Applies the Services, the PodDisruptionBudget and the StatefulSet (at its current size,
+    /// or the spec's if it does not exist yet) for `cluster`.
+    pub async fn apply_children(client: &Client, cluster: &KVStoreCluster, spec: &Validated) -> kube::Result<Self> {
+        let name = cluster.name_any();
+        let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+        let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+        apply(&services, &build::headless_service(cluster)).await?;
+        apply(&services, &build::client_service(cluster)).await?;
+        let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+        apply(&budgets, &build::disruption_budget(cluster)).await?;
+        let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+        let existing = statefulsets.get_opt(&name).await?;
+        let initial = existing.as_ref().and_then(InitialView::of).unwrap_or_else(|| InitialView::for_new_cluster(cluster, spec));
+        let replicas = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).map_or(spec.replicas, |r| r.max(0) as u32);
+        apply(&statefulsets, &build::stateful_set(cluster, replicas, &initial)).await?;
+        let pods = Api::namespaced(client.clone(), &namespace);
+        Ok(KubeBackend { cluster: cluster.clone(), name, namespace, statefulsets, pods, initial, replicas })
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for KubeBackend {
+    fn replicas(&self) -> u32 {
+        self.replicas
+    }
+
+    async fn set_replicas(&mut self, replicas: u32, _spec: &Validated) -> anyhow::Result<()> {
+        apply(&self.statefulsets, &build::stateful_set(&self.cluster, replicas, &self.initial)).await?;
+        self.replicas = replicas;
+        Ok(())
+    }
+
+    async fn pods(&mut self) -> anyhow::Result<Vec<Pod>> {
+        let selector = build::selector_string(&self.name);
+        let list = self.pods.list(&ListParams::default().labels(&selector)).await?;
+        let mut out: Vec<Pod> = list.items.iter().filter_map(|p| node_pod(&self.name, &self.namespace, p)).collect();
+        out.sort_by_key(|p| p.ordinal);
+        Ok(out)
+    }
+}
+
+/// A node pod as the planner sees it: identity from its ordinal, address from its IP, ready from
+/// its Ready condition (a pod being deleted is not ready).
+pub fn node_pod(cluster: &str, namespace: &str, pod: &KubePod) -> Option<Pod> {
+    let ordinal = build::ordinal_of(cluster, &pod.name_any())?;
+    let identity = build::identity(cluster, namespace, ordinal);
+    let status = pod.status.as_ref();
+    let address = status.and_then(|s| s.pod_ip.as_ref()).map_or_else(|| identity.clone(), |ip| format!("{ip}:{PORT}"));
+    let ready = pod.metadata.deletion_timestamp.is_none()
+        && status.and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    Some(Pod { ordinal, identity, address, ready })
+}
+
+/// The cluster token: read from its Secret, which is created with a fresh random token the first
+/// time (and never overwritten, so nodes and operator always agree).
+pub async fn ensure_token(client: &Client, cluster: &KVStoreCluster) -> kube::Result<String> {
+    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let name = build::token_secret_name(&cluster.name_any());
+    if let Some(secret) = secrets.get_opt(&name).await?
+        && let Some(token) = read_token(&secret)
+    {
+        return Ok(token);
+    }
+    let token = new_token();
+    match secrets.create(&PostParams::default(), &build::token_secret(cluster, &token)).await {
+        Ok(_) => Ok(token),
+        // Created concurrently (another reconcile, a previous operator): use that one.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret = secrets.get(&name).await?;
+            Ok(read_token(&secret).unwrap_or(token))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn read_token(secret: &Secret) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(build::TOKEN_KEY)?;
+    String::from_utf8(bytes.0.clone()).ok().filter(|t| !t.is_empty())
+}
+
+fn new_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deletes a cluster's children (owner references let a real cluster's garbage collector do the
+/// same; deleting explicitly also works where none runs). Volumes (PVCs) are kept: deleting a
+/// cluster never deletes its data.
+pub async fn delete_children(client: &Client, cluster: &KVStoreCluster) -> kube::Result<()> {
+    let name = cluster.name_any();
+    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+    let dp = DeleteParams::background();
+    ignore_missing(Api::<StatefulSet>::namespaced(client.clone(), &namespace).delete(&name, &dp).await)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    ignore_missing(services.delete(&name, &dp).await)?;
+    ignore_missing(services.delete(&build::headless_name(&name), &dp).await)?;
+    ignore_missing(Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace).delete(&name, &dp).await)?;
+    ignore_missing(Api::<Secret>::namespaced(client.clone(), &namespace).delete(&build::token_secret_name(&name), &dp).await)?;
+    Ok(())
+}
+
+fn ignore_missing<T>(r: kube::Result<T>) -> kube::Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+
+    fn pod(name: &str, ip: Option<&str>, ready: bool) -> KubePod {
+        let mut p = KubePod::default();
+        p.metadata.name = Some(name.into());
+        p.status = Some(PodStatus {
+            pod_ip: ip.map(str::to_owned),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn node_pods_have_dns_identities_and_ip_addresses() {
+        let p = node_pod("demo", "prod", &pod("demo-3", Some("10.1.2.3"), true)).unwrap();
+        assert_eq!(
+            p,
+            Pod {
+                ordinal: 3,
+                identity: "demo-3.demo-nodes.prod.svc.cluster.local:8080".into(),
+                address: "10.1.2.3:8080".into(),
+                ready: true
+            }
+        );
+        let p = node_pod("demo", "prod", &pod("demo-0", None, false)).unwrap();
+        assert_eq!((p.address.as_str(), p.ready), ("demo-0.demo-nodes.prod.svc.cluster.local:8080", false));
+        assert_eq!(node_pod("demo", "prod", &pod("other-0", None, true)), None);
+        let tokens = (new_token(), new_token());
+        assert_eq!(tokens.0.len(), 64);
+        assert_ne!(tokens.0, tokens.1);
+    }
+}

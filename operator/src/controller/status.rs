@@ -1,0 +1,234 @@
+//! The `KVStoreCluster` status (pure): phase, conditions and rebalance progress computed from what
+//! one reconcile observed. Conditions keep their `lastTransitionTime` while their status stays the
+//! same, so `kubectl describe` shows when a cluster really became (un)available.
+
+use super::plan::{Pod, Step};
+use super::validate::Validated;
+use crate::crd::{Condition, KVStoreClusterStatus, RebalanceStatus};
+use kvs_api::ClusterStatus;
+
+/// What the controller is doing about the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// The spec cannot be acted on; the message says what to fix.
+    Invalid(String),
+    /// The planner's next step (already started, if it is an action).
+    Step(Step),
+    /// A view change is moving data (started by this operator or found running on the nodes).
+    MovingData,
+}
+
+/// Everything one reconcile observed.
+pub struct Observed<'a> {
+    pub generation: i64,
+    pub spec: Option<&'a Validated>,
+    pub activity: &'a Activity,
+    pub pods: &'a [Pod],
+    pub nodes: Option<&'a ClusterStatus>,
+    pub selector: String,
+    /// Now, RFC 3339.
+    pub now: &'a str,
+    pub previous: Option<&'a KVStoreClusterStatus>,
+}
+
+/// The status to write.
+pub fn status(o: &Observed) -> KVStoreClusterStatus {
+    let layout = o.nodes.and_then(|n| n.layout.as_ref());
+    let ready = |identity: &str| o.pods.iter().any(|p| p.identity == identity && p.ready);
+    let ready_replicas = o.pods.iter().filter(|p| p.ready).count() as i32;
+    let moving = matches!(o.activity, Activity::MovingData) || o.nodes.is_some_and(|n| n.pending_epoch.is_some());
+
+    let available = match layout {
+        None => cond("Available", false, "NoView", "no node reports a view yet".into()),
+        Some(l) => match l.partitions.iter().position(|members| !members.iter().any(|m| ready(m))) {
+            Some(p) => cond("Available", false, "PartitionUnavailable", format!("no replica of partition {p} is ready")),
+            None => {
+                cond("Available", true, "AllPartitionsServing", format!("{} partitions, each with a ready replica", l.partitions.len()))
+            }
+        },
+    };
+    let progressing = match o.activity {
+        Activity::Invalid(msg) => cond("Progressing", false, "InvalidSpec", msg.clone()),
+        _ if moving => cond("Progressing", true, "MovingData", "a view change is moving keys to their new owners".into()),
+        Activity::Step(Step::ScaleStatefulSet { replicas }) => {
+            cond("Progressing", true, "ScalingPods", format!("setting the StatefulSet to {replicas} pods"))
+        }
+        Activity::Step(Step::WaitForPods { ordinals }) => {
+            cond("Progressing", true, "WaitingForPods", format!("waiting for pods {ordinals:?} to be ready"))
+        }
+        Activity::Step(Step::ChangeView { members, replication_factor, .. }) => cond(
+            "Progressing",
+            true,
+            "MovingData",
+            format!("changing the view to {} nodes at replicationFactor {replication_factor}", members.len()),
+        ),
+        Activity::Step(Step::Done) | Activity::MovingData => cond("Progressing", false, "InSync", "the cluster matches the spec".into()),
+    };
+    let not_ready: Vec<&str> = layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
+    let degraded = match (o.activity, o.spec.and_then(|s| s.degraded.as_ref())) {
+        (Activity::Invalid(msg), _) => cond("Degraded", true, "InvalidSpec", msg.clone()),
+        (_, Some(msg)) => cond("Degraded", true, "TooFewReplicas", msg.clone()),
+        _ if !not_ready.is_empty() => cond("Degraded", true, "MembersNotReady", format!("members not ready: {}", not_ready.join(", "))),
+        _ => cond("Degraded", false, "AllMembersReady", "every member of the view is ready".into()),
+    };
+
+    let phase = if matches!(o.activity, Activity::Invalid(_)) {
+        "Failed"
+    } else if layout.is_none() {
+        "Pending"
+    } else if progressing.status == "True" {
+        "Rebalancing"
+    } else if degraded.status == "True" {
+        "Degraded"
+    } else {
+        "Running"
+    };
+
+    let rebalance = moving.then(|| o.nodes.map(|n| rebalance_status(&n.rebalance))).flatten();
+    let conditions = [available, progressing, degraded]
+        .into_iter()
+        .map(|mut c| {
+            c.observed_generation = o.generation;
+            c.last_transition_time = o
+                .previous
+                .and_then(|p| p.conditions.iter().find(|old| old.type_ == c.type_ && old.status == c.status))
+                .map_or_else(|| o.now.to_owned(), |old| old.last_transition_time.clone());
+            c
+        })
+        .collect();
+    KVStoreClusterStatus {
+        observed_generation: o.generation,
+        phase: phase.into(),
+        conditions,
+        ready_replicas,
+        partitions: layout.map_or(0, |l| l.partitions.len() as i32),
+        proxies: layout.map_or(0, |l| l.proxies.len() as i32),
+        view_epoch: layout.map_or(0, |l| l.epoch as i64),
+        members: layout.map(|l| l.members().cloned().collect()).unwrap_or_default(),
+        rebalance,
+        selector: o.selector.clone(),
+    }
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        ..Default::default()
+    }
+}
+
+/// The nodes' progress report as status.
+pub fn rebalance_status(r: &kvs_api::RebalanceProgress) -> RebalanceStatus {
+    let progress = match (r.moved_keys.min(r.total_keys) * 100).checked_div(r.total_keys) {
+        Some(pct) => format!("{} {pct}% ({}/{} keys)", r.phase, r.moved_keys, r.total_keys),
+        None => r.phase.clone(),
+    };
+    RebalanceStatus {
+        epoch: r.epoch as i64,
+        phase: r.phase.clone(),
+        moved_keys: r.moved_keys as i64,
+        total_keys: r.total_keys as i64,
+        progress,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvs_api::{Layout, RebalanceProgress};
+
+    fn pods(n: u32, ready: u32) -> Vec<Pod> {
+        (0..n).map(|o| Pod { ordinal: o, identity: format!("kv-{o}"), address: format!("a{o}"), ready: o < ready }).collect()
+    }
+
+    fn nodes(members: u32, k: u32, pending: bool) -> ClusterStatus {
+        let all: Vec<String> = (0..members).map(|o| format!("kv-{o}")).collect();
+        let partitions: Vec<Vec<String>> = all.chunks(k as usize).filter(|c| c.len() == k as usize).map(|c| c.to_vec()).collect();
+        let proxies = all[partitions.len() * k as usize..].to_vec();
+        ClusterStatus {
+            node: "kv-0".into(),
+            layout: Some(Layout { epoch: 7, replication_factor: k, partitions, proxies }),
+            pending_epoch: pending.then_some(8),
+            partitions: vec![],
+            rebalance: RebalanceProgress { epoch: 8, phase: "transfer".into(), moved_keys: 250, total_keys: 1000, ..Default::default() },
+        }
+    }
+
+    fn observe<'a>(activity: &'a Activity, pods: &'a [Pod], nodes: Option<&'a ClusterStatus>, spec: &'a Validated) -> Observed<'a> {
+        Observed { generation: 3, spec: Some(spec), activity, pods, nodes, selector: "s".into(), now: "T1", previous: None }
+    }
+
+    fn condition<'a>(s: &'a KVStoreClusterStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    const SPEC: Validated = Validated { replicas: 5, replication_factor: 2, degraded: None };
+
+    #[test]
+    fn a_cluster_in_sync_is_running_and_available() {
+        let (ps, ns) = (pods(5, 5), nodes(5, 2, false));
+        let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
+        assert_eq!((s.phase.as_str(), s.partitions, s.proxies, s.view_epoch, s.ready_replicas), ("Running", 2, 1, 7, 5));
+        assert_eq!(condition(&s, "Available").status, "True");
+        assert_eq!(condition(&s, "Progressing").reason, "InSync");
+        assert_eq!(condition(&s, "Degraded").status, "False");
+        assert_eq!((s.observed_generation, s.members.len(), s.rebalance.is_none()), (3, 5, true));
+    }
+
+    #[test]
+    fn a_view_change_reports_progress() {
+        let (ps, ns) = (pods(5, 5), nodes(5, 2, true));
+        // Found running on the nodes (e.g. after an operator restart), even though the plan is Done.
+        let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
+        assert_eq!(s.phase, "Rebalancing");
+        assert_eq!(condition(&s, "Progressing").reason, "MovingData");
+        assert_eq!(s.rebalance.unwrap().progress, "transfer 25% (250/1000 keys)");
+    }
+
+    #[test]
+    fn missing_replicas_degrade_and_a_dead_partition_is_unavailable() {
+        let ns = nodes(4, 2, false);
+        // kv-3 down: partition 1 still has kv-2.
+        let s = status(&observe(&Activity::Step(Step::Done), &pods(4, 3), Some(&ns), &SPEC));
+        assert_eq!((s.phase.as_str(), condition(&s, "Available").status.as_str()), ("Degraded", "True"));
+        assert!(condition(&s, "Degraded").message.contains("kv-3"));
+        // kv-2 and kv-3 down: partition 1 has nobody.
+        let s = status(&observe(&Activity::Step(Step::Done), &pods(4, 2), Some(&ns), &SPEC));
+        assert_eq!(condition(&s, "Available").reason, "PartitionUnavailable");
+    }
+
+    #[test]
+    fn invalid_and_too_small_specs_say_what_to_fix() {
+        let ps = pods(1, 1);
+        let invalid = Activity::Invalid("spec.storage.size \"lots\" is not a Kubernetes quantity".into());
+        let s = status(&observe(&invalid, &ps, None, &SPEC));
+        assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Failed", "InvalidSpec"));
+        let small = Validated { replicas: 1, replication_factor: 3, degraded: Some("scale up to at least 3".into()) };
+        let ns = nodes(1, 1, false);
+        let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &small));
+        assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Degraded", "TooFewReplicas"));
+        let s = status(&observe(&Activity::Step(Step::Done), &pods(0, 0), None, &SPEC));
+        assert_eq!(s.phase, "Pending");
+    }
+
+    #[test]
+    fn transition_times_move_only_when_the_status_changes() {
+        let (ps, ns) = (pods(5, 5), nodes(5, 2, false));
+        let first = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
+        let mut o = observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC);
+        o.now = "T2";
+        o.previous = Some(&first);
+        let same = status(&o);
+        assert!(same.conditions.iter().all(|c| c.last_transition_time == "T1"));
+        let scaling = Activity::Step(Step::ScaleStatefulSet { replicas: 6 });
+        let mut o = observe(&scaling, &ps, Some(&ns), &SPEC);
+        o.now = "T2";
+        o.previous = Some(&first);
+        let changed = status(&o);
+        assert_eq!(condition(&changed, "Progressing").last_transition_time, "T2");
+        assert_eq!(condition(&changed, "Available").last_transition_time, "T1");
+    }
+}

@@ -1,0 +1,53 @@
+//! Exactly what the operator asks of the Kubernetes API: every (API group, resource, verb) it
+//! calls, and nothing else. The Helm chart's ClusterRole is checked against this list
+//! (`operator/tests/chart.rs`), and the mocked reconcile scenarios check that every request the
+//! controller makes is covered by it (`operator/tests/reconcile.rs`), so the list cannot drift from
+//! the code in either direction unnoticed.
+
+/// One RBAC rule: verbs on resources of an API group (`""` is the core group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// The operator's permissions. Watching a kind needs `list` and `watch`; server-side apply is a
+/// `patch` (which creates the object if it is missing).
+pub const RULES: &[Rule] = &[
+    // The custom resource: watched; the finalizer is added and removed with a patch.
+    Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["get", "list", "watch", "patch"] },
+    Rule { group: "kvstore.dev", resource: "kvstoreclusters/status", verbs: &["get", "patch"] },
+    // Children: server-side applied, watched (owned), deleted on cleanup.
+    Rule { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "patch", "delete"] },
+    Rule { group: "", resource: "services", verbs: &["get", "list", "watch", "patch", "delete"] },
+    Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["get", "list", "watch", "patch", "delete"] },
+    // The cluster token: created once (never overwritten), read to call the nodes' admin API.
+    Rule { group: "", resource: "secrets", verbs: &["get", "create", "delete"] },
+    // Node pods: watched for readiness and addresses; never changed by the operator.
+    Rule { group: "", resource: "pods", verbs: &["get", "list", "watch"] },
+    // Events about view changes and failures (kube's Recorder creates, then patches repeats).
+    Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
+    // Leader election (kube-lease-manager: get, create, server-side apply).
+    Rule { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "patch"] },
+];
+
+/// Whether a request (`verb` on `resource` of `group`) is allowed by [`RULES`].
+pub fn allows(group: &str, resource: &str, verb: &str) -> bool {
+    RULES.iter().any(|r| r.group == group && r.resource == resource && r.verbs.contains(&verb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_wildcards_and_no_duplicates() {
+        for (i, r) in RULES.iter().enumerate() {
+            assert!(!r.resource.contains('*') && !r.verbs.contains(&"*"), "{r:?}");
+            assert!(RULES[..i].iter().all(|o| (o.group, o.resource) != (r.group, r.resource)), "{r:?} listed twice");
+        }
+        assert!(allows("apps", "statefulsets", "patch"));
+        assert!(!allows("", "secrets", "list"));
+    }
+}
