@@ -39,7 +39,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut settings = settings;
     settings.state_dir = Some(data_dir.clone());
     let store = Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
-    let peers = Arc::new(HttpPeers::new(Duration::from_millis(args.connect_timeout_ms), settings.cluster_token.clone(), args.hosts_file.clone()));
+    let peers =
+        Arc::new(HttpPeers::new(Duration::from_millis(args.connect_timeout_ms), settings.cluster_token.clone(), args.hosts_file.clone()));
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
