@@ -228,7 +228,11 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<KVStoreCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
-    let patch = serde_json::json!({ "status": new });
+    let mut patch = serde_json::json!({ "status": new });
+    if new.rebalance.is_none() {
+        // A merge patch keeps fields it does not mention: clear a finished rebalance explicitly.
+        patch["status"]["rebalance"] = serde_json::Value::Null;
+    }
     api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
     Ok(())
 }
