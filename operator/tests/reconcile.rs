@@ -5,6 +5,8 @@
 //! on the resulting objects rather than on the exact order of requests. Every request is also
 //! checked against the operator's RBAC rules (`kvs_operator::rbac`).
 
+#![allow(clippy::unwrap_used)] // a test harness: a failed unwrap is a failed test
+
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
