@@ -19,8 +19,9 @@ use super::validate::Validated;
 use crate::crd::KVStoreCluster;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -31,6 +32,9 @@ use std::collections::BTreeMap;
 
 /// The port every node serves on.
 pub const PORT: i32 = 8080;
+
+/// The user the node image runs as (`node/Dockerfile`: distroless `nonroot`).
+pub const NODE_UID: i64 = 65532;
 
 /// Labels on every child; the selector uses the first two.
 pub fn labels(cluster: &str) -> BTreeMap<String, String> {
@@ -221,6 +225,12 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         readiness_probe: Some(probe("/healthz")),
         liveness_probe: Some(probe("/healthz")),
         volume_mounts: Some(vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), ..Default::default() }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let claim = PersistentVolumeClaim {
@@ -248,6 +258,15 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
                 spec: Some(PodSpec {
                     containers: vec![container],
                     node_selector: c.spec.node_selector.clone(),
+                    // The node image's non-root user; fsGroup makes the data volume writable to it.
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(NODE_UID),
+                        run_as_group: Some(NODE_UID),
+                        fs_group: Some(NODE_UID),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        ..Default::default()
+                    }),
                     // A node finishes in-flight writes on SIGTERM; give it time.
                     termination_grace_period_seconds: Some(30),
                     ..Default::default()
@@ -310,6 +329,12 @@ mod tests {
         let token = container.env.as_ref().unwrap().iter().find(|e| e.name == "KVS_CLUSTER_TOKEN").unwrap();
         assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "demo-token");
         assert_eq!(identity("demo", "prod", 0), "demo-0.demo-nodes.prod.svc.cluster.local:8080");
+        let pod_security = spec.template.spec.as_ref().unwrap().security_context.as_ref().unwrap();
+        assert_eq!(
+            (pod_security.run_as_non_root, pod_security.fs_group),
+            (Some(true), Some(NODE_UID)),
+            "the volume is writable to the node"
+        );
         assert_eq!(container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
         assert_eq!(claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "1Gi");
