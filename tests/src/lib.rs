@@ -1,7 +1,11 @@
 //! kvstore's cross-process test kit: real node processes on loopback or in network namespaces
-//! (`cluster`), seeded fault-injection runs with a recording workload (`chaos`), and the checker
-//! that judges the recorded history (`history`, pure).
+//! (`cluster`), seeded fault-injection runs with a recording workload (`chaos`), the checker
+//! that judges the recorded history (`history`, pure), and for tests against a real Kubernetes API
+//! server, a stand-in StatefulSet controller, kubelet and DNS (`kubelet`) with harness helpers
+//! (`k8s`).
 
 pub mod chaos;
 pub mod cluster;
 pub mod history;
+pub mod k8s;
+pub mod kubelet;
