@@ -9,3 +9,4 @@ pub mod cluster;
 pub mod history;
 pub mod k8s;
 pub mod kubelet;
+pub mod kvsc;

@@ -1,0 +1,123 @@
+//! A `KVStoreCluster` as a user sees it in end-to-end tests: the operator process, the resource's
+//! status through `kubectl`, and the cluster's keys through its pods. Shared by the operator and the
+//! Helm workflow tests. Panics instead of returning errors: it is for tests only.
+
+use crate::k8s::{eventually, kubectl};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kvs_api::KvClient;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Time one step (scale, rebalance) may take.
+pub const STEP: Duration = Duration::from_secs(120);
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+}
+
+/// The `kvs-operator` binary: `KVS_OPERATOR_BIN`, else the workspace's debug build (built now, so it
+/// is never stale).
+pub fn operator_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KVS_OPERATOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let built =
+        Command::new(env!("CARGO")).args(["build", "-q", "-p", "kvs-operator", "--bin", "kvs-operator"]).current_dir(&root).status();
+    assert!(built.is_ok_and(|s| s.success()), "building kvs-operator failed");
+    target.join("debug").join("kvs-operator")
+}
+
+/// A `kvs-operator` process (standing in for the operator's Deployment); killed on drop.
+pub struct OperatorProcess(Child);
+
+impl OperatorProcess {
+    /// Starts `kvs-operator` with `args` and `env`, logging to `log`.
+    pub fn start(args: &[String], env: &[(String, String)], log: &Path) -> Self {
+        let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let stderr = log.try_clone().expect("a file handle clones");
+        let child = Command::new(operator_binary())
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting kvs-operator: {e}"));
+        OperatorProcess(child)
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kubectl get kvsc NAME -o json`.
+pub fn kvsc(ns: &str, name: &str) -> Value {
+    serde_json::from_str(&kubectl(&["-n", ns, "get", "kvsc", name, "-o", "json"])).expect("kubectl prints JSON")
+}
+
+/// Waits until the cluster's status is Running and Available with `replicas` ready members in
+/// `partitions` partitions, for the current generation; returns the resource.
+pub async fn wait_running(ns: &str, name: &str, replicas: usize, partitions: i64, what: &str) -> Value {
+    eventually(what, STEP, || async {
+        let c = kvsc(ns, name);
+        let s = &c["status"];
+        let available = s["conditions"].as_array()?.iter().any(|c| c["type"] == "Available" && c["status"] == "True");
+        let done = s["phase"] == "Running"
+            && s["partitions"].as_i64() == Some(partitions)
+            && s["members"].as_array()?.len() == replicas
+            && s["readyReplicas"].as_i64() == Some(replicas as i64)
+            && s["observedGeneration"] == c["metadata"]["generation"]
+            && available;
+        done.then(|| c.clone())
+    })
+    .await
+}
+
+/// `ip:8080` of every pod of cluster `name` that has an IP.
+pub async fn pod_addresses(pods: &Api<Pod>, name: &str) -> Vec<String> {
+    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))).await.expect("listing pods");
+    list.items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).map(|ip| format!("{ip}:8080")).collect()
+}
+
+fn key(k: usize) -> String {
+    format!("key-{k}")
+}
+
+fn value(k: usize) -> String {
+    format!("value-{k}")
+}
+
+/// Writes `key-0..count` through the cluster's first pod.
+pub async fn write_keys(pods: &Api<Pod>, name: &str, count: usize) {
+    let first = pod_addresses(pods, name).await.into_iter().next().expect("a pod to write through");
+    let client = KvClient::new(first, Duration::from_secs(5));
+    for k in 0..count {
+        client.put(&key(k), value(k)).await.unwrap_or_else(|e| panic!("PUT {}: {e}", key(k)));
+    }
+}
+
+/// Every key reads back its value: all of them through the first pod, a sample through the others
+/// (any node serves any key).
+pub async fn assert_keys(pods: &Api<Pod>, name: &str, count: usize, step: &str) {
+    let addresses = pod_addresses(pods, name).await;
+    assert!(!addresses.is_empty(), "{step}: no pods");
+    for (i, address) in addresses.iter().enumerate() {
+        let client = KvClient::new(address.clone(), Duration::from_secs(5));
+        let sample: Vec<usize> = if i == 0 { (0..count).collect() } else { (0..count).step_by(97).collect() };
+        for k in sample {
+            let got = client.get(&key(k)).await.unwrap_or_else(|e| panic!("{step}: GET {} via {address}: {e}", key(k)));
+            let stored = got.unwrap_or_else(|| panic!("{step}: {} missing via {address}", key(k)));
+            assert_eq!(stored.value, value(k).as_bytes(), "{step}: {} via {address}", key(k));
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The user's workflow from the README's "On Kubernetes" section, end to end against a real API
+//! server: `helm install` the chart → the operator runs → `kubectl apply -f
+//! examples/cluster.yaml` → Available → `kubectl patch` to 6 replicas → rebalanced → `kubectl
+//! scale --replicas=2` → drained and shrunk → delete the cluster → `helm uninstall`.
+//!
+//! The test server has no kubelet, so two stand-ins play its part: `kvs_e2e::kubelet` runs the node
+//! pods, and this test runs the operator the way the chart's Deployment describes it — its
+//! container `args` and `env` read back from the installed Deployment (downward-API values filled
+//! in), the listen address moved to loopback. The server does not enforce RBAC (it cannot issue
+//! ServiceAccount tokens either), so the process uses the admin credentials; that the chart's
+//! ClusterRole grants exactly what the operator calls is checked by `operator/tests/chart.rs`.
+//! Needs `KUBECONFIG` and `helm`: `cargo test -p kvs-e2e --test k8s_helm -- --ignored`.
+
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use kube::Client;
+use kube::api::Api;
+use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
+use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
+use kvs_e2e::kvsc::{OperatorProcess, STEP, assert_keys, pod_addresses, wait_running, workspace_root, write_keys};
+use std::process::Command;
+
+const KEYS: usize = 300;
+const CRD: &str = "customresourcedefinitions/kvstoreclusters.kvstore.dev";
+
+fn helm(args: &[&str]) -> String {
+    let out = Command::new("helm")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running helm (on PATH after `eval \"$(../shared/k8s/up)\"`): {e}"));
+    assert!(out.status.success(), "helm {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Lets this release take over a CRD that an earlier test applied with kubectl (Helm refuses to
+/// overwrite objects it does not own). On a fresh cluster there is nothing to adopt.
+fn adopt_existing_crd(release: &str, ns: &str) {
+    let exists = Command::new("kubectl").args(["get", CRD]).output().is_ok_and(|o| o.status.success());
+    if exists {
+        kubectl(&[
+            "annotate",
+            "--overwrite",
+            CRD,
+            &format!("meta.helm.sh/release-name={release}"),
+            &format!("meta.helm.sh/release-namespace={ns}"),
+        ]);
+        kubectl(&["label", "--overwrite", CRD, "app.kubernetes.io/managed-by=Helm"]);
+    }
+}
+
+/// The operator's command line and environment as the installed Deployment gives them.
+async fn operator_from_deployment(client: &Client, ns: &str, name: &str, http: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let deployment: Deployment = Api::namespaced(client.clone(), ns).get(name).await.unwrap();
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let account = pod.service_account_name.clone().expect("the Deployment runs under the chart's ServiceAccount");
+    Api::<ServiceAccount>::namespaced(client.clone(), ns).get(&account).await.unwrap();
+    let container = &pod.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    let mut env = Vec::new();
+    for var in container.env.clone().unwrap_or_default() {
+        let value = match (var.value, var.value_from.and_then(|f| f.field_ref)) {
+            (Some(v), _) => v,
+            (None, Some(field)) if field.field_path == "metadata.namespace" => ns.to_owned(),
+            (None, Some(field)) if field.field_path == "metadata.name" => format!("{name}-0"),
+            other => panic!("the operator's env {} has a source this stand-in cannot fill: {other:?}", var.name),
+        };
+        env.push((var.name, value));
+    }
+    // A pod has its own network namespace; this process shares loopback with everything else.
+    for (name, value) in &mut env {
+        if name == "KVS_OPERATOR_HTTP_ADDRESS" {
+            *value = http.to_owned();
+        }
+    }
+    (args, env)
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server (KUBECONFIG) and helm; scripts/test starts one"]
+async fn helm_install_then_create_scale_and_uninstall() {
+    let client = api_client().await;
+    let namespace = fresh_namespace(&client, "kvs-helm-e2e").await;
+    let ns = namespace.name().to_owned();
+    let release = "kvstore-operator";
+    let chart = workspace_root().join("charts/kvstore-operator");
+    let root = tempfile::tempdir().unwrap();
+
+    // helm install (the README's command, in this test's namespace).
+    adopt_existing_crd(release, &ns);
+    helm(&["install", release, chart.to_str().unwrap(), "--namespace", &ns]);
+    kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
+    let notes = helm(&["status", release, "--namespace", &ns]);
+    assert!(notes.contains("kubectl get kvsc"), "NOTES tell the user what to do next:\n{notes}");
+    let role: ClusterRole = Api::all(client.clone()).get(release).await.unwrap();
+    assert!(!role.rules.unwrap().is_empty());
+
+    // The operator runs as its Deployment says; the node pods run under the stand-in kubelet.
+    let http = "127.0.0.1:18281";
+    let (args, env) = operator_from_deployment(&client, &ns, release, http).await;
+    assert_eq!(args, ["run"]);
+    let _operator = OperatorProcess::start(&args, &env, &root.path().join("operator.log"));
+    let ready = eventually("the operator is ready and leads", STEP, || async {
+        let body = reqwest::get(format!("http://{http}/readyz")).await.ok()?.text().await.ok()?;
+        body.contains("leader").then_some(body)
+    })
+    .await;
+    assert_eq!(ready, "ready (leader)");
+    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.64.".into() };
+    let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // kubectl apply -f examples/cluster.yaml → Available.
+    kubectl(&["apply", "-n", &ns, "-f", workspace_root().join("examples/cluster.yaml").to_str().unwrap()]);
+    wait_running(&ns, "demo", 4, 2, "the example cluster: 4 nodes, 2 partitions").await;
+    write_keys(&pods, "demo", KEYS).await;
+
+    // kubectl patch to 6 replicas → rebalanced.
+    kubectl(&["patch", "-n", &ns, "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);
+    wait_running(&ns, "demo", 6, 3, "6 nodes, 3 partitions").await;
+    assert_keys(&pods, "demo", KEYS, "after kubectl patch replicas 6").await;
+
+    // kubectl scale to 2 → drained and shrunk.
+    kubectl(&["scale", "-n", &ns, "kvsc", "demo", "--replicas=2"]);
+    wait_running(&ns, "demo", 2, 1, "2 nodes, 1 partition").await;
+    let sts: StatefulSet = Api::namespaced(client.clone(), &ns).get("demo").await.unwrap();
+    assert_eq!(sts.spec.unwrap().replicas, Some(2));
+    eventually("the removed pods are gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 2).then_some(()) }).await;
+    assert_keys(&pods, "demo", KEYS, "after kubectl scale --replicas=2").await;
+    let metrics = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"kvs_operator_view_changes_total{result="ok"}"#), "{metrics}");
+
+    // Delete the cluster while the operator still runs (its finalizer cleans up), then uninstall.
+    kubectl(&["delete", "-n", &ns, "kvsc", "demo", "--timeout=60s"]);
+    eventually("the cluster's StatefulSet is gone", STEP, || async {
+        Api::<StatefulSet>::namespaced(client.clone(), &ns).get_opt("demo").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    helm(&["uninstall", release, "--namespace", &ns]);
+    assert!(Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(release).await.unwrap().is_none());
+    assert!(Api::<ClusterRole>::all(client.clone()).get_opt(release).await.unwrap().is_none());
+    // The CRD stays (helm.sh/resource-policy: keep): uninstalling the operator never deletes data.
+    kubectl(&["get", CRD]);
+    kubelet.stop().await;
+}
