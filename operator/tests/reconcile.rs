@@ -39,6 +39,8 @@ struct Call {
 struct FakeApi {
     objects: Mutex<BTreeMap<String, Value>>,
     calls: Mutex<Vec<Call>>,
+    /// Reasons of the Events created (the mock does not keep Events as objects).
+    event_reasons: Mutex<Vec<String>>,
 }
 
 struct Target {
@@ -175,6 +177,7 @@ impl FakeApi {
             "create" => {
                 let mut object = body;
                 if t.resource == "events" {
+                    self.event_reasons.lock().unwrap().push(object["reason"].as_str().unwrap_or_default().to_owned());
                     return ok(&object);
                 }
                 let name = object["metadata"]["name"].as_str().unwrap().to_owned();
@@ -244,6 +247,8 @@ struct ScriptedNodes {
     status: Mutex<Option<ClusterStatus>>,
     posted: Mutex<Vec<(String, Vec<String>, u32)>>,
     tokens: Mutex<Vec<Option<String>>>,
+    /// View changes still to refuse (as a node answers 409 to a concurrent change).
+    refusals: Mutex<u32>,
 }
 
 #[async_trait::async_trait]
@@ -254,6 +259,11 @@ impl NodeAdmin for ScriptedNodes {
 
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
         self.posted.lock().unwrap().push((primary.to_owned(), members, replication_factor));
+        let mut refusals = self.refusals.lock().unwrap();
+        if *refusals > 0 {
+            *refusals -= 1;
+            anyhow::bail!("{primary} answered 409 Conflict: another view change is in progress");
+        }
         Ok(())
     }
 }
@@ -587,4 +597,29 @@ async fn deleting_a_cluster_removes_its_children_then_the_finalizer() {
     let finalizers = s.stored_cluster().metadata.finalizers.unwrap_or_default();
     assert!(finalizers.is_empty(), "finalizer removed: {finalizers:?}");
     s.assert_rbac_covers_every_call();
+}
+
+#[tokio::test]
+async fn a_failed_view_change_is_reported_and_posted_again() {
+    let s = established(4, 2).await;
+    s.pods(4, 4);
+    s.nodes_report(4, 2, None);
+    *s.nodes.refusals.lock().unwrap() = 1;
+    s.cluster(4, 1);
+    s.reconcile().await;
+    assert_eq!(s.posted_views().await.len(), 1);
+    // The next reconcile collects the failure (a Warning event) and, the view still being wrong,
+    // posts it again.
+    s.reconcile().await;
+    let reasons = s.api.event_reasons.lock().unwrap().clone();
+    assert!(reasons.contains(&"ViewChangeFailed".to_owned()), "the failure is published as an Event: {reasons:?}");
+    for _ in 0..50 {
+        if s.nodes.posted.lock().unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let posted = s.nodes.posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 2, "posted again after the failure");
+    assert_eq!(posted[0], posted[1]);
 }

@@ -159,3 +159,42 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
 async fn kubelet_ip(pods: &Api<Pod>, name: &str) -> Option<String> {
     pods.get_opt(name).await.ok()??.status?.pod_ip
 }
+
+async fn role(http: &str) -> Option<String> {
+    reqwest::get(format!("http://{http}/readyz")).await.ok()?.text().await.ok()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server (KUBECONFIG); scripts/test starts one"]
+async fn two_operators_elect_one_leader_and_the_standby_takes_over() {
+    let client: Client = api_client().await;
+    let namespace = fresh_namespace(&client, "kvs-operator-lease").await;
+    let ns = namespace.name().to_owned();
+    let root = tempfile::tempdir().unwrap();
+    let start = |identity: &str, http: &str| {
+        let args: Vec<String> =
+            ["run", "--namespace", &ns, "--lease-namespace", &ns, "--lease-seconds", "6", "--identity", identity, "--http-address", http]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        OperatorProcess::start(&args, &[], &root.path().join(format!("{identity}.log")))
+    };
+    let (http_a, http_b) = ("127.0.0.1:18191", "127.0.0.1:18192");
+    let a = start("a", http_a);
+    eventually("a leads", STEP, || async { role(http_a).await.filter(|r| r.contains("leader")) }).await;
+    let _b = start("b", http_b);
+    // For a few seconds both run: b stays a standby (never two leaders).
+    for _ in 0..30 {
+        let (ra, rb) = (role(http_a).await, role(http_b).await);
+        assert!(!(ra.as_deref() == Some("ready (leader)") && rb.as_deref() == Some("ready (leader)")), "two leaders");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(role(http_b).await.as_deref(), Some("ready (standby)"));
+    let holder = kubectl(&["-n", &ns, "get", "lease", "kvs-operator", "-o", "jsonpath={.spec.holderIdentity}"]);
+    assert_eq!(holder, "a");
+    // The leader dies without releasing the Lease (SIGKILL): b takes over once it expires.
+    drop(a);
+    eventually("b takes over", STEP, || async { role(http_b).await.filter(|r| r.contains("leader")) }).await;
+    let holder = kubectl(&["-n", &ns, "get", "lease", "kvs-operator", "-o", "jsonpath={.spec.holderIdentity}"]);
+    assert_eq!(holder, "b");
+}
