@@ -40,8 +40,8 @@ pub struct KVStoreClusterSpec {
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1))]
     pub replication_factor: i32,
-    /// Container image of the kvstore node. Changing it restarts the pods one at a time; each
-    /// keeps its identity and data.
+    /// Container image of the kvstore node. Changing it rolls the pods (the StatefulSet's rolling
+    /// update); a re-created pod keeps its identity and its data.
     #[serde(default = "default_image")]
     pub image: String,
     /// When to pull the image (`Always`, `IfNotPresent`, `Never`); the Kubernetes default when

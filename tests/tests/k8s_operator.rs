@@ -5,8 +5,9 @@
 //! `cargo test -p kvs-e2e --test k8s_operator -- --ignored`.
 //!
 //! One scenario, every step asserted: a 4-replica RF 2 cluster becomes Available with 2
-//! partitions; 1,000 keys are written; a pod killed and restarted keeps its identity and data;
-//! `kubectl patch` to 6 replicas gives 3 partitions; `kubectl scale --replicas=2` drains the data
+//! partitions; 1,000 keys are written; a pod killed and restarted, and a pod deleted and
+//! re-created, keep their identity and data; a scale-out reversed midway converges; `kubectl
+//! patch` to 6 replicas gives 3 partitions; `kubectl scale --replicas=2` drains the data
 //! before any pod goes (checked continuously); replicationFactor 2 → 1 → 2; every key is readable
 //! after every step; deleting the resource removes its children.
 
@@ -74,6 +75,20 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     kubelet.kill_pod("demo-1").unwrap();
     wait_running(&ns, "demo", 4, 2, "the restarted pod rejoins").await;
     assert_keys(&pods, "demo", KEYS, "after a pod restart").await;
+
+    // A pod deleted outright comes back as a new Pod, perhaps on another IP: its DNS identity and
+    // its volume are what make it the same member.
+    kubectl(&["-n", &ns, "delete", "pod", "demo-2", "--wait=true"]);
+    wait_running(&ns, "demo", 4, 2, "the re-created pod rejoins").await;
+    assert_keys(&pods, "demo", KEYS, "after a pod was deleted and re-created").await;
+
+    // A scale-out reversed while under way converges to the newest spec, nothing lost.
+    kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);
+    eventually("the scale-out to start", STEP, || async { (kvsc(&ns, "demo")["status"]["phase"] == "Rebalancing").then_some(()) }).await;
+    kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":4}}"#]);
+    wait_running(&ns, "demo", 4, 2, "back to 4 nodes, 2 partitions").await;
+    eventually("the extra pods gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 4).then_some(()) }).await;
+    assert_keys(&pods, "demo", KEYS, "after a reversed scale-out").await;
 
     // kubectl patch to 6 replicas: 3 partitions, nothing lost.
     kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);
