@@ -1,7 +1,7 @@
 //! The `KVStoreCluster` custom resource (group `kvstore.dev`, version `v1alpha1`, short name
 //! `kvsc`). Every field's doc comment becomes its description in the CRD (`kubectl explain`).
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,13 @@ pub struct KVStoreClusterSpec {
     /// Node labels the pods must be scheduled on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling constraints of the pods. Unset: the pods of a cluster prefer different nodes
+    /// (so the replicas of a partition rarely share a machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
     /// Storage for each node's data (one PersistentVolumeClaim per pod). Fixed at creation:
     /// a StatefulSet's volume claims cannot change.
     #[serde(default)]

@@ -306,6 +306,8 @@ impl Scenario {
                 image_pull_policy: None,
                 resources: None,
                 node_selector: None,
+                tolerations: None,
+                affinity: None,
                 storage: StorageSpec::default(),
                 max_value_bytes: None,
             },

@@ -19,9 +19,10 @@ use super::validate::Validated;
 use crate::crd::KVStoreCluster;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    Secret, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -171,6 +172,25 @@ pub fn disruption_budget(c: &KVStoreCluster) -> PodDisruptionBudget {
     }
 }
 
+/// The default affinity: a cluster's pods prefer to run on different nodes, so that losing one
+/// machine rarely takes more than one replica of a partition.
+fn spread_over_nodes(cluster: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector { match_labels: Some(selector_labels(cluster)), ..Default::default() }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
@@ -258,6 +278,8 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
                 spec: Some(PodSpec {
                     containers: vec![container],
                     node_selector: c.spec.node_selector.clone(),
+                    tolerations: c.spec.tolerations.clone(),
+                    affinity: Some(c.spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name))),
                     // The node image's non-root user; fsGroup makes the data volume writable to it.
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -295,6 +317,8 @@ mod tests {
                 image_pull_policy: None,
                 resources: None,
                 node_selector: None,
+                tolerations: None,
+                affinity: None,
                 storage: StorageSpec::default(),
                 max_value_bytes: Some(2048),
             },
@@ -329,6 +353,12 @@ mod tests {
         let token = container.env.as_ref().unwrap().iter().find(|e| e.name == "KVS_CLUSTER_TOKEN").unwrap();
         assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "demo-token");
         assert_eq!(identity("demo", "prod", 0), "demo-0.demo-nodes.prod.svc.cluster.local:8080");
+        let anti = spec.template.spec.as_ref().unwrap().affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
+        let term = &anti.preferred_during_scheduling_ignored_during_execution.as_ref().unwrap()[0].pod_affinity_term;
+        assert_eq!(
+            (term.topology_key.as_str(), term.label_selector.as_ref().unwrap().match_labels.as_ref()),
+            ("kubernetes.io/hostname", spec.selector.match_labels.as_ref())
+        );
         let pod_security = spec.template.spec.as_ref().unwrap().security_context.as_ref().unwrap();
         assert_eq!(
             (pod_security.run_as_non_root, pod_security.fs_group),

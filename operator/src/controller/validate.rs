@@ -74,6 +74,8 @@ mod tests {
             image_pull_policy: None,
             resources: None,
             node_selector: None,
+            tolerations: None,
+            affinity: None,
             storage: StorageSpec::default(),
             max_value_bytes: None,
         }
