@@ -75,6 +75,25 @@ pub struct KVStoreClusterSpec {
     pub max_value_bytes: Option<i64>,
 }
 
+impl KVStoreClusterSpec {
+    /// A spec of `replicas` nodes at `replication_factor` with every other field at its default
+    /// (what a manifest that sets only those two fields gets).
+    pub fn new(replicas: i32, replication_factor: i32) -> Self {
+        KVStoreClusterSpec {
+            replicas,
+            replication_factor,
+            image: default_image(),
+            image_pull_policy: None,
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+            storage: StorageSpec::default(),
+            max_value_bytes: None,
+        }
+    }
+}
+
 fn default_replication_factor() -> i32 {
     2
 }

@@ -16,7 +16,7 @@ use kube::{Client, client::Body};
 use kvs_api::{ClusterStatus, Layout, RebalanceProgress};
 use kvs_operator::controller::plan::Pod;
 use kvs_operator::controller::{Context, FINALIZER, reconcile};
-use kvs_operator::crd::{KVStoreCluster, KVStoreClusterSpec, StorageSpec};
+use kvs_operator::crd::{KVStoreCluster, KVStoreClusterSpec};
 use kvs_operator::driver::NodeAdmin;
 use kvs_operator::metrics::Metrics;
 use serde_json::{Value, json};
@@ -297,21 +297,7 @@ impl Scenario {
     }
 
     fn cluster(&self, replicas: i32, rf: i32) {
-        let mut c = KVStoreCluster::new(
-            "demo",
-            KVStoreClusterSpec {
-                replicas,
-                replication_factor: rf,
-                image: "kvs:1".into(),
-                image_pull_policy: None,
-                resources: None,
-                node_selector: None,
-                tolerations: None,
-                affinity: None,
-                storage: StorageSpec::default(),
-                max_value_bytes: None,
-            },
-        );
+        let mut c = KVStoreCluster::new("demo", KVStoreClusterSpec { image: "kvs:1".into(), ..KVStoreClusterSpec::new(replicas, rf) });
         c.metadata.namespace = Some(NS.into());
         c.metadata.uid = Some("uid-demo".into());
         c.metadata.generation = Some(1);

@@ -305,23 +305,12 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
 mod tests {
     use super::*;
     use crate::controller::validate::validate;
-    use crate::crd::{KVStoreClusterSpec, StorageSpec};
+    use crate::crd::KVStoreClusterSpec;
 
     fn cluster() -> KVStoreCluster {
         let mut c = KVStoreCluster::new(
             "demo",
-            KVStoreClusterSpec {
-                replicas: 4,
-                replication_factor: 2,
-                image: "kvs:1".into(),
-                image_pull_policy: None,
-                resources: None,
-                node_selector: None,
-                tolerations: None,
-                affinity: None,
-                storage: StorageSpec::default(),
-                max_value_bytes: Some(2048),
-            },
+            KVStoreClusterSpec { image: "kvs:1".into(), max_value_bytes: Some(2048), ..KVStoreClusterSpec::new(4, 2) },
         );
         c.metadata.namespace = Some("prod".into());
         c.metadata.uid = Some("uid-1".into());

@@ -64,21 +64,9 @@ fn is_quantity(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::StorageSpec;
 
     fn spec(replicas: i32, rf: i32) -> KVStoreClusterSpec {
-        KVStoreClusterSpec {
-            replicas,
-            replication_factor: rf,
-            image: "img".into(),
-            image_pull_policy: None,
-            resources: None,
-            node_selector: None,
-            tolerations: None,
-            affinity: None,
-            storage: StorageSpec::default(),
-            max_value_bytes: None,
-        }
+        KVStoreClusterSpec { image: "img".into(), ..KVStoreClusterSpec::new(replicas, rf) }
     }
 
     #[test]
