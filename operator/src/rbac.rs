@@ -1,8 +1,10 @@
 //! Exactly what the operator asks of the Kubernetes API: every (API group, resource, verb) it
 //! calls, and nothing else. The Helm chart's ClusterRole is checked against this list
 //! (`operator/tests/chart.rs`), and the mocked reconcile scenarios check that every request the
-//! controller makes is covered by it (`operator/tests/reconcile.rs`), so the list cannot drift from
-//! the code in either direction unnoticed.
+//! controller makes is covered by it (`operator/tests/reconcile.rs`); the Helm workflow test runs
+//! the operator behind a stand-in RBAC authorizer with the chart's rules, and fails if anything is
+//! denied or if a granted permission goes unused (`tests/tests/k8s_helm.rs`). So the list cannot
+//! drift from the code in either direction unnoticed.
 
 /// One RBAC rule: verbs on resources of an API group (`""` is the core group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,16 +18,17 @@ pub struct Rule {
 /// `patch` (which creates the object if it is missing).
 pub const RULES: &[Rule] = &[
     // The custom resource: watched; the finalizer is added and removed with a patch.
-    Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["get", "list", "watch", "patch"] },
-    Rule { group: "kvstore.dev", resource: "kvstoreclusters/status", verbs: &["get", "patch"] },
-    // Children: server-side applied, watched (owned), deleted on cleanup.
+    Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["list", "watch", "patch"] },
+    Rule { group: "kvstore.dev", resource: "kvstoreclusters/status", verbs: &["patch"] },
+    // Children: server-side applied, watched (owned), deleted on cleanup. The StatefulSet is also
+    // read: its current size and the view its pod template carries.
     Rule { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "patch", "delete"] },
-    Rule { group: "", resource: "services", verbs: &["get", "list", "watch", "patch", "delete"] },
-    Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["get", "list", "watch", "patch", "delete"] },
+    Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"] },
+    Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "watch", "patch", "delete"] },
     // The cluster token: created once (never overwritten), read to call the nodes' admin API.
     Rule { group: "", resource: "secrets", verbs: &["get", "create", "delete"] },
     // Node pods: watched for readiness and addresses; never changed by the operator.
-    Rule { group: "", resource: "pods", verbs: &["get", "list", "watch"] },
+    Rule { group: "", resource: "pods", verbs: &["list", "watch"] },
     // Events about view changes and failures (kube's Recorder creates, then patches repeats).
     Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
     // Leader election (kube-lease-manager: get, create, server-side apply).

@@ -1,9 +1,10 @@
 //! kvstore's cross-process test kit: real node processes on loopback or in network namespaces
 //! (`cluster`), seeded fault-injection runs with a recording workload (`chaos`), the checker
 //! that judges the recorded history (`history`, pure), and for tests against a real Kubernetes API
-//! server, a stand-in StatefulSet controller, kubelet and DNS (`kubelet`) with harness helpers
-//! (`k8s`).
+//! server, a stand-in StatefulSet controller, kubelet and DNS (`kubelet`), a stand-in RBAC authorizer
+//! (`authorizer`) and harness helpers (`k8s`, `kvsc`).
 
+pub mod authorizer;
 pub mod chaos;
 pub mod cluster;
 pub mod history;

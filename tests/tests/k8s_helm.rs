@@ -18,9 +18,11 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::Client;
 use kube::api::Api;
+use kvs_e2e::authorizer::{RbacProxy, Target};
 use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
 use kvs_e2e::kvsc::{OperatorProcess, STEP, assert_keys, pod_addresses, wait_running, workspace_root, write_keys};
+use std::collections::BTreeSet;
 use std::process::Command;
 
 const KEYS: usize = 300;
@@ -51,8 +53,9 @@ fn adopt_existing_crd(release: &str, ns: &str) {
     }
 }
 
-/// The operator's command line and environment as the installed Deployment gives them.
-async fn operator_from_deployment(client: &Client, ns: &str, name: &str, http: &str) -> (Vec<String>, Vec<(String, String)>) {
+/// The operator's command line, environment and ServiceAccount as the installed Deployment gives
+/// them.
+async fn operator_from_deployment(client: &Client, ns: &str, name: &str, http: &str) -> (Vec<String>, Vec<(String, String)>, String) {
     let deployment: Deployment = Api::namespaced(client.clone(), ns).get(name).await.unwrap();
     let pod = deployment.spec.unwrap().template.spec.unwrap();
     let account = pod.service_account_name.clone().expect("the Deployment runs under the chart's ServiceAccount");
@@ -75,7 +78,34 @@ async fn operator_from_deployment(client: &Client, ns: &str, name: &str, http: &
             *value = http.to_owned();
         }
     }
-    (args, env)
+    (args, env, account)
+}
+
+/// Nothing the operator asked was denied, and every permission the chart grants was used at
+/// least once over the workflow — or is named here with the reason the workflow cannot show it.
+fn assert_least_privilege(authorizer: &RbacProxy) {
+    /// Granted, but not necessarily asked for in one run of this workflow.
+    const NOT_ALWAYS_USED: &[(&str, &str, &str, &str)] =
+        &[("events.k8s.io", "events", "patch", "kube's Recorder patches an Event only when the same one repeats")];
+    let decisions = authorizer.decisions();
+    let denied: Vec<&Target> = decisions.iter().filter(|d| !d.allowed).map(|d| &d.target).collect();
+    assert!(denied.is_empty(), "the chart's RBAC denied the operator (add to operator/src/rbac.rs and the chart): {denied:#?}");
+    let used: BTreeSet<(String, String, String)> = decisions
+        .iter()
+        .filter_map(|d| match &d.target {
+            Target::Resource(a) => Some((a.group.clone(), a.resource.clone(), a.verb.clone())),
+            Target::NonResource { .. } => None,
+        })
+        .collect();
+    let unused: Vec<_> = authorizer
+        .granted()
+        .into_iter()
+        .filter(|g| !used.contains(g))
+        .filter(|(group, resource, verb)| {
+            !NOT_ALWAYS_USED.iter().any(|(g, r, v, _)| (g, r, v) == (&group.as_str(), &resource.as_str(), &verb.as_str()))
+        })
+        .collect();
+    assert!(unused.is_empty(), "the chart grants what the operator never asked for (remove it from operator/src/rbac.rs): {unused:#?}");
 }
 
 #[tokio::test]
@@ -99,8 +129,11 @@ async fn helm_install_then_create_scale_and_uninstall() {
 
     // The operator runs as its Deployment says; the node pods run under the stand-in kubelet.
     let http = "127.0.0.1:18281";
-    let (args, env) = operator_from_deployment(&client, &ns, release, http).await;
+    let (args, mut env, account) = operator_from_deployment(&client, &ns, release, http).await;
     assert_eq!(args, ["run"]);
+    // With the permissions the chart binds to its ServiceAccount, and no others.
+    let authorizer = RbacProxy::start(&ns, &account, root.path()).unwrap();
+    env.push(("KUBECONFIG".into(), authorizer.kubeconfig().display().to_string()));
     let _operator = OperatorProcess::start(&args, &env, &root.path().join("operator.log"));
     let ready = eventually("the operator is ready and leads", STEP, || async {
         let body = reqwest::get(format!("http://{http}/readyz")).await.ok()?.text().await.ok()?;
@@ -138,6 +171,7 @@ async fn helm_install_then_create_scale_and_uninstall() {
         Api::<StatefulSet>::namespaced(client.clone(), &ns).get_opt("demo").await.unwrap().is_none().then_some(())
     })
     .await;
+    assert_least_privilege(&authorizer);
     helm(&["uninstall", release, "--namespace", &ns]);
     assert!(Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(release).await.unwrap().is_none());
     assert!(Api::<ClusterRole>::all(client.clone()).get_opt(release).await.unwrap().is_none());

@@ -5,7 +5,7 @@
 //! `cargo test -p kvs-e2e --test k8s_operator -- --ignored`.
 //!
 //! One scenario, every step asserted: a 4-replica RF 2 cluster becomes Available with 2
-//! partitions; 1,000 keys are written; a pod killed and restarted, and a pod deleted and
+//! partitions; a deleted child (Service, budget) is put back; 1,000 keys are written; a pod killed and restarted, and a pod deleted and
 //! re-created, keep their identity and data; a scale-out reversed midway converges; `kubectl
 //! patch` to 6 replicas gives 3 partitions; `kubectl scale --replicas=2` drains the data
 //! before any pod goes (checked continuously); replicationFactor 2 → 1 → 2; every key is readable
@@ -66,6 +66,15 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     assert_eq!(c["status"]["selector"], "app.kubernetes.io/instance=demo,app.kubernetes.io/name=kvstore");
     let table = kubectl(&["-n", &ns, "get", "kvsc", "demo"]);
     assert!(table.contains("PARTITIONS") && table.contains("Running"), "kubectl get shows the printer columns:\n{table}");
+
+    // A deleted child is put back (the operator watches what it owns and re-applies it).
+    kubectl(&["-n", &ns, "delete", "service/demo", "poddisruptionbudget/demo"]);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    eventually("the client Service and the budget put back", STEP, || async {
+        (services.get_opt("demo").await.unwrap().is_some() && budgets.get_opt("demo").await.unwrap().is_some()).then_some(())
+    })
+    .await;
 
     // 1,000 keys.
     write_keys(&pods, "demo", KEYS).await;

@@ -92,20 +92,20 @@ operator watches; "leaderElection" is the Lease rule, scoped to the operator's o
 # The custom resource: watched; the finalizer is added and removed with a patch.
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstoreclusters"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstoreclusters/status"]
-  verbs: ["get", "patch"]
-# Children: server-side applied, watched (owned), deleted on cleanup.
+  verbs: ["patch"]
+# Children: server-side applied, watched (owned), deleted on cleanup; the StatefulSet is also read.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
 # The cluster token: created once (never overwritten), read to call the nodes' admin API.
 - apiGroups: [""]
   resources: ["secrets"]
@@ -113,7 +113,7 @@ operator watches; "leaderElection" is the Lease rule, scoped to the operator's o
 # Node pods: watched for readiness and addresses; never changed by the operator.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Events about view changes and failures.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use apply::KubeBackend;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod as KubePod;
+use k8s_openapi::api::core::v1::{Pod as KubePod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -249,19 +250,27 @@ async fn cleanup(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Erro
 }
 
 /// Runs the controller until `shutdown` completes: watches `KVStoreCluster`s (all namespaces, or
-/// `namespace`), the StatefulSets they own and their node pods.
+/// `namespace`), the StatefulSets, Services and PodDisruptionBudgets they own, and their node pods.
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let (clusters, statefulsets, pods) = match namespace {
-        Some(ns) => {
-            (Api::<KVStoreCluster>::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns))
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
         }
-        None => (Api::<KVStoreCluster>::all(client.clone()), Api::all(client.clone()), Api::all(client)),
-    };
+    }
+    let client = &ctx.client;
+    // Only what the operator made: children of other controllers are none of its business.
+    let ours = || watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator");
     let node_pods = watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator,app.kubernetes.io/name=kvstore");
-    Controller::new(clusters, watcher::Config::default())
-        .owns::<StatefulSet>(statefulsets, watcher::Config::default())
-        .watches(pods, node_pods, |pod: KubePod| {
+    Controller::new(api::<KVStoreCluster>(client, namespace), watcher::Config::default())
+        // A changed or deleted child is put back at once, not at the next periodic reconcile.
+        .owns::<StatefulSet>(api(client, namespace), ours())
+        .owns::<Service>(api(client, namespace), ours())
+        .owns::<PodDisruptionBudget>(api(client, namespace), ours())
+        .watches(api::<KubePod>(client, namespace), node_pods, |pod: KubePod| {
             let cluster = pod.labels().get("app.kubernetes.io/instance").cloned();
             let namespace = pod.namespace();
             cluster.into_iter().map(move |name| {
