@@ -83,6 +83,25 @@ pub async fn wait_running(ns: &str, name: &str, replicas: usize, partitions: i64
     .await
 }
 
+/// What tells one run of a pod from the next: its uid and its container's restart count.
+pub async fn pod_incarnation(pods: &Api<Pod>, pod: &str) -> Option<(String, i32)> {
+    let p = pods.get_opt(pod).await.ok()??;
+    let restarts = p.status.as_ref()?.container_statuses.as_ref()?.iter().map(|c| c.restart_count).sum();
+    Some((p.metadata.uid?, restarts))
+}
+
+/// Waits until pod `pod` runs again, Ready, as another incarnation than `before` (restarted or
+/// re-created). Status read before this could still describe the old run.
+pub async fn wait_pod_back(pods: &Api<Pod>, pod: &str, before: &(String, i32)) {
+    eventually(&format!("pod {pod} back and Ready"), STEP, || async {
+        let now = pod_incarnation(pods, pod).await?;
+        let p = pods.get_opt(pod).await.ok()??;
+        let ready = p.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && &now != before).then_some(())
+    })
+    .await
+}
+
 /// `ip:8080` of every pod of cluster `name` that has an IP.
 pub async fn pod_addresses(pods: &Api<Pod>, name: &str) -> Vec<String> {
     let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))).await.expect("listing pods");

@@ -21,7 +21,9 @@ use kube::{Client, ResourceExt};
 use kvs_api::ClusterStatus;
 use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
-use kvs_e2e::kvsc::{OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, wait_running, workspace_root, write_keys};
+use kvs_e2e::kvsc::{
+    OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, pod_incarnation, wait_pod_back, wait_running, workspace_root, write_keys,
+};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,13 +83,17 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     assert_keys(&pods, "demo", KEYS, "after writing").await;
 
     // A killed pod comes back (same identity, same data) and the cluster is whole again.
+    let before = pod_incarnation(&pods, "demo-1").await.unwrap();
     kubelet.kill_pod("demo-1").unwrap();
+    wait_pod_back(&pods, "demo-1", &before).await;
     wait_running(&ns, "demo", 4, 2, "the restarted pod rejoins").await;
     assert_keys(&pods, "demo", KEYS, "after a pod restart").await;
 
     // A pod deleted outright comes back as a new Pod, perhaps on another IP: its DNS identity and
     // its volume are what make it the same member.
+    let before = pod_incarnation(&pods, "demo-2").await.unwrap();
     kubectl(&["-n", &ns, "delete", "pod", "demo-2", "--wait=true"]);
+    wait_pod_back(&pods, "demo-2", &before).await;
     wait_running(&ns, "demo", 4, 2, "the re-created pod rejoins").await;
     assert_keys(&pods, "demo", KEYS, "after a pod was deleted and re-created").await;
 
