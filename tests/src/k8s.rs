@@ -4,7 +4,7 @@
 //! share one server and run in parallel. These helpers panic with a clear message instead of
 //! returning errors: they are for tests only.
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::config::KubeConfigOptions;
@@ -61,6 +61,12 @@ pub async fn fresh_namespace(client: &Client, prefix: &str) -> TestNamespace {
         .await
         .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
     TestNamespace { name }
+}
+
+/// Whether a Pod's Ready condition is True.
+pub fn pod_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Runs `kubectl` (from PATH, on `KUBECONFIG`) and returns its stdout; panics with its stderr if it fails.

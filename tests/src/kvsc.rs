@@ -2,7 +2,7 @@
 //! status through `kubectl`, and the cluster's keys through its pods. Shared by the operator and the
 //! Helm workflow tests. Panics instead of returning errors: it is for tests only.
 
-use crate::k8s::{eventually, kubectl};
+use crate::k8s::{eventually, kubectl, pod_ready};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kvs_api::KvClient;
@@ -83,21 +83,23 @@ pub async fn wait_running(ns: &str, name: &str, replicas: usize, partitions: i64
     .await
 }
 
-/// What tells one run of a pod from the next: its uid and its container's restart count.
+/// What tells one run of a pod from the next: its uid and its containers' restart count.
+fn incarnation(pod: &Pod) -> Option<(String, i32)> {
+    let restarts = pod.status.as_ref()?.container_statuses.as_ref()?.iter().map(|c| c.restart_count).sum();
+    Some((pod.metadata.uid.clone()?, restarts))
+}
+
+/// The current incarnation of pod `pod` (see [`wait_pod_back`]).
 pub async fn pod_incarnation(pods: &Api<Pod>, pod: &str) -> Option<(String, i32)> {
-    let p = pods.get_opt(pod).await.ok()??;
-    let restarts = p.status.as_ref()?.container_statuses.as_ref()?.iter().map(|c| c.restart_count).sum();
-    Some((p.metadata.uid?, restarts))
+    incarnation(&pods.get_opt(pod).await.ok()??)
 }
 
 /// Waits until pod `pod` runs again, Ready, as another incarnation than `before` (restarted or
 /// re-created). Status read before this could still describe the old run.
 pub async fn wait_pod_back(pods: &Api<Pod>, pod: &str, before: &(String, i32)) {
     eventually(&format!("pod {pod} back and Ready"), STEP, || async {
-        let now = pod_incarnation(pods, pod).await?;
         let p = pods.get_opt(pod).await.ok()??;
-        let ready = p.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-        (ready && &now != before).then_some(())
+        (pod_ready(&p) && incarnation(&p).as_ref() != Some(before)).then_some(())
     })
     .await
 }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use kvs_api::KvClient;
-use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
+use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary, pod_ready};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
 use serde_json::json;
 use std::time::Duration;
@@ -78,8 +78,8 @@ async fn start_kubelet(client: &Client, ns: &str, root: &std::path::Path, prefix
 /// The Pod's IP and restart count once it is Ready.
 async fn ready_pod(pods: &Api<Pod>, name: &str) -> Option<(String, i32)> {
     let pod = pods.get_opt(name).await.ok()??;
+    let ready = pod_ready(&pod);
     let status = pod.status?;
-    let ready = status.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     let restarts = status.container_statuses?.first()?.restart_count;
     (ready && status.phase.as_deref() == Some("Running")).then_some((status.pod_ip?, restarts))
 }

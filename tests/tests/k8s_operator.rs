@@ -5,8 +5,8 @@
 //! `cargo test -p kvs-e2e --test k8s_operator -- --ignored`.
 //!
 //! One scenario, every step asserted: a 4-replica RF 2 cluster becomes Available with 2
-//! partitions; a deleted child (Service, budget) is put back; 1,000 keys are written; a pod killed and restarted, and a pod deleted and
-//! re-created, keep their identity and data; a scale-out reversed midway converges; `kubectl
+//! partitions; a deleted child (Service, budget) is put back; 1,000 keys are written; a pod
+//! killed and restarted, and a pod deleted and re-created, keep their identity and data; a scale-out reversed midway converges; `kubectl
 //! patch` to 6 replicas gives 3 partitions; `kubectl scale --replicas=2` drains the data
 //! before any pod goes (checked continuously); replicationFactor 2 → 1 → 2; every key is readable
 //! after every step; deleting the resource removes its children.
