@@ -20,6 +20,11 @@ pub const HEADER_CAUSAL_CONTEXT: &str = "kvs-causal-context";
 pub const HEADER_PARTITION: &str = "kvs-partition";
 /// Response header: the version's timestamp (µs since the Unix epoch, hybrid logical clock).
 pub const HEADER_TIMESTAMP: &str = "kvs-timestamp";
+/// Response header on writes: durable copies of the write / replicas of its partition (`2/2`).
+pub const HEADER_REPLICAS: &str = "kvs-replicas";
+/// Request header on writes: refuse (503) rather than acknowledge a write with fewer durable
+/// copies than this.
+pub const HEADER_MIN_REPLICAS: &str = "kvs-min-replicas";
 /// Header carrying the cluster token on internal and administrative routes.
 pub const HEADER_CLUSTER_TOKEN: &str = "kvs-cluster-token";
 
@@ -52,6 +57,13 @@ pub struct WriteResponse {
     pub timestamp: u64,
     /// PUT: true when the key had no live value before. DELETE: true when it had one.
     pub changed_liveness: bool,
+    /// Replicas of the key's partition that hold the write durably (the `kvs-replicas` header's
+    /// first number).
+    #[serde(default)]
+    pub copies: u32,
+    /// Replicas the key's partition has.
+    #[serde(default)]
+    pub replicas: u32,
 }
 
 /// A cluster layout: which nodes form which partition, under which epoch.

@@ -48,7 +48,6 @@ impl Node {
         for peer in view.members(partition).iter().filter(|m| *m != self.id()) {
             match self.sync_with(&view, peer, partition, summary, &mine).await {
                 Ok(n) => {
-                    self.health.mark_up(peer);
                     self.freshness.repaired(peer, my_stable);
                     repaired += n;
                 }
@@ -67,9 +66,9 @@ impl Node {
         summary: u64,
         mine: &[(Slot, u64)],
     ) -> Result<u64, SyncError> {
-        let timeout = self.settings.replicate_timeout * 4;
+        let deadline = self.settings.replica_deadline;
         let request = PeerRequest::DigestSummary { view_epoch: view.epoch(), partition, summary };
-        let (stable, theirs) = match self.peers.call(peer, &request, timeout).await? {
+        let (stable, theirs) = match self.call_peer(peer, &request, deadline).await? {
             PeerResponse::Summary { stable, digests: None } => {
                 // Same data: we hold everything the peer coordinated up to its stable time.
                 self.freshness.synced(peer, stable);
@@ -84,7 +83,7 @@ impl Node {
         for slots in differing.chunks(MAX_SLOTS_PER_SYNC) {
             let records = self.scan_slots(slots)?;
             let request = PeerRequest::SyncSlots { view_epoch: view.epoch(), slots: slots.to_vec(), records };
-            match self.peers.call(peer, &request, timeout).await? {
+            match self.call_peer(peer, &request, deadline).await? {
                 PeerResponse::Synced { records, repaired: there } => {
                     repaired += self.apply_replicated(records).await?;
                     self.metrics.anti_entropy_pushed.inc_by(there);
@@ -136,9 +135,17 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = ticker.tick() => {
-                node.gossip_view().await;
-                let repaired = node.anti_entropy_round().await;
+            _ = ticker.tick() => {}
+        }
+        // A round may wait on a slow peer: shutting down does not wait for it (a round applies
+        // whole batches only, so stopping between them is safe).
+        let round = async {
+            node.gossip_view().await;
+            node.anti_entropy_round().await
+        };
+        tokio::select! {
+            _ = &mut shutdown => return,
+            repaired = round => {
                 if repaired > 0 {
                     tracing::info!(repaired, "anti-entropy repaired records");
                 }
@@ -152,14 +159,14 @@ impl Node {
     /// that was down or paused during a view change catches up.
     async fn gossip_view(&self) {
         let Some(view) = self.view() else { return };
-        let others: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id() && !self.health.is_down(m)).collect();
+        let others: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id() && !self.liveness.is_dead(m)).collect();
         if others.is_empty() {
             return;
         }
         let tick = self.metrics.gossip_rounds.get() as usize;
         self.metrics.gossip_rounds.inc();
         let peer = &others[tick % others.len()];
-        if let Ok(PeerResponse::Hello(info)) = self.peers.call(peer, &PeerRequest::Hello, self.settings.replicate_timeout).await
+        if let Ok(PeerResponse::Hello(info)) = self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
             && let Some(layout) = info.layout
             && layout.epoch > view.epoch()
         {

@@ -42,13 +42,39 @@ pub struct Args {
     #[arg(long, env = "KVS_CONNECT_TIMEOUT_MS", default_value_t = 300)]
     pub connect_timeout_ms: u64,
 
-    /// Time a forwarded request may take at one owner before failing over, in milliseconds.
-    #[arg(long, env = "KVS_FORWARD_TIMEOUT_MS", default_value_t = 500)]
-    pub forward_timeout_ms: u64,
+    /// Longest a forwarded request waits for a live owner before trying the next one, in
+    /// milliseconds. A dead owner (see --heartbeat-interval-ms) is skipped at once.
+    #[arg(long, env = "KVS_FORWARD_DEADLINE_MS", default_value_t = 10_000)]
+    pub forward_deadline_ms: u64,
 
-    /// Time replicating a write to one replica may take, in milliseconds.
-    #[arg(long, env = "KVS_REPLICATE_TIMEOUT_MS", default_value_t = 250)]
-    pub replicate_timeout_ms: u64,
+    /// Longest a write waits for a live replica to store it (or a causal read for a live
+    /// replica's record), in milliseconds. A dead replica is given up on at once.
+    #[arg(long, env = "KVS_REPLICA_DEADLINE_MS", default_value_t = 5_000)]
+    pub replica_deadline_ms: u64,
+
+    /// Interval between heartbeats to each peer, in milliseconds. A peer is declared dead when a
+    /// connection to it fails, or when nothing was heard from it for long enough that the
+    /// phi-accrual failure detector reaches --phi-threshold (about 0.6 s with the defaults).
+    #[arg(long, env = "KVS_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Suspicion at which a silent peer is declared dead (phi-accrual; 8 ≈ one wrong call in 10^8).
+    #[arg(long, env = "KVS_PHI_THRESHOLD", default_value_t = 8.0)]
+    pub phi_threshold: f64,
+
+    /// Silence tolerated on top of the usual heartbeat interval before suspicion grows, in
+    /// milliseconds.
+    #[arg(long, env = "KVS_ACCEPTABLE_HEARTBEAT_PAUSE_MS", default_value_t = 250)]
+    pub acceptable_heartbeat_pause_ms: u64,
+
+    /// Client requests in progress on this node at once; more wait in a queue.
+    #[arg(long, env = "KVS_MAX_IN_FLIGHT_REQUESTS", default_value_t = 128)]
+    pub max_in_flight_requests: usize,
+
+    /// Longest a client request waits in the queue before it is refused (503 with Retry-After),
+    /// in milliseconds.
+    #[arg(long, env = "KVS_QUEUE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub queue_timeout_ms: u64,
 
     /// Pause between anti-entropy rounds, in milliseconds.
     #[arg(long, env = "KVS_ANTI_ENTROPY_INTERVAL_MS", default_value_t = 200)]
@@ -101,6 +127,8 @@ pub enum ConfigError {
     BadViewEntry(String),
     #[error("K must be at least 1")]
     ZeroK,
+    #[error("--phi-threshold must be a positive number; it is {0}")]
+    BadPhiThreshold(f64),
     #[error("could not read the cluster token file {path}: {source}")]
     TokenFile { path: PathBuf, source: std::io::Error },
 }
@@ -156,8 +184,18 @@ impl Args {
     /// Node settings from the flags.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let mut s = Settings::new(self.ipport.clone());
-        s.forward_timeout = Duration::from_millis(self.forward_timeout_ms);
-        s.replicate_timeout = Duration::from_millis(self.replicate_timeout_ms);
+        s.forward_deadline = Duration::from_millis(self.forward_deadline_ms.max(1));
+        s.replica_deadline = Duration::from_millis(self.replica_deadline_ms.max(1));
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return Err(ConfigError::BadPhiThreshold(self.phi_threshold));
+        }
+        s.detector.heartbeat_interval = Duration::from_millis(self.heartbeat_interval_ms.max(1));
+        s.detector.phi_threshold = self.phi_threshold;
+        s.detector.acceptable_pause = Duration::from_millis(self.acceptable_heartbeat_pause_ms);
+        s.admission = crate::admission::Limits {
+            max_in_flight: self.max_in_flight_requests.max(1),
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+        };
         s.anti_entropy_interval = Duration::from_millis(self.anti_entropy_interval_ms.max(1));
         s.max_value_bytes = self.max_value_bytes;
         s.cluster_token = match (&self.cluster_token, &self.cluster_token_file) {

@@ -9,19 +9,22 @@
 //!   causal reads), [`anti_entropy`] (replica repair);
 //! - surface: [`http`] (thin handlers), [`metrics`], [`config`].
 
+pub mod admission;
 pub mod anti_entropy;
 pub mod causal;
 pub mod config;
 mod fence;
 pub mod freshness;
+mod heartbeat;
 pub mod hosts;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod placement;
 pub mod rebalance;
-mod replication;
+pub mod replication;
 pub mod store;
 pub mod view;
 pub mod view_store;
@@ -61,10 +64,14 @@ pub async fn run_with_limits(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(anti_entropy::run(node.clone(), async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|&s| s).await;
-    }));
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|&s| s).await;
+        }
+    };
+    let background = tokio::spawn(anti_entropy::run(node.clone(), stopped()));
+    let heartbeats = tokio::spawn(heartbeat::run(node.clone(), stopped()));
     let app = http::router(node);
     // Each connection holds a permit; a full server answers 503 instead of queueing forever.
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -101,9 +108,12 @@ pub async fn run_with_limits(
     }
     tracing::info!("shutting down: finishing in-flight requests");
     drop(listener);
-    let _ = stop_tx.send(true);
+    // Background work stops only after the last request: requests in flight may still depend
+    // on the failure detector's heartbeats (to give up on a replica that died meanwhile).
     graceful.shutdown().await;
+    let _ = stop_tx.send(true);
     let _ = background.await;
+    let _ = heartbeats.await;
     Ok(())
 }
 

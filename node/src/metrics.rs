@@ -2,6 +2,7 @@
 //!
 //! Handles are cheap clones of atomics registered once at start-up; updating one never takes a lock.
 
+use crate::replication::ReplicaOutcome;
 use crate::store::{CommitCounts, StoreStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,12 +34,28 @@ struct StateLabel {
     state: &'static str,
 }
 
-/// Replication attempts, by outcome.
-pub struct ReplicationCounters {
-    pub ok: Counter,
-    pub failed: Counter,
-    /// Not attempted: the peer had failed moments ago (anti-entropy will repair it).
-    pub skipped: Counter,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// One counter per [`ReplicaOutcome`], registered once.
+struct PerOutcome {
+    stored: Counter,
+    dead: Counter,
+    slow: Counter,
+    refused: Counter,
+}
+
+impl PerOutcome {
+    fn get(&self, outcome: ReplicaOutcome) -> &Counter {
+        match outcome {
+            ReplicaOutcome::Stored => &self.stored,
+            ReplicaOutcome::Dead => &self.dead,
+            ReplicaOutcome::Slow => &self.slow,
+            ReplicaOutcome::Refused => &self.refused,
+        }
+    }
 }
 
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -49,7 +66,13 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_seconds: HistogramFamily,
     pub forwarded: Counter,
-    pub replication: ReplicationCounters,
+    replication: PerOutcome,
+    under_replicated: PerOutcome,
+    pub overloaded: Counter,
+    pub expired_forwards: Counter,
+    pub peer_deaths: Counter,
+    queued: Gauge,
+    in_flight: Gauge,
     pub causal_fetches: Counter,
     pub anti_entropy_repairs: Counter,
     pub anti_entropy_pushed: Counter,
@@ -74,14 +97,50 @@ impl Default for Metrics {
         let forwarded = Counter::default();
         registry.register("forwarded", "Client requests forwarded to another node (one per attempt)", forwarded.clone());
         let outcomes = Family::<OutcomeLabel, Counter>::default();
-        registry.register("replication", "Replication of writes to peer replicas, by outcome", outcomes.clone());
+        registry.register(
+            "replication",
+            "Writes sent to peer replicas, by outcome: stored, dead (the replica is dead: skipped or given up on), \
+             slow (alive but past the replica deadline), refused",
+            outcomes.clone(),
+        );
         // One statement per handle: `get_or_create` returns a guard on the family's lock, and two
         // guards alive in one expression deadlock.
         let outcome = |outcome| outcomes.get_or_create(&OutcomeLabel { outcome }).clone();
-        let ok = outcome("ok");
-        let failed = outcome("failed");
-        let skipped = outcome("skipped");
-        let replication = ReplicationCounters { ok, failed, skipped };
+        let stored = outcome("stored");
+        let dead = outcome("dead");
+        let slow = outcome("slow");
+        let refused = outcome("refused");
+        let replication = PerOutcome { stored, dead, slow, refused };
+        let reasons = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "under_replicated_writes",
+            "Writes acknowledged with fewer durable copies than their partition has replicas, by the reason a copy is missing \
+             (replica_dead, replica_slow, replica_refused; one count per write)",
+            reasons.clone(),
+        );
+        let reason = |reason| reasons.get_or_create(&ReasonLabel { reason }).clone();
+        let dead = reason("replica_dead");
+        let slow = reason("replica_slow");
+        let refused = reason("replica_refused");
+        let under_replicated = PerOutcome { stored: Counter::default(), dead, slow, refused };
+        let overloaded = Counter::default();
+        registry.register(
+            "requests_overloaded",
+            "Client requests refused with 503 after waiting the whole queue timeout for a slot",
+            overloaded.clone(),
+        );
+        let expired_forwards = Counter::default();
+        registry.register(
+            "forwarded_writes_expired",
+            "Forwarded writes refused because they arrived too late (the forwarder may have sent them to another owner)",
+            expired_forwards.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register("requests_queued", "Client requests waiting for a slot (admission queue)", queued.clone());
+        let in_flight = Gauge::default();
+        registry.register("requests_in_flight", "Client requests in progress (holding a slot)", in_flight.clone());
+        let peer_deaths = Counter::default();
+        registry.register("peer_deaths", "Times the failure detector declared a peer dead", peer_deaths.clone());
         let causal_fetches = Counter::default();
         registry.register(
             "causal_fetches",
@@ -108,6 +167,12 @@ impl Default for Metrics {
             request_seconds,
             forwarded,
             replication,
+            under_replicated,
+            overloaded,
+            expired_forwards,
+            peer_deaths,
+            queued,
+            in_flight,
             causal_fetches,
             anti_entropy_repairs,
             anti_entropy_pushed,
@@ -118,8 +183,21 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition, with gauges refreshed from `stats`.
-    pub fn render(&self, stats: StoreStats, commits: CommitCounts) -> String {
+    /// Counts one write sent to one replica.
+    pub(crate) fn replicated(&self, outcome: ReplicaOutcome) {
+        self.replication.get(outcome).inc();
+    }
+
+    /// Counts one write acknowledged without a copy on some replica, for `reason`.
+    pub(crate) fn under_replicated(&self, reason: ReplicaOutcome) {
+        self.under_replicated.get(reason).inc();
+    }
+
+    /// The Prometheus text exposition, with gauges refreshed from `stats` and the admission
+    /// queue's `(queued, in_flight)`.
+    pub fn render(&self, stats: StoreStats, commits: CommitCounts, load: (i64, usize)) -> String {
+        self.queued.set(load.0);
+        self.in_flight.set(load.1 as i64);
         // Counters mirror the store's own totals: add what is new since the last scrape.
         self.commits.inc_by(commits.commits.saturating_sub(self.commits.get()));
         self.committed_records.inc_by(commits.records.saturating_sub(self.committed_records.get()));

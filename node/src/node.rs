@@ -7,11 +7,13 @@
 //!   request works against one consistent view from start to finish.
 //! - Every timestamp this node issues is above every timestamp it has stored or received.
 
+use crate::admission::{Admission, Overloaded};
 use crate::causal::{Hlc, VectorClock};
 use crate::fence::WriteFence;
 use crate::freshness::Freshness;
+use crate::liveness::{Death, DetectorConfig, Liveness, PeerState};
 use crate::metrics::Metrics;
-use crate::peers::{PeerHealth, PeerRequest, PeerResponse, Peers};
+use crate::peers::{CoordinateRefusal, Durability, PeerError, PeerRequest, PeerResponse, Peers};
 use crate::placement::PartitionId;
 use crate::rebalance::RebalanceState;
 use crate::store::{Store, StoreError};
@@ -27,12 +29,16 @@ use std::time::Duration;
 pub struct Settings {
     /// This node's identity (`IPPORT`).
     pub me: NodeId,
-    /// Budget for a forwarded client request at one owner before failing over to the next.
-    pub forward_timeout: Duration,
-    /// Budget for replicating a write to one replica (or fetching a record from one).
-    pub replicate_timeout: Duration,
-    /// How long a peer that failed is skipped before being tried again.
-    pub peer_hold_down: Duration,
+    /// Longest a forwarded client request waits for a live owner before trying the next owner.
+    /// An owner declared dead is given up on at once (see `liveness`); this bounds a live one.
+    pub forward_deadline: Duration,
+    /// Longest a write waits for a live replica to store it (and a causal read for a live
+    /// replica's record). A replica declared dead is given up on at once.
+    pub replica_deadline: Duration,
+    /// The failure detector's tunables.
+    pub detector: DetectorConfig,
+    /// Client operations in progress at once, and how long more may queue.
+    pub admission: crate::admission::Limits,
     /// Pause between anti-entropy rounds.
     pub anti_entropy_interval: Duration,
     /// Largest value accepted, in bytes.
@@ -41,7 +47,8 @@ pub struct Settings {
     pub cluster_token: Option<String>,
     /// Where the view is persisted (the data directory); `None` keeps it in memory only.
     pub state_dir: Option<PathBuf>,
-    /// Budget for one view-change control message (prepare, begin, commit) to one node.
+    /// Budget for one view-change control message (prepare, begin, commit) to one live node (a
+    /// dead one is given up on at once). Begin waits for the writes in progress to finish.
     pub view_change_timeout: Duration,
 }
 
@@ -50,14 +57,15 @@ impl Settings {
     pub fn new(me: impl Into<NodeId>) -> Self {
         Settings {
             me: me.into(),
-            forward_timeout: Duration::from_millis(500),
-            replicate_timeout: Duration::from_millis(250),
-            peer_hold_down: Duration::from_millis(1000),
+            forward_deadline: Duration::from_secs(10),
+            replica_deadline: Duration::from_secs(5),
+            detector: DetectorConfig::default(),
+            admission: crate::admission::Limits::default(),
             anti_entropy_interval: Duration::from_millis(200),
             max_value_bytes: 1 << 20,
             cluster_token: None,
             state_dir: None,
-            view_change_timeout: Duration::from_secs(2),
+            view_change_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,7 +88,95 @@ pub enum KvError {
     #[error("{peer} is on a newer view")]
     StaleView { peer: String },
     #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    #[error(
+        "only {alive} of the {replicas} replicas of partition {partition} are alive and kvs-min-replicas asks for {min_copies}; \
+         nothing was written: retry when a replica is back, or ask for fewer copies"
+    )]
+    TooFewReplicas { partition: PartitionId, alive: u32, replicas: u32, min_copies: u32 },
+    #[error(
+        "the write is durable on {} of the {} replicas of partition {partition}, fewer than kvs-min-replicas={min_copies}; \
+         it is not acknowledged but may still become visible (a replica that missed it catches up by anti-entropy)",
+        durability.copies, durability.replicas
+    )]
+    UnderReplicated { partition: PartitionId, durability: Durability, min_copies: u32 },
+    #[error("kvs-min-replicas is {min_copies} but partition {partition} has {replicas} replicas; ask for at most {replicas}")]
+    MinCopiesAboveReplicas { partition: PartitionId, replicas: u32, min_copies: u32 },
+    #[error("the forwarded write reached its owner {age_micros} µs after it was sent, too late to be performed safely")]
+    Expired { age_micros: u64 },
+    #[error("the owner's storage failed: {0}")]
+    RemoteStorage(String),
+    #[error(transparent)]
     Storage(#[from] StoreError),
+}
+
+impl KvError {
+    /// The refusal an owner sends back for a forwarded operation.
+    pub(crate) fn to_refusal(&self) -> CoordinateRefusal {
+        match *self {
+            KvError::EpochMismatch { mine, theirs } => CoordinateRefusal::EpochMismatch { mine, theirs },
+            KvError::NotOwner { partition, epoch } => CoordinateRefusal::NotOwner { partition, epoch },
+            KvError::NoView => CoordinateRefusal::NoView,
+            KvError::CausalUnavailable { partition } | KvError::Unavailable { partition } => {
+                CoordinateRefusal::CausalUnavailable { partition }
+            }
+            KvError::TooFewReplicas { partition, alive, replicas, min_copies } => {
+                CoordinateRefusal::TooFewReplicas { partition, alive, replicas, min_copies }
+            }
+            KvError::UnderReplicated { partition, durability, min_copies } => {
+                CoordinateRefusal::UnderReplicated { partition, durability, min_copies }
+            }
+            KvError::MinCopiesAboveReplicas { partition, replicas, min_copies } => {
+                CoordinateRefusal::MinCopiesAboveReplicas { partition, replicas, min_copies }
+            }
+            KvError::Expired { age_micros } => CoordinateRefusal::Expired { age_micros },
+            KvError::StaleView { .. } | KvError::Overloaded(_) | KvError::RemoteStorage(_) | KvError::Storage(_) => {
+                CoordinateRefusal::Storage { detail: self.to_string() }
+            }
+        }
+    }
+
+    /// The error a forwarder reports for an owner's refusal.
+    pub(crate) fn from_refusal(refusal: CoordinateRefusal) -> Self {
+        match refusal {
+            CoordinateRefusal::EpochMismatch { mine, theirs } => KvError::EpochMismatch { mine, theirs },
+            CoordinateRefusal::NotOwner { partition, epoch } => KvError::NotOwner { partition, epoch },
+            CoordinateRefusal::NoView => KvError::NoView,
+            CoordinateRefusal::CausalUnavailable { partition } => KvError::CausalUnavailable { partition },
+            CoordinateRefusal::MinCopiesAboveReplicas { partition, replicas, min_copies } => {
+                KvError::MinCopiesAboveReplicas { partition, replicas, min_copies }
+            }
+            CoordinateRefusal::TooFewReplicas { partition, alive, replicas, min_copies } => {
+                KvError::TooFewReplicas { partition, alive, replicas, min_copies }
+            }
+            CoordinateRefusal::UnderReplicated { partition, durability, min_copies } => {
+                KvError::UnderReplicated { partition, durability, min_copies }
+            }
+            CoordinateRefusal::Expired { age_micros } => KvError::Expired { age_micros },
+            CoordinateRefusal::Storage { detail } => KvError::RemoteStorage(detail),
+        }
+    }
+}
+
+/// The right to change a node's views, held by one transition at a time.
+pub(crate) struct ViewUpdate<'a> {
+    node: &'a Node,
+    _exclusive: std::sync::MutexGuard<'a, ()>,
+}
+
+impl ViewUpdate<'_> {
+    pub(crate) fn view(&self) -> Option<Arc<View>> {
+        self.node.view()
+    }
+
+    pub(crate) fn pending(&self) -> Option<Arc<View>> {
+        self.node.pending()
+    }
+
+    /// Replaces both views, durably first; never moves the view to a lower epoch.
+    pub(crate) fn set(&self, view: Option<Arc<View>>, pending: Option<Arc<View>>) -> std::io::Result<()> {
+        self.node.set_views(view, pending)
+    }
 }
 
 /// One node of the cluster.
@@ -93,6 +189,9 @@ pub struct Node {
     pending: RwLock<Option<Arc<View>>>,
     /// Persists `view` and `pending`.
     view_store: ViewStore,
+    /// Serializes view transitions (see [`Node::views_for_update`]). `std` mutex: held only
+    /// while deciding and persisting a transition, never across `.await`.
+    view_transition: std::sync::Mutex<()>,
     /// Lets a view change wait for writes that started under the previous view.
     pub(crate) fence: WriteFence,
     /// View-change bookkeeping: promises, progress, the primary's lock.
@@ -105,7 +204,10 @@ pub struct Node {
     me: std::sync::Weak<Node>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) peers: Arc<dyn Peers>,
-    pub(crate) health: PeerHealth,
+    /// Which peers are alive (evidence of death only, never slowness).
+    pub(crate) liveness: Liveness,
+    /// Bounds the client operations in progress on this node.
+    pub(crate) admission: Admission,
     pub(crate) hlc: Hlc,
     pub(crate) metrics: Metrics,
 }
@@ -115,7 +217,9 @@ impl Node {
     /// there is one (a restart), else with `initial` (from `VIEW`, a first start).
     pub fn new(settings: Settings, initial: Option<View>, store: Arc<dyn Store>, peers: Arc<dyn Peers>) -> Arc<Self> {
         let hlc = Hlc::starting_after(store.max_timestamp());
-        let health = PeerHealth::new(settings.peer_hold_down);
+        let metrics = Metrics::default();
+        let liveness = Liveness::new(settings.detector, metrics.peer_deaths.clone());
+        let admission = Admission::new(settings.admission);
         let view_store = ViewStore::new(settings.state_dir.as_deref());
         let saved = view_store.load().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
@@ -137,16 +241,29 @@ impl Node {
             view: RwLock::new(view.map(Arc::new)),
             pending: RwLock::new(pending.map(Arc::new)),
             view_store,
+            view_transition: std::sync::Mutex::new(()),
             fence: WriteFence::default(),
             rebalance: RebalanceState::default(),
             freshness: Freshness::default(),
             view_installed_at: std::sync::atomic::AtomicU64::new(hlc.peek()),
             store,
             peers,
-            health,
+            liveness,
+            admission,
             hlc,
-            metrics: Metrics::default(),
+            metrics,
         })
+    }
+
+    /// Every other member of the view and of the pending view: the peers the failure detector
+    /// watches.
+    pub(crate) fn peers_to_watch(&self) -> Vec<NodeId> {
+        let mut peers: Vec<NodeId> = self.view().map(|v| v.all_members()).unwrap_or_default();
+        peers.extend(self.pending().map(|v| v.all_members()).unwrap_or_default());
+        peers.sort();
+        peers.dedup();
+        peers.retain(|p| p != self.id());
+        peers
     }
 
     /// This node's identity.
@@ -191,8 +308,21 @@ impl Node {
         self.pending.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Takes the right to change the view and the pending view. Every transition (begin, commit,
+    /// adopting a newer view) decides from what it reads through the guard and writes through it,
+    /// so two transitions can never interleave (one reading an old view, another installing a
+    /// newer one, the first writing the old one back).
+    pub(crate) fn views_for_update(&self) -> ViewUpdate<'_> {
+        ViewUpdate { node: self, _exclusive: self.view_transition.lock().unwrap_or_else(std::sync::PoisonError::into_inner) }
+    }
+
     /// Replaces the view and the pending view together, durably first.
-    pub(crate) fn set_views(&self, view: Option<Arc<View>>, pending: Option<Arc<View>>) -> std::io::Result<()> {
+    fn set_views(&self, view: Option<Arc<View>>, pending: Option<Arc<View>>) -> std::io::Result<()> {
+        let old_epoch = self.view().map_or(0, |v| v.epoch());
+        let new_epoch = view.as_ref().map_or(0, |v| v.epoch());
+        if new_epoch < old_epoch {
+            return Err(std::io::Error::other(format!("refusing to go back from view epoch {old_epoch} to {new_epoch}")));
+        }
         let state = ViewState { view: view.as_ref().map(|v| v.layout().clone()), pending: pending.as_ref().map(|v| v.layout().clone()) };
         self.view_store.save(&state)?;
         if let Some(v) = &view {
@@ -203,7 +333,7 @@ impl Node {
                 "view updated"
             );
         }
-        let changed = self.view().map(|v| v.epoch()) != view.as_ref().map(|v| v.epoch());
+        let changed = old_epoch != new_epoch;
         *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = view;
         if changed {
             self.view_installed_at.store(self.hlc.peek(), std::sync::atomic::Ordering::Release);
@@ -213,31 +343,53 @@ impl Node {
         Ok(())
     }
 
-    /// Reads `key` with the client's causal context.
+    /// Reads `key` with the client's causal context (a client operation: admitted first).
     pub async fn read(&self, key: &str, context: VectorClock) -> Result<crate::peers::Coordinated, KvError> {
-        self.route(key, crate::peers::KvOp::Get, context).await
+        let _slot = self.admit().await?;
+        self.route(key, crate::peers::KvOp::Get, context, 0).await
     }
 
-    /// Writes `value` (or a tombstone for `None`) under `key`, after the client's causal context.
-    pub async fn write(&self, key: &str, value: Option<Bytes>, context: VectorClock) -> Result<crate::peers::Coordinated, KvError> {
+    /// Writes `value` (or a tombstone for `None`) under `key`, after the client's causal context
+    /// (a client operation: admitted first). With `min_copies` above 1 the write is refused
+    /// rather than acknowledged with fewer durable copies.
+    pub async fn write(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+        context: VectorClock,
+        min_copies: u32,
+    ) -> Result<crate::peers::Coordinated, KvError> {
+        let _slot = self.admit().await?;
         let op = match value {
             Some(v) => crate::peers::KvOp::Put(v),
             None => crate::peers::KvOp::Delete,
         };
-        self.route(key, op, context).await
+        self.route(key, op, context, min_copies).await
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, KvError> {
+        self.admission.admit().await.map_err(|e| {
+            self.metrics.overloaded.inc();
+            KvError::Overloaded(e)
+        })
+    }
+
+    /// Client operations waiting for a slot and in progress on this node.
+    pub fn load(&self) -> (i64, usize) {
+        (self.admission.queued(), self.admission.in_flight())
     }
 
     /// Answers one RPC from another node.
     pub async fn handle_rpc(&self, request: PeerRequest) -> PeerResponse {
         let refused = |status: u16, e: &dyn std::fmt::Display| PeerResponse::Refused { status, msg: e.to_string() };
         match request {
-            PeerRequest::Coordinate { key, op, context, view_epoch } => match self.coordinate(&key, op, context, view_epoch).await {
-                Ok(c) => PeerResponse::Coordinated(c),
-                Err(e @ KvError::NotOwner { .. }) => refused(421, &e),
-                Err(e @ KvError::EpochMismatch { .. }) => refused(409, &e),
-                Err(e @ (KvError::NoView | KvError::CausalUnavailable { .. })) => refused(503, &e),
-                Err(e) => refused(500, &e),
-            },
+            PeerRequest::Coordinate { key, op, context, view_epoch, min_copies, sent_at } => {
+                match self.coordinate(&key, op, context, view_epoch, min_copies, sent_at).await {
+                    Ok(c) => PeerResponse::Coordinated(c),
+                    Err(e) => PeerResponse::NotCoordinated(e.to_refusal()),
+                }
+            }
+            PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::Replicate { records, from, cap, pending } => {
                 let theirs: Vec<u64> = records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
                 match self.apply_replicated(records).await {
@@ -269,6 +421,32 @@ impl Node {
                 PeerResponse::Digests(Some(slots.into_iter().map(|s| (s, digests.get(s))).collect()))
             }
         }
+    }
+
+    /// Calls `peer` unless it is dead, giving up as soon as the failure detector declares it dead,
+    /// else after `deadline`. Feeds what the call showed back to the detector: any answer is proof
+    /// of life, a failed connection is evidence of death, a slow answer is neither. A peer whose
+    /// host refused connections is tried again (that costs one round trip and notices at once
+    /// that it is back); one that is silent or whose address does not answer is not.
+    pub(crate) async fn call_peer(&self, peer: &str, request: &PeerRequest, deadline: Duration) -> Result<PeerResponse, PeerError> {
+        let result = match self.liveness.state(peer) {
+            PeerState::Dead(evidence @ (Death::Silent | Death::Unreachable)) => {
+                return Err(PeerError::Skipped { peer: peer.to_owned(), evidence });
+            }
+            PeerState::Dead(Death::Refused) => self.peers.call(peer, request, deadline).await,
+            PeerState::Alive => tokio::select! {
+                biased;
+                result = self.peers.call(peer, request, deadline) => result,
+                evidence = self.liveness.until_dead(peer) => Err(PeerError::Dead { peer: peer.to_owned(), evidence }),
+            },
+        };
+        match &result {
+            Ok(_) | Err(PeerError::Refused { .. }) => self.liveness.heard(peer),
+            Err(PeerError::Unreachable { .. }) => self.liveness.connection_failed(peer, Death::Refused),
+            Err(PeerError::ConnectTimeout { .. }) => self.liveness.connection_failed(peer, Death::Unreachable),
+            Err(PeerError::Timeout { .. } | PeerError::Skipped { .. } | PeerError::Dead { .. } | PeerError::Protocol { .. }) => {}
+        }
+        result
     }
 
     /// Stores records sent by another node (newest-wins) and moves the clock past them. Returns

@@ -1,9 +1,15 @@
 //! The network boundary between nodes: one request/response RPC ([`PeerRequest`] →
-//! [`PeerResponse`]) behind the [`Peers`] trait, an HTTP implementation over pooled connections, and
-//! [`PeerHealth`], which remembers recently failed peers so requests skip them instead of waiting.
+//! [`PeerResponse`]) behind the [`Peers`] trait, and an HTTP implementation over pooled
+//! connections.
 //!
 //! Wire format: postcard (compact binary, serde) in the body of `POST /internal/v1/rpc`. Every call
-//! carries its own deadline; nothing here retries — failover is the caller's decision.
+//! carries its own deadline; nothing here retries — failover is the caller's decision, and whether
+//! a peer is alive is [`crate::liveness`]'s. [`PeerError`] keeps apart what tells them apart: a
+//! connection that failed ([`PeerError::Unreachable`], [`PeerError::ConnectTimeout`]: evidence of
+//! death) and an answer that did not come in time ([`PeerError::Timeout`], which is not).
+//!
+//! Backpressure: at most [`MAX_IN_FLIGHT_PER_PEER`] data calls are in flight to one peer; more
+//! wait for a slot (inside the caller's deadline). Heartbeats do not queue behind data.
 
 use crate::causal::VectorClock;
 use crate::placement::{PartitionId, Slot};
@@ -13,11 +19,16 @@ use bytes::Bytes;
 use kvs_api::{HEADER_CLUSTER_TOKEN, Layout};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// Path of the single internal RPC route.
 pub const RPC_PATH: &str = "/internal/v1/rpc";
+
+/// Data calls (everything but heartbeats) in flight to one peer at once; more wait their turn.
+/// Bounds the connections and the work one node can push onto another.
+pub const MAX_IN_FLIGHT_PER_PEER: usize = 256;
 
 /// A client operation, forwarded from a node that does not own the key to one that does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,7 +42,10 @@ pub enum KvOp {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// "You own this key: coordinate this operation." Never forwarded again by the receiver.
-    Coordinate { key: String, op: KvOp, context: VectorClock, view_epoch: u64 },
+    /// `min_copies`: refuse a write that cannot be (or was not) made durable on this many replicas.
+    /// `sent_at`: the sender's wall clock (µs) when it sent this; a write that arrives too long
+    /// after is refused (see `replication::FORWARDED_WRITE_EXPIRY`).
+    Coordinate { key: String, op: KvOp, context: VectorClock, view_epoch: u64, min_copies: u32, sent_at: u64 },
     /// Store these records newest-wins and answer once they are durable. Once stored, the receiver
     /// holds every write `from` coordinated up to `cap`, except those in `pending` not yet arrived
     /// (see `freshness`).
@@ -58,6 +72,15 @@ pub enum PeerRequest {
     Prune { epoch: u64 },
     /// Digests of the given slots, whatever the view.
     SlotDigests { slots: Vec<Slot> },
+    /// Heartbeat of the failure detector (answered with `Pong`, doing nothing else).
+    Ping,
+}
+
+impl PeerRequest {
+    /// Heartbeats must not wait behind data calls: a queue is slowness, not death.
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(self, PeerRequest::Ping)
+    }
 }
 
 /// One slot a source must send in a view change.
@@ -111,6 +134,9 @@ pub enum PeerResponse {
     Pruned {
         keys: u64,
     },
+    Pong,
+    /// The owner did not perform a forwarded operation, and why.
+    NotCoordinated(CoordinateRefusal),
     /// The receiver could not do it; `status` is an HTTP status meaning the same.
     Refused {
         status: u16,
@@ -129,15 +155,61 @@ pub struct Coordinated {
     /// Epoch of the view the coordinator served under (goes into the client's causal context, so
     /// a node on an older view can tell it is behind).
     pub view_epoch: u64,
+    /// Writes: how many replicas hold it durably. Reads: `None`.
+    pub durability: Option<Durability>,
 }
 
-/// Why a call to a peer failed. Every variant means "try another replica".
+/// How many replicas hold a write when it is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durability {
+    /// Replicas of the key's partition that stored the write durably (the coordinator included).
+    pub copies: u32,
+    /// Replicas the partition has.
+    pub replicas: u32,
+}
+
+/// Why an owner refused to coordinate a forwarded operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinateRefusal {
+    /// The owner's view epoch differs from the forwarder's.
+    EpochMismatch { mine: u64, theirs: u64 },
+    /// The owner does not own the key's partition under the forwarder's view.
+    NotOwner { partition: PartitionId, epoch: u64 },
+    /// The owner has no view yet.
+    NoView,
+    /// The owner may lack a write the client's context depends on and cannot reach who has it.
+    CausalUnavailable { partition: PartitionId },
+    /// The write needs more live replicas than there are; nothing was written.
+    TooFewReplicas { partition: PartitionId, alive: u32, replicas: u32, min_copies: u32 },
+    /// The write asks for more copies than the partition has replicas; nothing was written.
+    MinCopiesAboveReplicas { partition: PartitionId, replicas: u32, min_copies: u32 },
+    /// The write was stored on fewer replicas than asked (it may still become visible).
+    UnderReplicated { partition: PartitionId, durability: Durability, min_copies: u32 },
+    /// A forwarded write arrived later than the expiry after it was sent: the forwarder may have
+    /// given up and sent it to another owner, so it was not performed.
+    Expired { age_micros: u64 },
+    /// The owner's storage failed.
+    Storage { detail: String },
+}
+
+/// Why a call to a peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
+    /// The connection failed: refused, reset or closed without an answer.
     #[error("{peer} is unreachable: {detail}")]
     Unreachable { peer: String, detail: String },
+    /// Connecting timed out: nothing answers at the peer's address.
+    #[error("connecting to {peer} timed out")]
+    ConnectTimeout { peer: String },
+    /// No answer within the deadline; the peer may well be alive and busy.
     #[error("{peer} did not answer within {timeout:?}")]
     Timeout { peer: String, timeout: Duration },
+    /// Not sent: the failure detector holds the peer dead.
+    #[error("{peer} is considered dead ({evidence:?}); not sent")]
+    Skipped { peer: String, evidence: crate::liveness::Death },
+    /// The failure detector declared the peer dead while the call was under way.
+    #[error("{peer} was declared dead ({evidence:?}) while the call was under way")]
+    Dead { peer: String, evidence: crate::liveness::Death },
     #[error("{peer} refused: {status} {msg}")]
     Refused { peer: String, status: u16, msg: String },
     #[error("{peer} sent an undecodable answer: {detail}")]
@@ -155,9 +227,15 @@ pub trait Peers: Send + Sync + 'static {
 pub struct HttpPeers {
     http: reqwest::Client,
     token: Option<String>,
-    /// Parsed RPC URL per peer (parsing one costs more than the rest of building a request).
-    /// `std` lock, never held across `.await`.
-    urls: std::sync::RwLock<HashMap<String, reqwest::Url>>,
+    /// Per peer: its parsed RPC URL (parsing one costs more than the rest of building a request)
+    /// and the slots of its data lane. `std` lock, never held across `.await`.
+    targets: std::sync::RwLock<HashMap<String, Target>>,
+}
+
+#[derive(Clone)]
+struct Target {
+    url: reqwest::Url,
+    lane: Arc<Semaphore>,
 }
 
 impl HttpPeers {
@@ -175,34 +253,45 @@ impl HttpPeers {
             .tcp_nodelay(true)
             .build()
             .expect("a plain HTTP client always builds");
-        HttpPeers { http, token, urls: Default::default() }
+        HttpPeers { http, token, targets: Default::default() }
     }
 
-    fn url(&self, peer: &str) -> Result<reqwest::Url, PeerError> {
-        if let Some(u) = self.urls.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer) {
-            return Ok(u.clone());
+    fn target(&self, peer: &str) -> Result<Target, PeerError> {
+        if let Some(t) = self.targets.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer) {
+            return Ok(t.clone());
         }
         let url = reqwest::Url::parse(&format!("http://{peer}{RPC_PATH}"))
             .map_err(|e| PeerError::Unreachable { peer: peer.to_owned(), detail: format!("not a valid address: {e}") })?;
-        self.urls.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.to_owned(), url.clone());
-        Ok(url)
+        let mut targets = self.targets.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let target =
+            targets.entry(peer.to_owned()).or_insert_with(|| Target { url, lane: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)) });
+        Ok(target.clone())
     }
 }
 
 #[async_trait]
 impl Peers for HttpPeers {
     async fn call(&self, peer: &str, request: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
+        let started = tokio::time::Instant::now();
+        let target = self.target(peer)?;
+        let _slot = if request.is_heartbeat() {
+            None
+        } else {
+            let wait = tokio::time::timeout(timeout, target.lane.acquire_owned()).await;
+            Some(wait.map_err(|_| PeerError::Timeout { peer: peer.to_owned(), timeout })?.expect("the lane is never closed"))
+        };
+        let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
         let body = postcard::to_stdvec(request).expect("serializing plain data into a Vec cannot fail");
-        let mut req = self.http.post(self.url(peer)?).timeout(timeout).body(body);
+        let mut req = self.http.post(target.url).timeout(remaining).body(body);
         if let Some(token) = &self.token {
             req = req.header(HEADER_CLUSTER_TOKEN, token);
         }
-        let classify = |e: reqwest::Error| {
-            if e.is_timeout() {
-                PeerError::Timeout { peer: peer.to_owned(), timeout }
-            } else {
-                PeerError::Unreachable { peer: peer.to_owned(), detail: e.to_string() }
-            }
+        // A connect timeout is a connection failure (nothing answers at that address), not a slow
+        // peer: check it first.
+        let classify = |e: reqwest::Error| match (e.is_connect(), e.is_timeout()) {
+            (true, true) => PeerError::ConnectTimeout { peer: peer.to_owned() },
+            (false, true) => PeerError::Timeout { peer: peer.to_owned(), timeout },
+            _ => PeerError::Unreachable { peer: peer.to_owned(), detail: error_chain(&e) },
         };
         let resp = req.send().await.map_err(classify)?;
         let status = resp.status().as_u16();
@@ -219,60 +308,21 @@ impl Peers for HttpPeers {
     }
 }
 
-/// Recently failed peers. A failed peer is skipped for `hold_down` (failover goes straight to the next
-/// replica), then tried again; anti-entropy keeps probing it and clears the mark on success.
-pub struct PeerHealth {
-    hold_down: Duration,
-    /// Peer → when it may be tried again. `std` mutex: O(1) work under it, never held across `.await`.
-    down_until: Mutex<HashMap<String, Instant>>,
-}
-
-impl PeerHealth {
-    pub fn new(hold_down: Duration) -> Self {
-        PeerHealth { hold_down, down_until: Mutex::new(HashMap::new()) }
+/// An error with its causes ("error sending request" alone does not say refused or reset).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
     }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// True while `peer` is marked down.
-    pub fn is_down(&self, peer: &str) -> bool {
-        self.map().get(peer).is_some_and(|&until| Instant::now() < until)
-    }
-
-    pub fn mark_down(&self, peer: &str) {
-        self.map().insert(peer.to_owned(), Instant::now() + self.hold_down);
-    }
-
-    pub fn mark_up(&self, peer: &str) {
-        self.map().remove(peer);
-    }
-
-    /// `peers` reordered: healthy ones first (keeping their relative order), marked-down ones last.
-    pub fn order<'a>(&self, peers: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
-        let (mut up, down): (Vec<_>, Vec<_>) = peers.into_iter().partition(|p| !self.is_down(p));
-        up.extend(down);
-        up
-    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn health_orders_down_peers_last_and_forgets_them() {
-        let h = PeerHealth::new(Duration::from_millis(50));
-        let peers: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
-        h.mark_down("a");
-        assert_eq!(h.order(&peers), [&peers[1], &peers[2], &peers[0]]);
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(!h.is_down("a"));
-        h.mark_down("b");
-        h.mark_up("b");
-        assert!(!h.is_down("b"));
-    }
 
     #[test]
     fn requests_round_trip_through_postcard() {
@@ -281,6 +331,8 @@ mod tests {
             op: KvOp::Put(Bytes::from_static(b"v")),
             context: VectorClock::new(),
             view_epoch: 3,
+            min_copies: 0,
+            sent_at: 1,
         };
         let bytes = postcard::to_stdvec(&req).unwrap();
         assert_eq!(postcard::from_bytes::<PeerRequest>(&bytes).unwrap(), req);

@@ -44,6 +44,12 @@ const BATCH_BYTES: usize = 4 << 20;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(1800);
 /// Slots per digest comparison.
 const DIGEST_CHUNK: usize = 1024;
+/// Budget for one transfer batch (or catch-up exchange) to reach a live receiver and be stored.
+const TRANSFER_BATCH_DEADLINE: Duration = Duration::from_secs(30);
+/// Budget for a peer's digests of one chunk of slots.
+const DIGEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Budget for one member's answer to a status probe (a dead member fails at once).
+const STATUS_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Why a view change did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +118,7 @@ impl Node {
                 other => Ok(other),
             };
         }
-        self.peers.call(node, &request, timeout).await
+        self.call_peer(node, &request, timeout).await
     }
 
     fn set_status(&self, update: impl FnOnce(&mut RebalanceProgress)) {
@@ -239,9 +245,12 @@ impl Node {
         // 4. Commit.
         self.set_status(|s| s.phase = "committing".into());
         let live = self.broadcast(&live, |_| PeerRequest::Commit { epoch }, timeout).await;
-        if !live.iter().any(|n| n == self.id()) && self.view().is_some_and(|v| v.epoch() < epoch) {
-            // This node drives the change but is not part of it: still record the outcome.
-            let _ = self.set_views(Some(Arc::new(new_view.clone())), None);
+        {
+            let views = self.views_for_update();
+            if !live.iter().any(|n| n == self.id()) && views.view().is_some_and(|v| v.epoch() < epoch) {
+                // This node drives the change but is not part of it: still record the outcome.
+                let _ = views.set(Some(Arc::new(new_view.clone())), None);
+            }
         }
 
         phase_done("commit");
@@ -367,20 +376,23 @@ impl Node {
 
     pub(crate) async fn answer_begin(&self, proposer: &str, layout: Layout) -> PeerResponse {
         let epoch = layout.epoch;
-        if self.view().is_some_and(|v| v.epoch() >= epoch) {
-            return if self.view().is_some_and(|v| v.layout() == &layout) {
-                PeerResponse::Ack
-            } else {
-                refused(409, "already past that epoch")
-            };
-        }
-        if !self.holds_promise(epoch, proposer) {
-            return refused(409, format!("epoch {epoch} was promised to another proposer"));
-        }
-        if self.pending().is_none_or(|p| p.layout() != &layout) {
-            let pending = Some(Arc::new(View::from_layout(layout)));
-            if let Err(e) = self.set_views(self.view(), pending) {
-                return refused(500, format!("cannot persist the pending view: {e}"));
+        {
+            let views = self.views_for_update();
+            if views.view().is_some_and(|v| v.epoch() >= epoch) {
+                return if views.view().is_some_and(|v| v.layout() == &layout) {
+                    PeerResponse::Ack
+                } else {
+                    refused(409, "already past that epoch")
+                };
+            }
+            if !self.holds_promise(epoch, proposer) {
+                return refused(409, format!("epoch {epoch} was promised to another proposer"));
+            }
+            if views.pending().is_none_or(|p| p.layout() != &layout) {
+                let pending = Some(Arc::new(View::from_layout(layout)));
+                if let Err(e) = views.set(views.view(), pending) {
+                    return refused(500, format!("cannot persist the pending view: {e}"));
+                }
             }
         }
         // Writes that started before the pending view was visible finish before we answer, so the
@@ -475,7 +487,7 @@ impl Node {
         let request = PeerRequest::Replicate { records, from: self.id().to_owned(), cap: 0, pending: Vec::new() };
         let mut last_error = String::new();
         for attempt in 0..3 {
-            match self.peers.call(receiver, &request, self.settings.replicate_timeout * 40).await {
+            match self.call_peer(receiver, &request, TRANSFER_BATCH_DEADLINE).await {
                 Ok(_) => {
                     let mut t = lock(&self.rebalance.transfer);
                     t.moved_keys += keys;
@@ -498,7 +510,7 @@ impl Node {
             for part in differing.chunks(64) {
                 let records = self.scan_slots(part).map_err(|e| e.to_string())?;
                 let request = PeerRequest::SyncSlots { view_epoch: view.epoch(), slots: part.to_vec(), records };
-                match self.peers.call(peer, &request, self.settings.replicate_timeout * 40).await.map_err(|e| e.to_string())? {
+                match self.call_peer(peer, &request, TRANSFER_BATCH_DEADLINE).await.map_err(|e| e.to_string())? {
                     PeerResponse::Synced { records, .. } => {
                         self.apply_replicated(records).await.map_err(|e| e.to_string())?;
                     }
@@ -512,7 +524,7 @@ impl Node {
     /// Slots of `chunk` whose digest at `peer` differs from ours.
     async fn differing_slots(&self, peer: &str, chunk: &[Slot]) -> Result<Vec<Slot>, String> {
         let request = PeerRequest::SlotDigests { slots: chunk.to_vec() };
-        let theirs = match self.peers.call(peer, &request, self.settings.replicate_timeout * 8).await.map_err(|e| e.to_string())? {
+        let theirs = match self.call_peer(peer, &request, DIGEST_DEADLINE).await.map_err(|e| e.to_string())? {
             PeerResponse::Digests(Some(d)) => d.into_iter().collect::<HashMap<Slot, u64>>(),
             other => return Err(format!("unexpected answer {other:?}")),
         };
@@ -521,15 +533,17 @@ impl Node {
     }
 
     pub(crate) async fn answer_commit(&self, epoch: u64) -> PeerResponse {
-        if self.view().is_some_and(|v| v.epoch() == epoch) && self.pending().is_none() {
+        let views = self.views_for_update();
+        if views.view().is_some_and(|v| v.epoch() == epoch) && views.pending().is_none() {
             return PeerResponse::Ack;
         }
-        let Some(pending) = self.pending().filter(|p| p.epoch() == epoch) else {
+        let Some(pending) = views.pending().filter(|p| p.epoch() == epoch) else {
             return refused(409, format!("no pending view change to epoch {epoch} here"));
         };
-        if let Err(e) = self.set_views(Some(pending), None) {
+        if let Err(e) = views.set(Some(pending), None) {
             return refused(500, format!("cannot persist the new view: {e}"));
         }
+        drop(views);
         lock(&self.rebalance.promise).take();
         PeerResponse::Ack
     }
@@ -597,16 +611,20 @@ impl Node {
     /// Adopts a newer committed view learned from a peer (this node missed the change: it was
     /// down or paused), then catches up and prunes like everyone else did.
     pub(crate) async fn adopt_view(&self, layout: Layout) {
-        let newer = self.view().is_none_or(|v| v.epoch() < layout.epoch) && self.pending().is_none_or(|p| p.epoch() <= layout.epoch);
-        if !newer {
-            return;
-        }
-        let view = View::from_layout(layout);
-        tracing::info!(view_epoch = view.epoch(), "adopting a newer view from a peer");
-        if let Err(e) = self.set_views(Some(Arc::new(view.clone())), None) {
-            tracing::error!(error = %e, "cannot persist the adopted view");
-            return;
-        }
+        let view = {
+            let views = self.views_for_update();
+            let newer = views.view().is_none_or(|v| v.epoch() < layout.epoch) && views.pending().is_none_or(|p| p.epoch() <= layout.epoch);
+            if !newer {
+                return;
+            }
+            let view = View::from_layout(layout);
+            tracing::info!(view_epoch = view.epoch(), "adopting a newer view from a peer");
+            if let Err(e) = views.set(Some(Arc::new(view.clone())), None) {
+                tracing::error!(error = %e, "cannot persist the adopted view");
+                return;
+            }
+            view
+        };
         if let Err(e) = self.prune_unowned(&view).await {
             tracing::warn!(error = %e, "pruning after adopting a view failed; will retry with the next change");
         }
@@ -631,7 +649,7 @@ impl Node {
         let pending_members: Vec<NodeId> = self.pending().map(|p| p.all_members()).unwrap_or_default();
         let everyone: BTreeSet<NodeId> = members.into_iter().chain(pending_members).collect();
         let calls = everyone.iter().map(|n| async move {
-            let info = match self.call_node(n, PeerRequest::Hello, self.settings.replicate_timeout * 4).await {
+            let info = match self.call_node(n, PeerRequest::Hello, STATUS_DEADLINE).await {
                 Ok(PeerResponse::Hello(info)) => Some(*info),
                 _ => None,
             };

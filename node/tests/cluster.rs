@@ -137,9 +137,10 @@ async fn t50_causal_read_on_a_replica_that_missed_the_write() {
     let c = Cluster::start(50, 2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
-    // The first write's replication to B times out and marks B down at A (it is delivered once B
-    // resumes); the second is not even sent while B is marked down: B never gets it.
+    // The first write waits for B until A's failure detector declares B dead (it is delivered
+    // once B resumes); the second is not even sent to a dead replica: B never gets it.
     put(&c.http, &a, "x", "mid", "").await;
+    c.wait_peer_deaths(&a, 1.0).await;
     let (status, fresh) = put(&c.http, &a, "x", "new", "").await;
     assert_eq!(status, 200, "{fresh}");
     c.nodes[1].resume();
@@ -285,8 +286,9 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
     let c = Cluster::start(56, 2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
-    // "mid" reaches B once it resumes; "new" is never sent to it (B is marked down at A).
+    // "mid" reaches B once it resumes; "new" is never sent to it (A holds B dead by then).
     put(&c.http, &a, "x", "mid", "").await;
+    c.wait_peer_deaths(&a, 1.0).await;
     let (_, fresh) = put(&c.http, &a, "x", "new", "").await;
     c.nodes[1].resume();
     tokio::time::sleep(Duration::from_millis(100)).await; // B takes in the delayed "mid"
@@ -309,6 +311,51 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("B never served the write after A came back: {last}");
+}
+
+/// Regression (found by the fault-injection suite with real K changes, seed 2 over network
+/// namespaces): a forwarder gave up on a cut-off owner and sent the write to the other owner; the
+/// first owner performed the held-up request once the network healed, stamping it anew, so an
+/// old write overwrote newer acknowledged ones and a client read a value older than its own write.
+/// Now a forwarded write that arrives later than `FORWARDED_WRITE_EXPIRY` is refused, and the
+/// forwarder waits that long (plus a clock margin) before sending it elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() {
+    use kvs_node::peers::{CoordinateRefusal, HttpPeers, KvOp, PeerRequest, PeerResponse, Peers};
+    let c = Cluster::start(58, 2, 2, &[]).await;
+    let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
+    let (_, old) = put(&c.http, &b, "x", "old", "").await;
+    // A stops; a forwarder's write of "x" reaches its socket and waits there (in the chaos run:
+    // held up by a network partition), while the forwarder fails over and later writes land.
+    c.nodes[0].pause();
+    let sent_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let held_up = PeerRequest::Coordinate {
+        key: "x".into(),
+        op: KvOp::Put(bytes::Bytes::from_static(b"zombie")),
+        context: kvs_node::causal::VectorClock::from_payload(old["causal_payload"].as_str().unwrap()).unwrap(),
+        view_epoch: 1,
+        min_copies: 0,
+        sent_at,
+    };
+    let forwarder = HttpPeers::new(Duration::from_secs(1), None, None);
+    let a2 = a.clone();
+    let answer = tokio::spawn(async move { forwarder.call(&a2, &held_up, Duration::from_secs(60)).await });
+    let (status, new) = put(&c.http, &b, "x", "new", old["causal_payload"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{new}");
+    // A resumes after the forwarder would have failed over.
+    let failover = Duration::from_micros(sent_at) + kvs_node::replication::FORWARDED_WRITE_EXPIRY + Duration::from_millis(100);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    tokio::time::sleep(failover.saturating_sub(now)).await;
+    c.nodes[0].resume();
+    match answer.await.unwrap() {
+        Ok(PeerResponse::NotCoordinated(CoordinateRefusal::Expired { .. })) => {}
+        other => panic!("A must refuse the write that reached it too late, not perform it: {other:?}"),
+    }
+    let payload = new["causal_payload"].as_str().unwrap();
+    for via in [&a, &b] {
+        let (status, body) = get(&c.http, via, "x", payload).await;
+        assert_eq!((status, body["value"].as_str()), (200, Some("new")), "via {via}: never the older write: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,8 @@ pub struct Plan {
     pub k: u32,
     pub clients: usize,
     pub keys: usize,
+    /// Where to write the whole history and the nemesis's timeline (JSON), for post-mortems.
+    pub history_out: Option<std::path::PathBuf>,
 }
 
 /// A fault the nemesis injects.
@@ -56,6 +58,8 @@ pub struct Summary {
 
 struct Recorded {
     op: Op,
+    /// The node the operation was sent to.
+    node: usize,
     /// Why it failed (status and the start of the message), for the summary.
     error: Option<String>,
 }
@@ -136,7 +140,7 @@ async fn client_loop(
         let under_fault = fault.filter(|(_, n)| *n == node).map(|(k, _)| k);
         let active = fault.map(|(k, _)| k);
         let op = Op { client: id, key, kind, invoke, complete, outcome };
-        out.push((Recorded { op, error }, if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) }));
+        out.push((Recorded { op, node, error }, if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) }));
         if matches!(out.last().map(|(r, _)| &r.op.outcome), Some(Outcome::Unknown)) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -163,6 +167,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     let mut members: Vec<usize> = (0..plan.members).collect();
     let mut spares: Vec<usize> = (plan.members..plan.members + plan.spares).collect();
     let mut k = plan.k;
+    // (µs since start, what the nemesis did), for `history_out`.
+    let mut events: Vec<(u64, String)> = Vec::new();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..700))).await;
         let victim = members[rng.random_range(0..members.len())];
@@ -172,7 +178,6 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             2 if partitions_possible => FaultKind::Partition,
             _ => FaultKind::ViewChange,
         };
-        *faults.entry(format!("{kind:?}")).or_default() += 1;
         if kind == FaultKind::ViewChange {
             // Add a spare, or remove a member (back to the spares), through a random other member.
             let via = *members.iter().find(|m| **m != victim).unwrap_or(&members[0]);
@@ -191,37 +196,51 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 None
             };
             let target_k = if change_k { next_k } else { k };
-            if change_k {
-                *faults.entry("K change".into()).or_default() += 1;
-            }
             state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = Some((FaultKind::ViewChange, usize::MAX));
             // Sometimes a node is paused while the view changes.
             let paused = rng.random_bool(0.3).then_some(victim).filter(|v| Some(*v) != added && next.contains(v));
             if let Some(p) = paused {
                 cluster.pause(p);
-                *faults.entry("Pause (during view change)".into()).or_default() += 1;
             }
-            let body =
-                serde_json::json!({"members": next.iter().map(|i| addrs[*i].clone()).collect::<Vec<_>>(), "replication_factor": plan.k});
+            events.push((micros(start), format!("view change via {via} to {next:?} K={target_k} (paused {paused:?})")));
+            let next_addrs: Vec<String> = next.iter().map(|i| addrs[*i].clone()).collect();
+            let body = serde_json::json!({"members": next_addrs, "replication_factor": target_k});
             let ok =
                 http.put(format!("http://{}/v1/admin/view", addrs[via])).json(&body).send().await.is_ok_and(|r| r.status().is_success());
             if let Some(p) = paused {
                 cluster.resume(p);
             }
+            events.push((micros(start), format!("view change {}", if ok { "done" } else { "refused" })));
             if ok {
+                // Count only what happened: the view the change installed must have the target
+                // members and K.
+                let layout = check_view(&http, &addrs[via], &next_addrs, target_k).await?;
+                events.push((
+                    micros(start),
+                    format!("installed epoch {}: partitions {:?}, proxies {:?}", layout.epoch, layout.partitions, layout.proxies),
+                ));
+                *faults.entry(if change_k { "K change".into() } else { format!("{kind:?}") }).or_default() += 1;
+                if paused.is_some() {
+                    *faults.entry("Pause (during view change)".into()).or_default() += 1;
+                }
                 k = target_k;
                 if added.is_none() && !change_k {
                     spares.push(victim);
                 }
                 members = next;
                 state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).members = members.clone();
-            } else if let Some(s) = added {
-                spares.insert(0, s);
+            } else {
+                *faults.entry("view change refused".into()).or_default() += 1;
+                if let Some(s) = added {
+                    spares.insert(0, s);
+                }
             }
             state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = None;
             continue;
         }
         state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = Some((kind, victim));
+        *faults.entry(format!("{kind:?}")).or_default() += 1;
+        events.push((micros(start), format!("{kind:?} {victim} begins")));
         match kind {
             FaultKind::Pause => cluster.pause(victim),
             FaultKind::Crash => cluster.crash(victim),
@@ -235,6 +254,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             FaultKind::Partition => cluster.heal(victim)?,
             _ => {}
         }
+        events.push((micros(start), format!("{kind:?} {victim} ends")));
         state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = None;
     }
     stop.store(true, Ordering::Relaxed);
@@ -265,6 +285,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     }
 
     let history: Vec<Op> = recorded.iter().map(|(r, _)| r.op.clone()).collect();
+    if let Some(path) = &plan.history_out {
+        write_history(path, &recorded, &events, &addrs)?;
+    }
     let lost = check_final(&history, &finals);
     let causal = check_causal(&history);
     let mut availability: BTreeMap<String, (usize, usize, Vec<u64>)> = BTreeMap::new();
@@ -311,6 +334,57 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
         },
         violations: lost.iter().chain(&causal).take(20).map(describe).collect(),
     })
+}
+
+/// Writes every operation (with the node it went to and why it failed) and the nemesis's
+/// timeline as JSON, ordered by time.
+fn write_history(
+    path: &std::path::Path,
+    recorded: &[(Recorded, Option<FaultKind>)],
+    events: &[(u64, String)],
+    addrs: &[String],
+) -> anyhow::Result<()> {
+    let mut ops: Vec<&Recorded> = recorded.iter().map(|(r, _)| r).collect();
+    ops.sort_by_key(|r| r.op.invoke);
+    let ops: Vec<serde_json::Value> = ops
+        .iter()
+        .map(|r| {
+            let (kind, value) = match &r.op.kind {
+                Kind::Put(v) => ("put", Some(v.clone())),
+                Kind::Delete => ("delete", None),
+                Kind::Get => ("get", None),
+            };
+            let (ok, read) = match &r.op.outcome {
+                Outcome::Ok(v) => (true, v.clone()),
+                Outcome::Unknown => (false, None),
+            };
+            serde_json::json!({
+                "client": r.op.client, "key": r.op.key, "kind": kind, "value": value, "invoke": r.op.invoke,
+                "complete": r.op.complete, "ok": ok, "read": read, "node": addrs[r.node], "error": r.error,
+            })
+        })
+        .collect();
+    let events: Vec<serde_json::Value> = events.iter().map(|(t, e)| serde_json::json!({"at": t, "event": e})).collect();
+    let nodes: Vec<serde_json::Value> = addrs.iter().enumerate().map(|(i, a)| serde_json::json!({"index": i, "addr": a})).collect();
+    std::fs::write(path, serde_json::to_vec(&serde_json::json!({"nodes": nodes, "events": events, "ops": ops}))?)?;
+    Ok(())
+}
+
+/// Fails unless `via` reports a committed view with exactly `members` and replication factor `k`
+/// (so the nemesis never counts a change that did not happen).
+async fn check_view(http: &reqwest::Client, via: &str, members: &[String], k: u32) -> anyhow::Result<kvs_api::Layout> {
+    let status: kvs_api::ClusterStatus = http.get(format!("http://{via}/v1/admin/status")).send().await?.json().await?;
+    let layout = status.layout.ok_or_else(|| anyhow::anyhow!("{via} has no view after a successful change"))?;
+    let mut have: Vec<&String> = layout.members().collect();
+    have.sort();
+    let mut want: Vec<&String> = members.iter().collect();
+    want.sort();
+    anyhow::ensure!(
+        have == want && layout.replication_factor == k,
+        "the view change was acknowledged but {via}'s view is {have:?} with K={}, not {want:?} with K={k}",
+        layout.replication_factor
+    );
+    Ok(layout)
 }
 
 /// Polls cluster status until every partition's members report equal digests (true) or `limit`

@@ -5,7 +5,7 @@ use kvs_e2e::chaos::{Plan, run, unique_id};
 use kvs_e2e::cluster::{Network, namespaces_available};
 
 async fn check(network: Network, seed: u64, seconds: f64) {
-    let plan = Plan { network, seed, seconds, members: 4, spares: 2, k: 2, clients: 6, keys: 30 };
+    let plan = Plan { network, seed, seconds, members: 4, spares: 2, k: 2, clients: 6, keys: 30, history_out: None };
     let summary = run(plan).await.expect("the run completes");
     println!("{}", summary.table());
     assert!(summary.acknowledged_writes > 50, "the workload made progress: {}", summary.acknowledged_writes);

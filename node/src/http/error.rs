@@ -15,11 +15,13 @@ pub struct ApiError {
     pub msg: String,
     /// Extra JSON fields merged into the body (HW4 adds `partition_id`, `causal_payload`).
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds after which a retry may succeed (`Retry-After`), for refusals that are temporary.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        ApiError { status, msg: msg.into(), extra: None }
+        ApiError { status, msg: msg.into(), extra: None, retry_after: None }
     }
 
     pub fn bad_request(msg: impl Into<String>) -> Self {
@@ -29,15 +31,21 @@ impl ApiError {
 
 impl From<KvError> for ApiError {
     fn from(e: KvError) -> Self {
-        let status = match &e {
-            KvError::NoView | KvError::Unavailable { .. } | KvError::StaleView { .. } | KvError::CausalUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+        let (status, retry_after) = match &e {
+            KvError::NoView
+            | KvError::Unavailable { .. }
+            | KvError::StaleView { .. }
+            | KvError::CausalUnavailable { .. }
+            | KvError::Expired { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
+            KvError::Overloaded(_) | KvError::TooFewReplicas { .. } | KvError::UnderReplicated { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(1))
             }
-            KvError::EpochMismatch { .. } => StatusCode::CONFLICT,
-            KvError::NotOwner { .. } => StatusCode::MISDIRECTED_REQUEST,
-            KvError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            KvError::MinCopiesAboveReplicas { .. } => (StatusCode::BAD_REQUEST, None),
+            KvError::EpochMismatch { .. } => (StatusCode::CONFLICT, None),
+            KvError::NotOwner { .. } => (StatusCode::MISDIRECTED_REQUEST, None),
+            KvError::Storage(_) | KvError::RemoteStorage(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
-        ApiError::new(status, e.to_string())
+        ApiError { retry_after, ..ApiError::new(status, e.to_string()) }
     }
 }
 
@@ -60,6 +68,10 @@ impl IntoResponse for ApiError {
         if let (Some(extra), Some(obj)) = (self.extra, body.as_object_mut()) {
             obj.extend(extra);
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        }
+        response
     }
 }

@@ -68,6 +68,23 @@ pub(crate) fn context_after(mut context: crate::causal::VectorClock, c: &crate::
     context.to_payload()
 }
 
+/// The client's `kvs-min-replicas` (0 when absent: any number of copies will do).
+pub(crate) fn min_copies_from(headers: &axum::http::HeaderMap) -> Result<u32, ApiError> {
+    use kvs_api::HEADER_MIN_REPLICAS;
+    let Some(raw) = headers.get(HEADER_MIN_REPLICAS) else { return Ok(0) };
+    raw.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()).ok_or_else(|| {
+        ApiError::bad_request(format!("the {HEADER_MIN_REPLICAS} header must be a whole number of copies (e.g. 2); got {raw:?}"))
+    })
+}
+
+/// The `kvs-replicas: copies/replicas` header of a write's answer.
+pub(crate) fn replicas_header(c: &crate::peers::Coordinated) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
+    let d = c.durability?;
+    let value =
+        axum::http::HeaderValue::from_str(&format!("{}/{}", d.copies, d.replicas)).expect("digits and a slash are a valid header value");
+    Some((axum::http::HeaderName::from_static(kvs_api::HEADER_REPLICAS), value))
+}
+
 async fn no_such_route(req: Request) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {}; see docs/api.md for the routes", req.method(), req.uri().path()))
 }

@@ -79,7 +79,7 @@ async fn put_key(
     if value.len() > max {
         return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the value is {} bytes; the limit is {max} bytes", value.len())));
     }
-    write(&node, &key, Some(value), context_from(&headers)?).await
+    write(&node, &key, Some(value), &headers).await
 }
 
 async fn delete_key(
@@ -88,19 +88,25 @@ async fn delete_key(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_from(path)?;
-    write(&node, &key, None, context_from(&headers)?).await
+    write(&node, &key, None, &headers).await
 }
 
-async fn write(node: &Node, key: &str, value: Option<Bytes>, context: VectorClock) -> Result<Response, ApiError> {
+async fn write(node: &Node, key: &str, value: Option<Bytes>, headers: &HeaderMap) -> Result<Response, ApiError> {
     let is_put = value.is_some();
-    let c = node.write(key, value, context.clone()).await?;
+    let context = context_from(headers)?;
+    let min_copies = super::min_copies_from(headers)?;
+    let c = node.write(key, value, context.clone(), min_copies).await?;
+    let durability = c.durability.unwrap_or_default();
     let causal_context = super::context_after(context, &c);
     let body = WriteResponse {
         partition_id: c.partition,
         causal_context: causal_context.clone(),
         timestamp: c.record.as_ref().map_or(0, |r| r.version.ts),
         changed_liveness: c.changed_liveness,
+        copies: durability.copies,
+        replicas: durability.replicas,
     };
     let status = if is_put && c.changed_liveness { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, meta_headers(causal_context, &c), Json(body)).into_response())
+    let replicas = super::replicas_header(&c);
+    Ok((status, meta_headers(causal_context, &c), replicas.into_iter().collect::<HeaderMap>(), Json(body)).into_response())
 }

@@ -14,7 +14,7 @@ pub fn routes() -> Router<Arc<Node>> {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let text = node.metrics().render(node.store().digests().stats(), node.store().commit_counts());
+    let text = node.metrics().render(node.store().digests().stats(), node.store().commit_counts(), node.load());
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 

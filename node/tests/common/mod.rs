@@ -170,6 +170,20 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Waits until `node`'s failure detector has declared a peer dead `times` times in all (a
+    /// paused or cut-off peer is declared dead only once it has been silent long enough).
+    pub async fn wait_peer_deaths(&self, node: &str, times: f64) {
+        for _ in 0..600 {
+            if self.metric(node, "kvs_peer_deaths_total").await >= times {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{node} never declared a silent peer dead");
+    }
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }

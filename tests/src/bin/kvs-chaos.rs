@@ -40,6 +40,9 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the whole history and the nemesis's timeline to this file (JSON), for post-mortems.
+    #[arg(long)]
+    history: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -51,8 +54,17 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("kvs-chaos: network namespaces need root and iproute2; using loopback (no partitions)");
         Network::Loopback { net: unique_id(100) }
     };
-    let plan =
-        Plan { network, seed: a.seed, seconds: a.seconds, members: a.members, spares: a.spares, k: a.k, clients: a.clients, keys: a.keys };
+    let plan = Plan {
+        network,
+        seed: a.seed,
+        seconds: a.seconds,
+        members: a.members,
+        spares: a.spares,
+        k: a.k,
+        clients: a.clients,
+        keys: a.keys,
+        history_out: a.history,
+    };
     let summary = run(plan).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
