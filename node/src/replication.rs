@@ -37,6 +37,16 @@ pub const FORWARDED_WRITE_EXPIRY: Duration = Duration::from_secs(1);
 /// than any the first could still have stamped.
 pub const FORWARD_FAILOVER_MARGIN: Duration = Duration::from_millis(100);
 
+/// What a write must satisfy besides being stored.
+#[derive(Clone, Copy, Debug, Default)]
+struct WriteTerms {
+    /// Refuse rather than acknowledge with fewer durable copies (0 or 1: no requirement).
+    min_copies: u32,
+    /// Wall time (µs) after which a forwarded write is refused rather than stamped (see
+    /// [`FORWARDED_WRITE_EXPIRY`]); `None` for writes that entered the cluster here.
+    not_after: Option<u64>,
+}
+
 /// What became of sending a write to one replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReplicaOutcome {
@@ -75,7 +85,7 @@ impl Node {
             let view = self.require_view()?;
             let partition = view.partition_of_key(key);
             if view.members(partition).iter().any(|m| m == self.id()) {
-                return self.coordinate_in(&view, partition, key, op, context, min_copies, None).await;
+                return self.coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: None }).await;
             }
             match self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await {
                 Err(KvError::StaleView { peer }) if !refreshed => {
@@ -117,7 +127,7 @@ impl Node {
             return Err(KvError::NotOwner { partition, epoch: view.epoch() });
         }
         let not_after = sent_at.saturating_add(FORWARDED_WRITE_EXPIRY.as_micros() as u64);
-        self.coordinate_in(&view, partition, key, op, context, min_copies, Some(not_after)).await
+        self.coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: Some(not_after) }).await
     }
 
     /// Sends the operation to the key's owners, one at a time, until one coordinates it. An owner
@@ -188,19 +198,16 @@ impl Node {
         key: &str,
         op: KvOp,
         context: VectorClock,
-        min_copies: u32,
-        not_after: Option<u64>,
+        terms: WriteTerms,
     ) -> Result<Coordinated, KvError> {
         match op {
             KvOp::Get => self.coordinate_read(view, partition, key, &context).await,
-            KvOp::Put(value) => self.coordinate_write(view, partition, key, Some(value), context, min_copies, not_after).await,
-            KvOp::Delete => self.coordinate_write(view, partition, key, None, context, min_copies, not_after).await,
+            KvOp::Put(value) => self.coordinate_write(view, partition, key, Some(value), context, terms).await,
+            KvOp::Delete => self.coordinate_write(view, partition, key, None, context, terms).await,
         }
     }
 
-    /// Stamps, stores and replicates a write. `not_after` (wall µs): a forwarded write is refused
-    /// rather than stamped later than this (see [`FORWARDED_WRITE_EXPIRY`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Stamps, stores and replicates a write.
     async fn coordinate_write(
         &self,
         view: &View,
@@ -208,9 +215,9 @@ impl Node {
         key: &str,
         value: Option<bytes::Bytes>,
         context: VectorClock,
-        min_copies: u32,
-        not_after: Option<u64>,
+        terms: WriteTerms,
     ) -> Result<Coordinated, KvError> {
+        let WriteTerms { min_copies, not_after } = terms;
         let owners = view.members(partition);
         let replicas = owners.len() as u32;
         if min_copies > replicas {
