@@ -98,8 +98,10 @@ pub struct Args {
     pub max_connections: usize,
 
     /// Time a client may take to send a request's headers, in milliseconds (slow clients are cut
-    /// off so they cannot hold connections forever).
-    #[arg(long, env = "KVS_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    /// off so they cannot hold connections forever). Also how long an idle keep-alive connection
+    /// is kept open: clients that pool connections (and peers, which drop idle ones after half of
+    /// this) should not keep them longer.
+    #[arg(long, env = "KVS_HEADER_TIMEOUT_MS", default_value_t = 75_000)]
     pub header_timeout_ms: u64,
 
     /// Threads serving requests. Default: one per CPU. Set it to the node's share of the CPUs when
@@ -198,6 +200,7 @@ impl Args {
         };
         s.anti_entropy_interval = Duration::from_millis(self.anti_entropy_interval_ms.max(1));
         s.max_value_bytes = self.max_value_bytes;
+        s.hosts_file = self.hosts_file.clone();
         s.cluster_token = match (&self.cluster_token, &self.cluster_token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(path)) => Some(

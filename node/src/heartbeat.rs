@@ -1,21 +1,229 @@
-//! The failure detector's heartbeats: every `heartbeat_interval` this node pings each other
-//! member of its view (and of a pending view) that has no ping outstanding, and feeds the answers
-//! to [`crate::liveness`]. A ping waits as long as it takes: a late answer is still proof of
-//! life; silence is judged by the detector, not by a timeout here.
+//! The failure detector's heartbeats, kept off the request path.
+//!
+//! **UDP, on a thread of its own.** Every `heartbeat_interval` this node sends each other member
+//! of its view (and of a pending view) a ping datagram on the node's own address and port (UDP
+//! beside the HTTP server's TCP), and answers every ping it receives with a pong. A dedicated OS
+//! thread does it, so a node whose request path is saturated — thousands of clients queued,
+//! every tokio worker busy — still answers in microseconds: heartbeats measure whether a process
+//! is alive and reachable, not how busy it is. A stopped process, a cut link or a dead host
+//! answer nothing, and the detector ([`crate::liveness`]) judges the silence.
+//!
+//! Both a pong and a peer's own ping prove the peer alive. Before each judgement the thread
+//! reads every datagram waiting in its socket, so if this node was stopped or starved, the pings
+//! its peers sent meanwhile are heard first and its own stall is not taken for their silence.
+//! Only the answer to the latest ping teaches the detector a peer's rhythm (answers read late, in
+//! a burst, would teach it nonsense).
+//!
+//! **HTTP, as a fallback.** Where UDP does not get through (a firewall that passes only TCP), the
+//! same interval's `Ping` RPC over the normal peer transport keeps peers from looking silent: its
+//! answers count as "heard" (never as evidence of death by their slowness).
+//!
+//! With a cluster token, every datagram carries an HMAC-SHA1 tag of its content under the token,
+//! and a pong must echo a recent ping's sequence number: nobody without the token can make a dead
+//! node look alive (or a live one dead: datagrams never declare anyone dead).
 
 use crate::liveness::Death;
 use crate::node::Node;
 use crate::peers::{PeerError, PeerRequest};
-use std::collections::HashSet;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Longest one ping is kept waiting for (a ping this late has long been judged by the detector).
+/// Longest one HTTP ping is kept waiting for.
 const PING_LIMIT: Duration = Duration::from_secs(30);
+/// How long a peer name's resolved address is used before it is looked up again (a pod that
+/// comes back may have a new address).
+const RESOLVE_TTL: Duration = Duration::from_secs(5);
+/// Pongs are accepted for this many of the latest pings sent to a peer.
+const RECENT_SEQS: u64 = 64;
 
-/// Pings peers until `shutdown` completes.
-pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+/// One datagram.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Beat {
+    Ping { from: String, seq: u64 },
+    Pong { from: String, seq: u64 },
+}
+
+/// A datagram on the wire: the beat and its tag (zeros without a token).
+#[derive(Serialize, Deserialize)]
+struct Frame {
+    beat: Beat,
+    tag: [u8; 8],
+}
+
+fn tag(token: Option<&str>, beat: &Beat) -> [u8; 8] {
+    let Some(token) = token else { return [0; 8] };
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(&postcard::to_stdvec(beat).expect("serializing plain data into a Vec cannot fail"));
+    let full = mac.finalize().into_bytes();
+    full[..8].try_into().expect("HMAC-SHA1 is 20 bytes")
+}
+
+fn encode(token: Option<&str>, beat: Beat) -> Vec<u8> {
+    let tag = tag(token, &beat);
+    postcard::to_stdvec(&Frame { beat, tag }).expect("serializing plain data into a Vec cannot fail")
+}
+
+/// The beat in `bytes` if it is well-formed and correctly tagged.
+fn decode(token: Option<&str>, bytes: &[u8]) -> Option<Beat> {
+    let frame: Frame = postcard::from_bytes(bytes).ok()?;
+    // Not constant-time: the tag authenticates liveness only, and a forger learns nothing useful
+    // from timing a comparison of an 8-byte tag it must produce for every datagram.
+    (frame.tag == tag(token, &frame.beat)).then_some(frame.beat)
+}
+
+/// The running heartbeat thread; stopped when dropped or by [`UdpHeartbeats::stop`].
+pub struct UdpHeartbeats {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpHeartbeats {
+    /// Binds `addr` (the node's own address and port, UDP) and starts the thread.
+    pub fn start(node: Arc<Node>, addr: SocketAddr) -> std::io::Result<Self> {
+        let socket = UdpSocket::bind(addr)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new().name("kvs-heartbeats".into()).spawn(move || UdpLoop::new(node, socket).run(&stop))?
+        };
+        Ok(UdpHeartbeats { stop, thread: Some(thread) })
+    }
+
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for UdpHeartbeats {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+struct UdpLoop {
+    node: Arc<Node>,
+    socket: UdpSocket,
+    token: Option<String>,
+    interval: Duration,
+    /// Peer name → its address and when it was looked up.
+    resolved: HashMap<String, (SocketAddr, Instant)>,
+    /// Peer name → sequence number of the latest ping sent to it.
+    sent: HashMap<String, u64>,
+    seq: u64,
+}
+
+impl UdpLoop {
+    fn new(node: Arc<Node>, socket: UdpSocket) -> Self {
+        let token = node.settings().cluster_token.clone();
+        let interval = node.liveness.config().heartbeat_interval;
+        UdpLoop { node, socket, token, interval, resolved: HashMap::new(), sent: HashMap::new(), seq: 0 }
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        let mut next_tick = Instant::now();
+        let mut buf = [0u8; 1024];
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_tick {
+                self.tick();
+                next_tick = now + self.interval;
+            }
+            let wait = next_tick.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let _ = self.socket.set_read_timeout(Some(wait));
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, from)) => self.receive(&buf[..n], from),
+                // Timeouts (the next tick is due) and errors such as ICMP port-unreachable for an
+                // earlier datagram: nothing to do, the detector judges silence.
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Reads what is waiting, pings every watched peer and lets the detector judge them.
+    fn tick(&mut self) {
+        self.drain();
+        let peers = self.node.peers_to_watch();
+        self.seq += 1;
+        let ping = encode(self.token.as_deref(), Beat::Ping { from: self.node.id().to_owned(), seq: self.seq });
+        for peer in &peers {
+            if let Some(addr) = self.address_of(peer) {
+                let _ = self.socket.send_to(&ping, addr);
+                self.sent.insert(peer.clone(), self.seq);
+            }
+        }
+        self.sent.retain(|p, _| peers.contains(p));
+        self.node.liveness.tick(&peers);
+    }
+
+    /// Handles every datagram already waiting in the socket.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 1024];
+        if self.socket.set_nonblocking(true).is_err() {
+            return;
+        }
+        while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+            self.receive(&buf[..n], from);
+        }
+        let _ = self.socket.set_nonblocking(false);
+    }
+
+    fn receive(&mut self, bytes: &[u8], from: SocketAddr) {
+        match decode(self.token.as_deref(), bytes) {
+            Some(Beat::Ping { from: peer, seq }) => {
+                let pong = encode(self.token.as_deref(), Beat::Pong { from: self.node.id().to_owned(), seq });
+                let _ = self.socket.send_to(&pong, from);
+                // A peer that pings is alive (only peers this node watches are tracked).
+                if self.sent.contains_key(&peer) {
+                    self.node.liveness.heard(&peer);
+                }
+            }
+            Some(Beat::Pong { from: peer, seq }) => match self.sent.get(&peer) {
+                Some(&last) if seq == last => self.node.liveness.heartbeat(&peer),
+                Some(&last) if seq < last && last - seq < RECENT_SEQS => self.node.liveness.heard(&peer),
+                _ => {}
+            },
+            None => tracing::debug!(%from, "ignoring a datagram that is not a valid heartbeat"),
+        }
+    }
+
+    /// `peer`'s address (names looked up again every [`RESOLVE_TTL`]); `None` if it does not
+    /// resolve right now.
+    fn address_of(&mut self, peer: &str) -> Option<SocketAddr> {
+        if let Some((addr, at)) = self.resolved.get(peer)
+            && at.elapsed() < RESOLVE_TTL
+        {
+            return Some(*addr);
+        }
+        let addr = self.node.resolve_peer(peer).or_else(|| peer.to_socket_addrs().ok()?.next());
+        match addr {
+            Some(a) => {
+                self.resolved.insert(peer.to_owned(), (a, Instant::now()));
+            }
+            None => {
+                self.resolved.remove(peer);
+            }
+        }
+        addr
+    }
+}
+
+/// The HTTP fallback: pings each watched peer over the peer transport every heartbeat interval
+/// (one outstanding per peer) until `shutdown` completes. Answers are proof of life; a failed
+/// connection is evidence of death; a slow answer is neither.
+pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let mut ticker = tokio::time::interval(node.liveness.config().heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers with a ping outstanding. `std` mutex: held only to insert or remove.
@@ -26,23 +234,37 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
             _ = &mut shutdown => return,
             _ = ticker.tick() => {}
         }
-        let peers = node.peers_to_watch();
-        for peer in &peers {
+        for peer in node.peers_to_watch() {
             if !outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.clone()) {
                 continue;
             }
-            let (node, outstanding, peer) = (node.clone(), outstanding.clone(), peer.clone());
+            let (node, outstanding) = (node.clone(), outstanding.clone());
             tokio::spawn(async move {
                 match node.peers.call(&peer, &PeerRequest::Ping, PING_LIMIT).await {
                     // A refusal (say, a wrong cluster token) is an answer too.
-                    Ok(_) | Err(PeerError::Refused { .. }) => node.liveness.heartbeat(&peer),
-                    Err(PeerError::Unreachable { .. }) => node.liveness.connection_failed(&peer, Death::Refused),
-                    Err(PeerError::ConnectTimeout { .. }) => node.liveness.connection_failed(&peer, Death::Unreachable),
+                    Ok(_) | Err(PeerError::Refused { .. }) => node.liveness.heard(&peer),
+                    Err(e @ PeerError::Unreachable { .. }) => node.liveness.connection_failed(&peer, Death::Refused, &e.to_string()),
+                    Err(e @ PeerError::ConnectTimeout { .. }) => node.liveness.connection_failed(&peer, Death::Unreachable, &e.to_string()),
                     Err(e) => tracing::debug!(peer = %peer, error = %e, "heartbeat not answered"),
                 }
                 outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
             });
         }
-        node.liveness.tick(&peers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_round_trip_and_forged_ones_are_dropped() {
+        let ping = Beat::Ping { from: "a:1".into(), seq: 7 };
+        assert_eq!(decode(None, &encode(None, ping.clone())), Some(ping.clone()));
+        let signed = encode(Some("secret"), ping.clone());
+        assert_eq!(decode(Some("secret"), &signed), Some(ping.clone()));
+        assert_eq!(decode(Some("other"), &signed), None, "wrong token");
+        assert_eq!(decode(Some("secret"), &encode(None, ping)), None, "untagged");
+        assert_eq!(decode(None, b"\xff\xff garbage"), None);
     }
 }

@@ -40,13 +40,16 @@ use tokio::net::TcpListener;
 pub struct ConnectionLimits {
     /// Open connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
-    /// Time a client may take to send a request's headers (slowloris).
+    /// Time a client may take to send a request's headers (slowloris), counted from when the
+    /// connection starts waiting for a request: it is also how long an idle keep-alive
+    /// connection is kept open (hyper has one timer for both). Clients that pool connections
+    /// must drop them sooner, or retry a request on a connection the node just closed.
     pub header_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        ConnectionLimits { max_connections: 4096, header_timeout: Duration::from_secs(10) }
+        ConnectionLimits { max_connections: 4096, header_timeout: Duration::from_secs(75) }
     }
 }
 
@@ -71,7 +74,14 @@ pub async fn run_with_limits(
         }
     };
     let background = tokio::spawn(anti_entropy::run(node.clone(), stopped()));
-    let heartbeats = tokio::spawn(heartbeat::run(node.clone(), stopped()));
+    let http_heartbeats = tokio::spawn(heartbeat::run_http_fallback(node.clone(), stopped()));
+    let udp_heartbeats = match listener.local_addr().and_then(|addr| heartbeat::UdpHeartbeats::start(node.clone(), addr)) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start UDP heartbeats; peers are watched over HTTP only (slower to tell busy from dead)");
+            None
+        }
+    };
     let app = http::router(node);
     // Each connection holds a permit; a full server answers 503 instead of queueing forever.
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -113,7 +123,10 @@ pub async fn run_with_limits(
     graceful.shutdown().await;
     let _ = stop_tx.send(true);
     let _ = background.await;
-    let _ = heartbeats.await;
+    let _ = http_heartbeats.await;
+    if let Some(h) = udp_heartbeats {
+        tokio::task::spawn_blocking(move || h.stop()).await.ok();
+    }
     Ok(())
 }
 

@@ -12,9 +12,9 @@
 //! A call that is merely slow is never evidence: a peer that keeps answering anything stays alive,
 //! however long one answer takes. The first answer after a death declaration revives the peer.
 //!
-//! If this node itself stalls (paused, starved of CPU) it cannot judge silence: time it was not
-//! watching is not held against its peers ([`DetectorConfig::local_stall`]); silence is counted
-//! in watched time.
+//! If this node itself stalls (paused, starved of CPU), what its peers sent meanwhile waits in
+//! its socket: the heartbeat loop reads all of it before the detector judges anyone (see
+//! `heartbeat`), so a stall of this node is not taken for silence of its peers.
 //!
 //! [`Detector`] is the pure state machine (time is passed in); [`Liveness`] shares it between
 //! tasks and lets a call in flight give up on its peer the moment the peer is declared dead.
@@ -61,9 +61,6 @@ pub struct DetectorConfig {
     pub min_std_dev: Duration,
     /// Silence tolerated on top of the usual heartbeat interval before suspicion starts to grow.
     pub acceptable_pause: Duration,
-    /// A gap between two of this node's own detector ticks longer than the heartbeat interval by
-    /// this much means this node stalled; the gap beyond one interval is not counted as silence.
-    pub local_stall: Duration,
 }
 
 impl Default for DetectorConfig {
@@ -74,7 +71,6 @@ impl Default for DetectorConfig {
             phi_threshold: 8.0,
             min_std_dev: Duration::from_millis(50),
             acceptable_pause: Duration::from_millis(250),
-            local_stall: Duration::from_millis(150),
         }
     }
 }
@@ -113,12 +109,11 @@ pub struct Transition {
 pub struct Detector {
     config: DetectorConfig,
     peers: HashMap<String, Track>,
-    last_tick: Option<Instant>,
 }
 
 impl Detector {
     pub fn new(config: DetectorConfig) -> Self {
-        Detector { config, peers: HashMap::new(), last_tick: None }
+        Detector { config, peers: HashMap::new() }
     }
 
     pub fn config(&self) -> &DetectorConfig {
@@ -175,20 +170,10 @@ impl Detector {
 
     /// Re-judges every silent peer at `now`; returns the peers whose state changed.
     pub fn tick(&mut self, now: Instant) -> Vec<Transition> {
-        // Time this node was not watching (its ticks came late: it was paused or starved) is not
-        // silence of its peers: silence is counted in watched time only.
-        let unwatched = self.last_tick.map_or(Duration::ZERO, |last| {
-            let gap = now.saturating_duration_since(last);
-            let allowed = self.config.heartbeat_interval + self.config.local_stall;
-            if gap > allowed { gap - self.config.heartbeat_interval } else { Duration::ZERO }
-        });
-        self.last_tick = Some(now);
         let mut changes = Vec::new();
         for (peer, t) in &mut self.peers {
-            t.last_heard = (t.last_heard + unwatched).min(now);
-            if t.state == PeerState::Alive
-                && phi(&self.config, &t.intervals, now.saturating_duration_since(t.last_heard)) >= self.config.phi_threshold
-            {
+            let silence = now.saturating_duration_since(t.last_heard);
+            if t.state == PeerState::Alive && phi(&self.config, &t.intervals, silence) >= self.config.phi_threshold {
                 changes.extend(Self::set(peer, t, PeerState::Dead(Death::Silent)));
             }
         }
@@ -271,6 +256,11 @@ impl Liveness {
     }
 
     fn apply(&self, change: impl FnOnce(&mut Detector) -> Vec<Transition>) -> Vec<Transition> {
+        self.apply_because(change, "")
+    }
+
+    /// [`Self::apply`], logging `why` with any death it declares.
+    fn apply_because(&self, change: impl FnOnce(&mut Detector) -> Vec<Transition>, why: &str) -> Vec<Transition> {
         let mut shared = self.lock();
         let transitions = change(&mut shared.detector);
         for t in &transitions {
@@ -279,9 +269,10 @@ impl Liveness {
             }
             match t.state {
                 PeerState::Alive => tracing::info!(peer = %t.peer, "peer is alive again"),
-                PeerState::Dead(why) => {
+                PeerState::Dead(evidence) => {
+                    let (why, detail) = (evidence, why);
                     self.deaths.inc();
-                    tracing::warn!(peer = %t.peer, evidence = ?why, "peer declared dead");
+                    tracing::warn!(peer = %t.peer, evidence = ?why, detail = detail, "peer declared dead");
                 }
             }
         }
@@ -297,8 +288,9 @@ impl Liveness {
         self.apply(|d| d.heard(peer, Instant::now()).into_iter().collect());
     }
 
-    pub fn connection_failed(&self, peer: &str, how: Death) {
-        self.apply(|d| d.connection_failed(peer, how, Instant::now()).into_iter().collect());
+    /// A connection to `peer` failed (`detail`: the error, for the log).
+    pub fn connection_failed(&self, peer: &str, how: Death, detail: &str) {
+        self.apply_because(|d| d.connection_failed(peer, how, Instant::now()).into_iter().collect(), detail);
     }
 
     /// Watches exactly `peers` from now on and re-judges them.
@@ -315,7 +307,10 @@ impl Liveness {
         transitions
     }
 
-    /// Completes when `peer` is declared dead (at once if it already is), with the evidence.
+    /// Completes when `peer` is declared silent or unreachable (at once if it already is), with
+    /// the evidence. A refused connection does not end calls under way on other connections: if
+    /// the process is gone, the kernel resets those too, and a spurious reset must not abandon
+    /// work a live peer is doing.
     pub async fn until_dead(&self, peer: &str) -> Death {
         let mut rx = {
             let mut shared = self.lock();
@@ -323,7 +318,7 @@ impl Liveness {
             shared.watchers.entry(peer.to_owned()).or_insert_with(|| watch::channel(state).0).subscribe()
         };
         loop {
-            if let PeerState::Dead(why) = *rx.borrow_and_update() {
+            if let PeerState::Dead(why @ (Death::Silent | Death::Unreachable)) = *rx.borrow_and_update() {
                 return why;
             }
             if rx.changed().await.is_err() {
@@ -415,30 +410,18 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_of_this_node_is_not_held_against_its_peers() {
+    fn what_was_heard_during_a_stall_of_this_node_counts_before_it_judges() {
         let config = DetectorConfig::default();
         let mut d = Detector::new(config);
         let start = Instant::now();
         let last = steady(&mut d, "b", start, config.heartbeat_interval, Duration::from_secs(2));
-        // This node was paused for 3 s: its first tick after must not declare anyone dead.
+        // This node was stopped for 3 s; b's pings waited in its socket and are read first.
         let resumed = last + Duration::from_secs(3);
-        assert!(d.tick(resumed).is_empty());
-        // Silence after the stall still counts.
-        let mut t = resumed;
-        while d.tick(t).is_empty() {
-            t += config.heartbeat_interval;
-            assert!(t < resumed + Duration::from_secs(3), "silence after the stall must be judged");
-        }
-        // A starved node (every tick late) still adds up the silence it watched.
-        let mut d = Detector::new(config);
-        let last = steady(&mut d, "b", start, config.heartbeat_interval, Duration::from_secs(2));
-        let mut t = last;
-        let mut watched = Duration::ZERO;
-        while d.tick(t).is_empty() {
-            t += Duration::from_millis(400);
-            watched += config.heartbeat_interval;
-            assert!(watched < Duration::from_secs(3), "silence watched across stalls must add up");
-        }
+        d.heard("b", resumed);
+        assert!(d.tick(resumed).is_empty(), "b was heard: alive");
+        // A peer that sent nothing meanwhile is judged on its silence.
+        d.heartbeat("c", last);
+        assert_eq!(d.tick(resumed), vec![Transition { peer: "c".into(), state: PeerState::Dead(Death::Silent) }]);
     }
 
     #[test]
@@ -474,8 +457,11 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        l.connection_failed("b", Death::Refused);
-        assert_eq!(waiter.await.unwrap(), Death::Refused);
-        assert_eq!(l.until_dead("b").await, Death::Refused, "already dead: at once");
+        l.connection_failed("b", Death::Refused, "test");
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a refused connection does not abandon calls under way");
+        l.connection_failed("b", Death::Unreachable, "test");
+        assert_eq!(waiter.await.unwrap(), Death::Unreachable);
+        assert_eq!(l.until_dead("b").await, Death::Unreachable, "already dead: at once");
     }
 }

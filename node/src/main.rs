@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
+    raise_open_files_limit();
     let runtime = match args.worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
@@ -39,14 +40,27 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut settings = settings;
     settings.state_dir = Some(data_dir.clone());
     let store = Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
-    let peers =
-        Arc::new(HttpPeers::new(Duration::from_millis(args.connect_timeout_ms), settings.cluster_token.clone(), args.hosts_file.clone()));
+    let peers = Arc::new(HttpPeers::new(
+        Duration::from_millis(args.connect_timeout_ms),
+        settings.cluster_token.clone(),
+        args.hosts_file.clone(),
+        args.connection_limits().header_timeout,
+    ));
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
     kvs_node::run_with_limits(listener, node, args.connection_limits(), shutdown_signal()).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every client connection and every connection to a peer is a file descriptor: a node serving
+/// thousands of them needs more than the usual soft limit of 1024, so it takes the hard limit.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit; many connections may fail with EMFILE"),
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -47,6 +47,8 @@ pub struct Settings {
     pub cluster_token: Option<String>,
     /// Where the view is persisted (the data directory); `None` keeps it in memory only.
     pub state_dir: Option<PathBuf>,
+    /// Hosts file resolving peer names ahead of DNS (see `hosts`), for heartbeats.
+    pub hosts_file: Option<PathBuf>,
     /// Budget for one view-change control message (prepare, begin, commit) to one live node (a
     /// dead one is given up on at once). Begin waits for the writes in progress to finish.
     pub view_change_timeout: Duration,
@@ -65,6 +67,7 @@ impl Settings {
             max_value_bytes: 1 << 20,
             cluster_token: None,
             state_dir: None,
+            hosts_file: None,
             view_change_timeout: Duration::from_secs(10),
         }
     }
@@ -208,6 +211,8 @@ pub struct Node {
     pub(crate) liveness: Liveness,
     /// Bounds the client operations in progress on this node.
     pub(crate) admission: Admission,
+    /// Peer names from the hosts file, if one is configured.
+    hosts: Option<crate::hosts::HostsFileResolver>,
     pub(crate) hlc: Hlc,
     pub(crate) metrics: Metrics,
 }
@@ -220,6 +225,7 @@ impl Node {
         let metrics = Metrics::default();
         let liveness = Liveness::new(settings.detector, metrics.peer_deaths.clone());
         let admission = Admission::new(settings.admission);
+        let hosts = settings.hosts_file.clone().map(crate::hosts::HostsFileResolver::new);
         let view_store = ViewStore::new(settings.state_dir.as_deref());
         let saved = view_store.load().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
@@ -250,6 +256,7 @@ impl Node {
             peers,
             liveness,
             admission,
+            hosts,
             hlc,
             metrics,
         })
@@ -264,6 +271,13 @@ impl Node {
         peers.dedup();
         peers.retain(|p| p != self.id());
         peers
+    }
+
+    /// The address the hosts file gives `peer` (`host:port`), if there is one.
+    pub(crate) fn resolve_peer(&self, peer: &str) -> Option<std::net::SocketAddr> {
+        let (host, port) = peer.rsplit_once(':')?;
+        let ip = self.hosts.as_ref()?.lookup(host)?;
+        Some(std::net::SocketAddr::new(ip, port.parse().ok()?))
     }
 
     /// This node's identity.
@@ -442,8 +456,8 @@ impl Node {
         };
         match &result {
             Ok(_) | Err(PeerError::Refused { .. }) => self.liveness.heard(peer),
-            Err(PeerError::Unreachable { .. }) => self.liveness.connection_failed(peer, Death::Refused),
-            Err(PeerError::ConnectTimeout { .. }) => self.liveness.connection_failed(peer, Death::Unreachable),
+            Err(e @ PeerError::Unreachable { .. }) => self.liveness.connection_failed(peer, Death::Refused, &e.to_string()),
+            Err(e @ PeerError::ConnectTimeout { .. }) => self.liveness.connection_failed(peer, Death::Unreachable, &e.to_string()),
             Err(PeerError::Timeout { .. } | PeerError::Skipped { .. } | PeerError::Dead { .. } | PeerError::Protocol { .. }) => {}
         }
         result

@@ -241,14 +241,21 @@ struct Target {
 impl HttpPeers {
     /// `connect_timeout` bounds TCP connection setup (a dead host must not cost more than this).
     /// `hosts_file` maps peer names to addresses ahead of DNS (see [`crate::hosts`]).
-    pub fn new(connect_timeout: Duration, token: Option<String>, hosts_file: Option<std::path::PathBuf>) -> Self {
+    /// `peer_idle_close`: how long peers keep an idle connection open (their header timeout);
+    /// pooled connections are dropped well before, so a request never races a peer closing one.
+    pub fn new(
+        connect_timeout: Duration,
+        token: Option<String>,
+        hosts_file: Option<std::path::PathBuf>,
+        peer_idle_close: Duration,
+    ) -> Self {
         let mut builder = reqwest::Client::builder();
         if let Some(path) = hosts_file {
             builder = builder.dns_resolver(std::sync::Arc::new(crate::hosts::HostsFileResolver::new(path)));
         }
         let http = builder
             .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout((peer_idle_close / 2).min(Duration::from_secs(30)))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .build()

@@ -29,8 +29,10 @@ use std::time::Duration;
 /// A forwarded write that reaches its owner later than this after it was sent is refused instead
 /// of performed. Why: a forwarder that gave up on a silent owner sends the write to the next
 /// owner; if the first one performed it later (its request held up in a partition, say), it
-/// would stamp it then and overwrite every write acknowledged in between.
-pub const FORWARDED_WRITE_EXPIRY: Duration = Duration::from_secs(1);
+/// would stamp it then and overwrite every write acknowledged in between. Long enough that a
+/// live owner, however busy, starts on a forwarded write well within it; only writes that were
+/// in flight to an owner when it went silent wait this long before going to the next owner.
+pub const FORWARDED_WRITE_EXPIRY: Duration = Duration::from_secs(3);
 /// How much longer than [`FORWARDED_WRITE_EXPIRY`] a forwarder waits before sending a write it may
 /// have delivered to a silent owner to the next one: more than twice the clock difference nodes
 /// may have (their clocks must agree within 50 ms), so the copy the next owner stamps is newer
@@ -419,10 +421,9 @@ impl Node {
 /// owner's process is gone, taking the request with it; a silent or cut-off owner may get it
 /// once the network heals.
 fn may_have_been_delivered(e: &PeerError) -> bool {
-    use crate::liveness::Death;
     match e {
         PeerError::Timeout { .. } => true,
-        PeerError::Dead { evidence, .. } => *evidence != Death::Refused,
+        PeerError::Dead { .. } => true,
         PeerError::Skipped { .. }
         | PeerError::Unreachable { .. }
         | PeerError::ConnectTimeout { .. }

@@ -337,7 +337,7 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
         min_copies: 0,
         sent_at,
     };
-    let forwarder = HttpPeers::new(Duration::from_secs(1), None, None);
+    let forwarder = HttpPeers::new(Duration::from_secs(1), None, None, Duration::from_secs(75));
     let a2 = a.clone();
     let answer = tokio::spawn(async move { forwarder.call(&a2, &held_up, Duration::from_secs(60)).await });
     let (status, new) = put(&c.http, &b, "x", "new", old["causal_payload"].as_str().unwrap()).await;

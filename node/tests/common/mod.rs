@@ -184,6 +184,13 @@ impl Cluster {
     }
 }
 
+/// Raises this process's open-files limit to its hard limit (tests that open a thousand client
+/// connections need more than the usual soft limit of 1024).
+pub fn raise_open_files_limit() {
+    let (_, hard) = rlimit::Resource::NOFILE.get().expect("read RLIMIT_NOFILE");
+    rlimit::Resource::NOFILE.set(hard, hard).expect("raise RLIMIT_NOFILE to its hard limit");
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
