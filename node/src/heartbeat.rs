@@ -143,11 +143,10 @@ impl UdpLoop {
             }
             let wait = next_tick.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             let _ = self.socket.set_read_timeout(Some(wait));
-            match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.receive(&buf[..n], from),
-                // Timeouts (the next tick is due) and errors such as ICMP port-unreachable for an
-                // earlier datagram: nothing to do, the detector judges silence.
-                Err(_) => {}
+            // A timeout (the next tick is due) or an error such as ICMP port-unreachable for an
+            // earlier datagram needs nothing: the detector judges silence.
+            if let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+                self.receive(&buf[..n], from);
             }
         }
     }
