@@ -502,6 +502,10 @@ async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // A thousand connections need more file descriptors than the usual soft limit of 1024.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("kvs-bench: cannot raise the open files limit ({e}); many connections may fail");
+    }
     match Args::parse().cmd {
         Cmd::Load(a) => {
             let json = a.json;

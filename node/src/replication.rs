@@ -150,6 +150,9 @@ impl Node {
         let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).collect();
         let is_write = !matches!(op, KvOp::Get);
         let mut newer_view_at = None;
+        // An owner that answered "I may lack what your context needs" says more than "nobody
+        // answered": report that if no owner does better.
+        let mut causal_refusal = false;
         for owner in self.liveness.order(rotated) {
             self.metrics.forwarded.inc();
             let sent_at = wall_micros();
@@ -174,7 +177,10 @@ impl Node {
                     r @ (CoordinateRefusal::TooFewReplicas { .. }
                     | CoordinateRefusal::UnderReplicated { .. }
                     | CoordinateRefusal::MinCopiesAboveReplicas { .. }) => return Err(KvError::from_refusal(r)),
-                    r => tracing::debug!(peer = %owner, refusal = ?r, "owner refused a forwarded request; trying the next replica"),
+                    r => {
+                        causal_refusal |= matches!(r, CoordinateRefusal::CausalUnavailable { .. });
+                        tracing::debug!(peer = %owner, refusal = ?r, "owner refused a forwarded request; trying the next replica");
+                    }
                 },
                 Ok(other) => tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request"),
                 Err(e) => {
@@ -189,6 +195,7 @@ impl Node {
         }
         match newer_view_at {
             Some(peer) => Err(KvError::StaleView { peer }),
+            None if causal_refusal => Err(KvError::CausalUnavailable { partition }),
             None => Err(KvError::Unavailable { partition }),
         }
     }

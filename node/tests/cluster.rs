@@ -80,9 +80,16 @@ async fn t20_partition_ids_are_consistent_across_routes() {
     assert_eq!(status, 404, "{body}");
 }
 
+/// Deadlines so long that a request waiting out any of them would outlast the test client's
+/// 10 s timeout, and a failure detector that never declares anyone silent: a request can then
+/// only be fast if dead nodes are recognised by evidence (a refused connection) — which is how
+/// "fast" is tested here without asserting a timing.
+const NO_WAITING_OUT: &[(&str, &str)] =
+    &[("KVS_FORWARD_DEADLINE_MS", "600000"), ("KVS_REPLICA_DEADLINE_MS", "600000"), ("KVS_PHI_THRESHOLD", "1000000")];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_whole_partition_down_answers_fast_503() {
-    let mut c = Cluster::start(30, 4, 2, &[]).await;
+    let mut c = Cluster::start(30, 4, 2, NO_WAITING_OUT).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     let (down, up) = (layout[0].clone(), layout[1].clone());
     let key0 = find_key_in(&c, &up[0], 0, "a").await;
@@ -93,10 +100,9 @@ async fn t30_whole_partition_down_answers_fast_503() {
     for attempt in 0..3 {
         let started = Instant::now();
         let (status, body) = get(&c.http, &up[0], &key0, "").await;
-        let took = started.elapsed();
+        println!("attempt {attempt}: 503 after {:?}", started.elapsed());
         assert_eq!(status, 503, "{body}");
         assert!(body["msg"].as_str().unwrap().starts_with("key value store is not available"), "{body}");
-        assert!(took < Duration::from_secs(1), "attempt {attempt}: took {took:?}");
         let (status, _) = put(&c.http, &up[1], &key0, "x", "").await;
         assert_eq!(status, 503);
     }
@@ -106,7 +112,7 @@ async fn t30_whole_partition_down_answers_fast_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t40_one_replica_down_reads_and_writes_succeed() {
-    let mut c = Cluster::start(40, 4, 2, &[]).await;
+    let mut c = Cluster::start(40, 4, 2, NO_WAITING_OUT).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     for i in 0..20 {
         put(&c.http, &c.addrs()[i % 4], &format!("k{i}"), "before", "").await;
@@ -128,7 +134,10 @@ async fn t40_one_replica_down_reads_and_writes_succeed() {
             slowest = slowest.max(started.elapsed());
         }
     }
-    assert!(slowest < Duration::from_secs(1), "a request took {slowest:?} with one replica per partition down");
+    println!("slowest request with one replica per partition down: {slowest:?}");
+    for n in &live {
+        assert_eq!(c.metric(n, "kvs_replication_total{outcome=\"slow\"}").await, 0.0, "{n} waited for a dead replica");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,9 +189,12 @@ async fn t60_ten_clients_hundred_concurrent_puts_over_five_keys() {
     }
     println!("slowest of 1000 concurrent PUTs: {slowest:?}");
     for node in &nodes {
-        let failed = c.metric(node, "kvs_replication_total{outcome=\"failed\"}").await;
-        let skipped = c.metric(node, "kvs_replication_total{outcome=\"skipped\"}").await;
-        println!("{node}: replication failed={failed} skipped={skipped}");
+        let stored = c.metric(node, "kvs_replication_total{outcome=\"stored\"}").await;
+        println!("{node}: replications stored={stored}");
+        for reason in ["replica_dead", "replica_slow", "replica_refused"] {
+            let line = format!("kvs_under_replicated_writes_total{{reason=\"{reason}\"}}");
+            assert_eq!(c.metric(node, &line).await, 0.0, "{node}: every node is up, so every write has both copies ({reason})");
+        }
     }
     for (key, (_, val, _)) in &newest {
         for node in &nodes {
@@ -239,7 +251,7 @@ async fn t80_paused_replica_converges_through_anti_entropy() {
         if live == 49.0 && dead == 1.0 {
             break;
         }
-        assert!(resumed.elapsed() < Duration::from_secs(10), "B did not converge: live={live} tombstones={dead}");
+        assert!(resumed.elapsed() < Duration::from_secs(60), "B did not converge: live={live} tombstones={dead}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("anti-entropy convergence after resume: {:?}", resumed.elapsed());
@@ -361,7 +373,7 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t97_slow_and_greedy_clients_do_not_starve_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::start(97, 1, 1, &[("KVS_MAX_CONNECTIONS", "50"), ("KVS_HEADER_TIMEOUT_MS", "500")]).await;
+    let c = Cluster::start(97, 1, 1, &[("KVS_MAX_CONNECTIONS", "50"), ("KVS_HEADER_TIMEOUT_MS", "5000")]).await;
     let node = c.addrs()[0].clone();
     // Slowloris: 40 connections that never finish their headers.
     let mut slow = Vec::new();
@@ -370,42 +382,36 @@ async fn t97_slow_and_greedy_clients_do_not_starve_others() {
         s.write_all(b"GET /v1/kv/x HTTP/1.1\r\nHost: k\r\nX-Slow: ").await.unwrap();
         slow.push(s);
     }
-    let started = Instant::now();
     let (status, _) = put(&c.http, &node, "k", "v", "").await;
     assert_eq!(status, 201, "others are served while slow clients hang");
-    assert!(started.elapsed() < Duration::from_secs(1));
+    let mut probe = [0u8; 1];
+    let still_open = slow.iter().filter(|s| matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)).count();
+    println!("slow connections still hanging when the PUT was answered: {still_open} of 40");
     // The slow ones are cut off once the header timeout passes.
-    tokio::time::sleep(Duration::from_millis(900)).await;
     for s in &mut slow {
-        let mut buf = [0u8; 256];
-        let n =
-            tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("the server closes slow connections").unwrap_or(0);
-        let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "closed or 408, got {text:?}");
+        let text = read_to_close(s).await;
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "closed or 408, got {text:?}");
     }
     drop(slow);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Greedy: more idle connections than the limit; the extra ones are told why.
+    // Greedy: more idle connections than the limit; the extra ones are told why at once, the
+    // others are cut off by the header timeout.
     let mut idle = Vec::new();
     for _ in 0..70 {
         idle.push(tokio::net::TcpStream::connect(&node).await.unwrap());
     }
-    let mut refused = 0;
-    for s in &mut idle {
-        let mut buf = [0u8; 512];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await
-            && n > 0
-        {
-            let text = String::from_utf8_lossy(&buf[..n]);
-            if text.starts_with("HTTP/1.1 503") {
-                assert!(text.contains("too many open connections"), "{text}");
-                refused += 1;
-            }
-        }
-    }
-    assert!((15..=25).contains(&refused), "about 20 of 70 refused with a limit of 50, got {refused}");
+    let answers = futures::future::join_all(idle.iter_mut().map(read_to_close)).await;
+    let refused: Vec<&String> = answers.iter().filter(|t| t.starts_with("HTTP/1.1 503")).collect();
+    assert!(refused.iter().all(|t| t.contains("too many open connections")), "{refused:?}");
+    assert!((15..=25).contains(&refused.len()), "about 20 of 70 refused with a limit of 50, got {}", refused.len());
     drop(idle);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = get(&c.http, &node, "k", "").await;
     assert_eq!((status, body["value"].as_str()), (200, Some("v")), "the node recovers once they leave");
+
+    /// Everything the server sends before it closes the connection.
+    async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the server closes the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    }
 }

@@ -182,9 +182,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             // Add a spare, or remove a member (back to the spares), through a random other member.
             let via = *members.iter().find(|m| **m != victim).unwrap_or(&members[0]);
             let mut next = members.clone();
-            // A quarter of the changes change K instead of the membership.
+            // The first change and a quarter of the rest change K instead of the membership.
             let next_k = if k == plan.k { plan.k + 1 } else { plan.k };
-            let change_k = rng.random_bool(0.25) && members.len() >= next_k as usize;
+            let first = !faults.contains_key("K change") && !faults.contains_key("ViewChange");
+            let change_k = (rng.random_bool(0.25) || first) && members.len() >= next_k as usize;
             let added = if change_k {
                 None
             } else if !spares.is_empty() && (rng.random_bool(0.5) || members.len() <= plan.members) {
