@@ -67,9 +67,10 @@ pub struct Args {
     #[arg(long, env = "KVS_ACCEPTABLE_HEARTBEAT_PAUSE_MS", default_value_t = 250)]
     pub acceptable_heartbeat_pause_ms: u64,
 
-    /// Client requests in progress on this node at once; more wait in a queue.
-    #[arg(long, env = "KVS_MAX_IN_FLIGHT_REQUESTS", default_value_t = 128)]
-    pub max_in_flight_requests: usize,
+    /// Client requests in progress on this node at once; more wait in a queue. Default: 16 per
+    /// CPU core.
+    #[arg(long, env = "KVS_MAX_IN_FLIGHT_REQUESTS")]
+    pub max_in_flight_requests: Option<usize>,
 
     /// Longest a client request waits in the queue before it is refused (503 with Retry-After),
     /// in milliseconds.
@@ -195,7 +196,7 @@ impl Args {
         s.detector.phi_threshold = self.phi_threshold;
         s.detector.acceptable_pause = Duration::from_millis(self.acceptable_heartbeat_pause_ms);
         s.admission = crate::admission::Limits {
-            max_in_flight: self.max_in_flight_requests.max(1),
+            max_in_flight: self.max_in_flight_requests.unwrap_or(s.admission.max_in_flight).max(1),
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
         };
         s.anti_entropy_interval = Duration::from_millis(self.anti_entropy_interval_ms.max(1));
