@@ -44,7 +44,7 @@ const RECENT_SEQS: u64 = 64;
 
 /// One datagram.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Beat {
+pub enum Beat {
     Ping { from: String, seq: u64 },
     Pong { from: String, seq: u64 },
 }
@@ -64,13 +64,14 @@ fn tag(token: Option<&str>, beat: &Beat) -> [u8; 8] {
     full[..8].try_into().expect("HMAC-SHA1 is 20 bytes")
 }
 
-fn encode(token: Option<&str>, beat: Beat) -> Vec<u8> {
+/// The datagram carrying `beat`, tagged under `token`.
+pub fn encode(token: Option<&str>, beat: Beat) -> Vec<u8> {
     let tag = tag(token, &beat);
     postcard::to_stdvec(&Frame { beat, tag }).expect("serializing plain data into a Vec cannot fail")
 }
 
-/// The beat in `bytes` if it is well-formed and correctly tagged.
-fn decode(token: Option<&str>, bytes: &[u8]) -> Option<Beat> {
+/// The beat in `bytes` if it is well-formed and correctly tagged (pure; fuzzed).
+pub fn decode(token: Option<&str>, bytes: &[u8]) -> Option<Beat> {
     let frame: Frame = postcard::from_bytes(bytes).ok()?;
     // Not constant-time: the tag authenticates liveness only, and a forger learns nothing useful
     // from timing a comparison of an 8-byte tag it must produce for every datagram.

@@ -15,7 +15,7 @@ pub mod causal;
 pub mod config;
 mod fence;
 pub mod freshness;
-mod heartbeat;
+pub mod heartbeat;
 pub mod hosts;
 pub mod http;
 pub mod liveness;
