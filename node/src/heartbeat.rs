@@ -14,9 +14,10 @@
 //! Only the answer to the latest ping teaches the detector a peer's rhythm (answers read late, in
 //! a burst, would teach it nonsense).
 //!
-//! **HTTP, as a fallback.** Where UDP does not get through (a firewall that passes only TCP), the
-//! same interval's `Ping` RPC over the normal peer transport keeps peers from looking silent: its
-//! answers count as "heard" (never as evidence of death by their slowness).
+//! **HTTP, as a fallback.** A peer whose heartbeats have not been answered for five intervals
+//! (datagrams may not get through: a firewall that passes only TCP) is also sent the `Ping` RPC
+//! over the normal peer transport, every interval: its answers count as "heard" (never as
+//! evidence of death by their slowness). Peers that answer datagrams cost no HTTP at all.
 //!
 //! With a cluster token, every datagram carries an HMAC-SHA1 tag of its content under the token,
 //! and a pong must echo a recent ping's sequence number: nobody without the token can make a dead
@@ -220,8 +221,8 @@ impl UdpLoop {
     }
 }
 
-/// The HTTP fallback: pings each watched peer over the peer transport every heartbeat interval
-/// (one outstanding per peer) until `shutdown` completes. Answers are proof of life; a failed
+/// The HTTP fallback: pings each watched peer whose heartbeats are missing over the peer
+/// transport every heartbeat interval (one outstanding per peer) until `shutdown` completes. Answers are proof of life; a failed
 /// connection is evidence of death; a slow answer is neither.
 pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let mut ticker = tokio::time::interval(node.liveness.config().heartbeat_interval);
@@ -234,7 +235,7 @@ pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = (
             _ = &mut shutdown => return,
             _ = ticker.tick() => {}
         }
-        for peer in node.peers_to_watch() {
+        for peer in node.peers_to_watch().into_iter().filter(|p| node.liveness.heartbeats_missing(p)) {
             if !outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.clone()) {
                 continue;
             }

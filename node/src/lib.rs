@@ -3,10 +3,12 @@
 //!
 //! Layers, each in its own module:
 //! - pure logic: [`placement`] (key → slot → partition), [`causal`] (vector clocks, HLC),
-//!   [`view`] (membership);
+//!   [`view`] (membership), [`freshness`] (what a replica provably holds), [`liveness`] (the
+//!   failure detector's state machine), [`admission`] (the client-request bound);
 //! - boundaries: [`store`] (storage engine behind a trait), [`peers`] (network behind a trait);
-//! - behaviour: [`node`] (state and entry points), `replication` (routing, forwarding, replicating,
-//!   causal reads), [`anti_entropy`] (replica repair);
+//! - behaviour: [`node`] (state and entry points), [`replication`] (routing, forwarding,
+//!   replicating, causal reads), [`anti_entropy`] (replica repair), [`heartbeat`] (the failure
+//!   detector's heartbeats, off the request path), [`rebalance`] (view changes);
 //! - surface: [`http`] (thin handlers), [`metrics`], [`config`].
 
 pub mod admission;

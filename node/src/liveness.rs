@@ -163,6 +163,15 @@ impl Detector {
         self.track(peer, now);
     }
 
+    /// Whether `peer`'s heartbeats have not been answered for a while (five intervals) or ever:
+    /// then another way of hearing from it is needed (datagrams may not get through).
+    pub fn heartbeats_missing(&self, peer: &str, now: Instant) -> bool {
+        self.peers
+            .get(peer)
+            .and_then(|t| t.last_heartbeat)
+            .is_none_or(|last| now.saturating_duration_since(last) > self.config.heartbeat_interval * 5)
+    }
+
     /// Forgets every peer not in `keep` (left the view).
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.peers.retain(|p, _| keep(p));
@@ -277,6 +286,11 @@ impl Liveness {
             }
         }
         transitions
+    }
+
+    /// See [`Detector::heartbeats_missing`].
+    pub fn heartbeats_missing(&self, peer: &str) -> bool {
+        self.lock().detector.heartbeats_missing(peer, Instant::now())
     }
 
     pub fn heartbeat(&self, peer: &str) {

@@ -240,10 +240,13 @@ fn network_policies_select_the_node_pods() {
     assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "{selector:?} does not select {pod_labels:?}");
     assert_eq!(selector.get("app.kubernetes.io/managed-by").map(String::as_str), Some("kvs-operator"));
     let ingress = spec.ingress.as_ref().expect("ingress");
-    assert_eq!(ingress.len(), 1, "one rule: port 8080 from nodes, the operator and clients");
-    let ports: Vec<_> = ingress[0].ports.iter().flatten().filter_map(|p| p.port.clone()).collect();
-    assert_eq!(ports, [k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(kvs_operator::controller::build::PORT)]);
+    assert_eq!(ingress.len(), 2, "TCP 8080 from nodes, the operator and clients; UDP 8080 (heartbeats) from nodes");
+    let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(kvs_operator::controller::build::PORT);
+    let ports = |i: usize| -> Vec<_> { ingress[i].ports.iter().flatten().map(|p| (p.port.clone(), p.protocol.clone())).collect() };
+    assert_eq!(ports(0), [(Some(port.clone()), Some("TCP".to_owned()))]);
     assert_eq!(ingress[0].from.as_ref().map(Vec::len), Some(3), "nodes, operator, clients");
+    assert_eq!(ports(1), [(Some(port), Some("UDP".to_owned()))]);
+    assert_eq!(ingress[1].from.as_ref().map(Vec::len), Some(1), "nodes only");
     assert!(policies.iter().any(|p| p.metadata.name.as_deref() == Some("kvs-kvstore-operator")), "operator policy");
 }
 

@@ -239,7 +239,11 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         image: Some(c.spec.image.clone()),
         image_pull_policy: c.spec.image_pull_policy.clone(),
         resources: c.spec.resources.clone(),
-        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() }]),
+        ports: Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() },
+            // The failure detector's heartbeats: UDP on the same port, between nodes only.
+            ContainerPort { name: Some("heartbeat".into()), container_port: PORT, protocol: Some("UDP".into()), ..Default::default() },
+        ]),
         env: Some(env_vars),
         // Ready = serving HTTP: a pod that is joining has no view yet and must still be reachable.
         readiness_probe: Some(probe("/healthz")),
