@@ -482,3 +482,31 @@ impl Node {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoPeers;
+
+    #[async_trait::async_trait]
+    impl Peers for NoPeers {
+        async fn call(&self, peer: &str, _: &PeerRequest, _: Duration) -> Result<PeerResponse, PeerError> {
+            Err(PeerError::Unreachable { peer: peer.to_owned(), detail: "no network in this test".into() })
+        }
+    }
+
+    /// Regression (chaos runs with real K changes): two transitions interleaved and one wrote back
+    /// the older view it had read.
+    #[test]
+    fn views_never_go_back() {
+        let members = vec!["a:1".to_owned()];
+        let node = Node::new(Settings::new("a:1"), Some(View::initial(&members, 1)), Arc::new(crate::store::MemoryStore::new()), Arc::new(NoPeers));
+        let newer = View::from_layout(kvs_api::Layout { epoch: 3, ..node.view().unwrap().layout().clone() });
+        let older = View::from_layout(kvs_api::Layout { epoch: 2, ..newer.layout().clone() });
+        let views = node.views_for_update();
+        views.set(Some(Arc::new(newer)), None).unwrap();
+        assert!(views.set(Some(Arc::new(older)), None).is_err(), "a lower epoch is refused");
+        assert_eq!(views.view().unwrap().epoch(), 3);
+    }
+}
