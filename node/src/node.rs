@@ -501,7 +501,12 @@ mod tests {
     #[test]
     fn views_never_go_back() {
         let members = vec!["a:1".to_owned()];
-        let node = Node::new(Settings::new("a:1"), Some(View::initial(&members, 1)), Arc::new(crate::store::MemoryStore::new()), Arc::new(NoPeers));
+        let node = Node::new(
+            Settings::new("a:1"),
+            Some(View::initial(&members, 1)),
+            Arc::new(crate::store::MemoryStore::new()),
+            Arc::new(NoPeers),
+        );
         let newer = View::from_layout(kvs_api::Layout { epoch: 3, ..node.view().unwrap().layout().clone() });
         let older = View::from_layout(kvs_api::Layout { epoch: 2, ..newer.layout().clone() });
         let views = node.views_for_update();

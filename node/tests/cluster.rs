@@ -370,6 +370,64 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
     }
 }
 
+/// `kvs-min-replicas` with a replica dead, and `kvs-replicas` saying what an acknowledgement
+/// holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t64_min_replicas_refuses_rather_than_acknowledge_fewer_copies() {
+    let mut c = Cluster::start(64, 2, 2, NO_WAITING_OUT).await;
+    let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
+    let http = c.http.clone();
+    let write = |key: &str, min: Option<&str>| {
+        let mut req = http.put(format!("http://{a}/v1/kv/{key}")).body("v");
+        if let Some(m) = min {
+            req = req.header("kvs-min-replicas", m);
+        }
+        req.send()
+    };
+    let both = write("k", Some("2")).await.unwrap();
+    assert_eq!((both.status().as_u16(), both.headers()["kvs-replicas"].to_str().unwrap()), (201, "2/2"));
+    let deaths = c.metric(&a, "kvs_peer_deaths_total").await;
+    c.node(&b).kill();
+    // A learns of the death from a refused connection (its heartbeats fall back to HTTP).
+    c.wait_peer_deaths(&a, deaths + 1.0).await;
+    let refused = write("k2", Some("2")).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["msg"].as_str().unwrap().contains("nothing was written"), "{body}");
+    let (status, _) = get(&c.http, &a, "k2", "").await;
+    assert_eq!(status, 404, "a refused write wrote nothing");
+    let one = write("k2", None).await.unwrap();
+    assert_eq!((one.status().as_u16(), one.headers()["kvs-replicas"].to_str().unwrap()), (201, "1/2"));
+    let line = "kvs_under_replicated_writes_total{reason=\"replica_dead\"}";
+    assert_eq!(c.metric(&a, line).await, 1.0, "the one write acknowledged with one copy is counted, with its reason");
+}
+
+/// Past its bound a node queues client requests; one that waited the whole queue timeout is
+/// refused with 503, `Retry-After` and a message naming the limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t66_overload_is_refused_with_retry_after_naming_the_limit() {
+    let c = Cluster::start(66, 2, 2, &[("KVS_MAX_IN_FLIGHT_REQUESTS", "1"), ("KVS_QUEUE_TIMEOUT_MS", "1")]).await;
+    let a = c.addrs()[0].clone();
+    // B stopped: a write through A holds A's only slot until A declares B dead.
+    c.nodes[1].pause();
+    let (http, node) = (c.http.clone(), a.clone());
+    let holder = tokio::spawn(async move { put(&http, &node, "held", "v", "").await });
+    while c.metric(&a, "kvs_requests_in_flight").await < 1.0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let resp = c.http.get(format!("http://{a}/v1/kv/other")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.unwrap();
+    let msg = body["msg"].as_str().unwrap();
+    assert!(msg.contains("--max-in-flight-requests") && msg.contains("--queue-timeout-ms"), "{msg}");
+    assert_eq!(c.metric(&a, "kvs_requests_overloaded_total").await, 1.0);
+    let (status, body) = holder.await.unwrap();
+    assert!(status == 200 || status == 201, "the admitted request completes: {body}");
+    c.nodes[1].resume();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t97_slow_and_greedy_clients_do_not_starve_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

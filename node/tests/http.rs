@@ -177,6 +177,27 @@ async fn native_api_bad_input() {
 }
 
 #[tokio::test]
+async fn writes_say_how_many_replicas_hold_them_and_honour_a_minimum() {
+    let n = node(); // K=1: one replica, which always holds the write
+    let (s, h, body) = send(&n, Request::put("/v1/kv/k").body(Body::from("v")).unwrap()).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(h["kvs-replicas"], "1/1");
+    let w: kvs_api::WriteResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!((w.copies, w.replicas), (1, 1));
+    let req = Request::put("/kv-store/k").header("content-type", "application/x-www-form-urlencoded").header("kvs-min-replicas", "1");
+    let (s, h, _) = send(&n, req.body(Body::from("val=x")).unwrap()).await;
+    assert_eq!((s, h["kvs-replicas"].to_str().unwrap()), (StatusCode::OK, "1/1"), "HW4 writes carry it too");
+    let json = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
+    let (s, h, b) = send(&n, Request::put("/v1/kv/k").header("kvs-min-replicas", "2").body(Body::from("w")).unwrap()).await;
+    assert_error(s, &json(&b), StatusCode::BAD_REQUEST, "has 1 replicas; ask for at most 1");
+    assert!(h.get("kvs-replicas").is_none());
+    let (s, _, b) = send(&n, Request::delete("/v1/kv/k").header("kvs-min-replicas", "two").body(Body::empty()).unwrap()).await;
+    assert_error(s, &json(&b), StatusCode::BAD_REQUEST, "whole number of copies");
+    let (s, _, got) = send(&n, Request::get("/v1/kv/k").body(Body::empty()).unwrap()).await;
+    assert_eq!((s, got.as_slice()), (StatusCode::OK, b"x".as_slice()), "refused writes wrote nothing");
+}
+
+#[tokio::test]
 async fn node_without_a_view_waits_with_clear_errors() {
     let n = node_with(Settings::new(ME), None);
     let (s, b) = form(&n, "PUT", "/kv-store/k", "val=x").await;
