@@ -84,8 +84,13 @@ impl KvClient {
 
     /// Reads `key`; `Ok(None)` when it does not exist (or was deleted).
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, ClientError> {
-        let resp =
-            self.http.get(self.url(key)).header(HEADER_CAUSAL_CONTEXT, self.context()).send().await.map_err(|e| self.transport(e))?;
+        let resp = self
+            .http
+            .get(self.url(key))
+            .header(HEADER_CAUSAL_CONTEXT, self.context())
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         self.remember(header(HEADER_CAUSAL_CONTEXT).as_deref());
         match resp.status().as_u16() {

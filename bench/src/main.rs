@@ -150,7 +150,9 @@ impl Conn {
 
     async fn connect(&mut self) -> anyhow::Result<&mut hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let tcp = tokio::net::TcpStream::connect(&self.endpoint).await.with_context(|| format!("connecting to {}", self.endpoint))?;
+            let tcp = tokio::net::TcpStream::connect(&self.endpoint)
+                .await
+                .with_context(|| format!("connecting to {}", self.endpoint))?;
             tcp.set_nodelay(true)?;
             let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
             tokio::spawn(connection);
@@ -167,7 +169,8 @@ impl Conn {
         body: Bytes,
         is_get: bool,
     ) -> anyhow::Result<()> {
-        let mut req = http::Request::builder().method(method).uri(path).header(http::header::HOST, self.endpoint.as_str());
+        let mut req =
+            http::Request::builder().method(method).uri(path).header(http::header::HOST, self.endpoint.as_str());
         if let Some(ct) = content_type {
             req = req.header(http::header::CONTENT_TYPE, ct);
         }
@@ -236,7 +239,8 @@ impl Conn {
                 self.send(http::Method::PUT, format!("/kv-store/{key}"), Some(FORM), body, false).await
             }
             Target::Etcd => {
-                let body = serde_json::to_vec(&serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)}))?;
+                let body =
+                    serde_json::to_vec(&serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)}))?;
                 self.send(http::Method::POST, "/v3/kv/put".into(), Some(JSON), body.into(), false).await
             }
         }
@@ -329,7 +333,11 @@ async fn measure(args: &LoadArgs, stop: Arc<AtomicBool>) -> anyhow::Result<Repor
             while !stop.load(Ordering::Relaxed) {
                 let key = key_name(rng.random_range(0..a.keys));
                 let t0 = Instant::now();
-                let result = if rng.random_bool(a.get_ratio.clamp(0.0, 1.0)) { conn.get(&key).await } else { conn.put(&key, &value).await };
+                let result = if rng.random_bool(a.get_ratio.clamp(0.0, 1.0)) {
+                    conn.get(&key).await
+                } else {
+                    conn.put(&key, &value).await
+                };
                 let micros = t0.elapsed().as_micros() as u64;
                 match result {
                     Ok(()) => {
@@ -386,7 +394,8 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
-    let partition: serde_json::Value = http.get(format!("http://{}/kv-store/get_partition_id", args.replica)).send().await?.json().await?;
+    let partition: serde_json::Value =
+        http.get(format!("http://{}/kv-store/get_partition_id", args.replica)).send().await?.json().await?;
     let partition = partition["partition_id"].as_i64().context("the replica reports no partition_id")?;
     let before = live_keys(&http, &args.replica).await?;
     signal(args.pause_pid, "STOP")?;
@@ -397,7 +406,11 @@ async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
         let mut i = 0u64;
         while mine < args.keys {
             i += 1;
-            let resp = http.put(format!("http://{}/v1/kv/converge_{}_{i}", args.via, std::process::id())).body("v").send().await?;
+            let resp = http
+                .put(format!("http://{}/v1/kv/converge_{}_{i}", args.via, std::process::id()))
+                .body("v")
+                .send()
+                .await?;
             if !resp.status().is_success() {
                 bail!("write failed: {}", resp.status());
             }
@@ -434,7 +447,9 @@ async fn cluster_status(http: &reqwest::Client, node: &str) -> anyhow::Result<se
 
 /// Live keys of each partition (first member's count).
 fn partition_keys(status: &serde_json::Value) -> Vec<u64> {
-    status["partitions"].as_array().map_or_else(Vec::new, |ps| ps.iter().map(|p| p["live_keys"][0].as_u64().unwrap_or(0)).collect())
+    status["partitions"]
+        .as_array()
+        .map_or_else(Vec::new, |ps| ps.iter().map(|p| p["live_keys"][0].as_u64().unwrap_or(0)).collect())
 }
 
 async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
@@ -474,7 +489,9 @@ async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
         let after = cluster_status(&http, &primary).await?;
         let (p_before, p_after) = (partition_keys(&before), partition_keys(&after));
         // Keys that changed partition: the new partition's keys on add, the removed one's on remove.
-        let distinct_moved = if p_after.len() > p_before.len() { p_after.last().copied() } else { p_before.last().copied() }.unwrap_or(0);
+        let distinct_moved =
+            if p_after.len() > p_before.len() { p_after.last().copied() } else { p_before.last().copied() }
+                .unwrap_or(0);
         let partitions = p_after.len().max(p_before.len()) as u64;
         let minimum = args.load.keys / partitions;
         let copies = body["moved_keys"].as_u64().unwrap_or(0);

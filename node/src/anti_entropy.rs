@@ -78,7 +78,8 @@ impl Node {
             other => return Err(SyncError::Unexpected(format!("{other:?}"))),
         };
         let theirs: HashMap<Slot, u64> = theirs.into_iter().collect();
-        let differing: Vec<Slot> = mine.iter().filter(|(s, d)| theirs.get(s).copied().unwrap_or(0) != *d).map(|(s, _)| *s).collect();
+        let differing: Vec<Slot> =
+            mine.iter().filter(|(s, d)| theirs.get(s).copied().unwrap_or(0) != *d).map(|(s, _)| *s).collect();
         let mut repaired = 0;
         for slots in differing.chunks(MAX_SLOTS_PER_SYNC) {
             let records = self.scan_slots(slots)?;
@@ -118,7 +119,8 @@ impl Node {
         if self.view().is_none_or(|v| v.epoch() != view_epoch) {
             return Ok(PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") });
         }
-        let theirs: HashMap<String, crate::causal::Version> = records.iter().map(|(k, r)| (k.clone(), r.version.clone())).collect();
+        let theirs: HashMap<String, crate::causal::Version> =
+            records.iter().map(|(k, r)| (k.clone(), r.version.clone())).collect();
         let repaired = self.apply_replicated(records).await?;
         self.metrics.anti_entropy_repairs.inc_by(repaired);
         let mine = self.scan_slots(&slots)?;
@@ -159,14 +161,16 @@ impl Node {
     /// that was down or paused during a view change catches up.
     async fn gossip_view(&self) {
         let Some(view) = self.view() else { return };
-        let others: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id() && !self.liveness.is_dead(m)).collect();
+        let others: Vec<String> =
+            view.all_members().into_iter().filter(|m| m != self.id() && !self.liveness.is_dead(m)).collect();
         if others.is_empty() {
             return;
         }
         let tick = self.metrics.gossip_rounds.get() as usize;
         self.metrics.gossip_rounds.inc();
         let peer = &others[tick % others.len()];
-        if let Ok(PeerResponse::Hello(info)) = self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
+        if let Ok(PeerResponse::Hello(info)) =
+            self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
             && let Some(layout) = info.layout
             && layout.epoch > view.epoch()
         {

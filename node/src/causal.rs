@@ -72,7 +72,8 @@ impl VectorClock {
         if self.0.is_empty() {
             return String::new();
         }
-        let wire = PayloadWire { version: PAYLOAD_VERSION, entries: self.0.iter().map(|(k, &v)| (k.as_str(), v)).collect() };
+        let wire =
+            PayloadWire { version: PAYLOAD_VERSION, entries: self.0.iter().map(|(k, &v)| (k.as_str(), v)).collect() };
         let bytes = postcard::to_stdvec(&wire).expect("serializing plain data into a Vec cannot fail");
         URL_SAFE_NO_PAD.encode(bytes)
     }
@@ -87,7 +88,8 @@ impl VectorClock {
             return Err(PayloadError::TooLong { len: payload.len() });
         }
         let bytes = URL_SAFE_NO_PAD.decode(payload).map_err(|_| PayloadError::NotBase64)?;
-        let (wire, rest): (PayloadWireOwned, _) = postcard::take_from_bytes(&bytes).map_err(|_| PayloadError::Malformed)?;
+        let (wire, rest): (PayloadWireOwned, _) =
+            postcard::take_from_bytes(&bytes).map_err(|_| PayloadError::Malformed)?;
         if !rest.is_empty() {
             return Err(PayloadError::Malformed);
         }
@@ -222,7 +224,10 @@ mod tests {
         assert_eq!(VectorClock::from_payload("not base64!"), Err(PayloadError::NotBase64));
         assert_eq!(VectorClock::from_payload("AQ"), Err(PayloadError::Malformed), "version 1, entries missing");
         assert_eq!(VectorClock::from_payload("AQAA"), Err(PayloadError::Malformed), "trailing bytes");
-        assert!(matches!(VectorClock::from_payload(&"A".repeat(MAX_PAYLOAD_LEN + 1)), Err(PayloadError::TooLong { .. })));
+        assert!(matches!(
+            VectorClock::from_payload(&"A".repeat(MAX_PAYLOAD_LEN + 1)),
+            Err(PayloadError::TooLong { .. })
+        ));
         let future = URL_SAFE_NO_PAD.encode(postcard::to_stdvec(&PayloadWire { version: 9, entries: vec![] }).unwrap());
         assert_eq!(VectorClock::from_payload(&future), Err(PayloadError::UnknownVersion(9)));
     }

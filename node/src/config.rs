@@ -205,7 +205,10 @@ impl Args {
         s.cluster_token = match (&self.cluster_token, &self.cluster_token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(path)) => Some(
-                std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile { path: path.clone(), source })?.trim().to_owned(),
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::TokenFile { path: path.clone(), source })?
+                    .trim()
+                    .to_owned(),
             ),
             (None, None) => None,
         }
@@ -230,7 +233,10 @@ mod tests {
         assert_eq!(view.members(0), ["10.0.0.3:8080", "10.0.0.4:8080"]);
         assert!(args(&["--ipport", "10.0.0.3:8080"]).initial_view().unwrap().is_none());
         assert!(
-            args(&["--ipport", "10.0.0.9:8080", "--view", "10.0.0.3:8080,10.0.0.4:8080"]).initial_view().unwrap().is_none(),
+            args(&["--ipport", "10.0.0.9:8080", "--view", "10.0.0.3:8080,10.0.0.4:8080"])
+                .initial_view()
+                .unwrap()
+                .is_none(),
             "not in VIEW: waits to be added"
         );
     }
@@ -238,7 +244,9 @@ mod tests {
     #[test]
     fn bad_values_say_what_to_fix() {
         assert!(matches!(args(&["--ipport", "nope"]).listen_addr(), Err(ConfigError::BadIpPort(_))));
-        assert!(matches!(args(&["--ipport", "a:1", "--view", "a:1,b"]).initial_view(), Err(ConfigError::BadViewEntry(e)) if e == "b"));
+        assert!(
+            matches!(args(&["--ipport", "a:1", "--view", "a:1,b"]).initial_view(), Err(ConfigError::BadViewEntry(e)) if e == "b")
+        );
         assert!(matches!(args(&["--ipport", "a:1", "-k", "0"]).initial_view(), Err(ConfigError::ZeroK)));
     }
 }

@@ -81,6 +81,9 @@ mod tests {
         let _new = fence.enter(); // a write of the new generation does not hold the fence up
         assert!(!waiter.is_finished(), "advance must wait for the old write");
         drop(old);
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.expect("advance returns once old writes finish").unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("advance returns once old writes finish")
+            .unwrap();
     }
 }

@@ -163,7 +163,8 @@ impl Freshness {
                 c.received.insert(ts);
             }
         }
-        let missing: BTreeSet<u64> = announcement.pending.iter().copied().filter(|t| *t > c.covered && !c.received.contains(t)).collect();
+        let missing: BTreeSet<u64> =
+            announcement.pending.iter().copied().filter(|t| *t > c.covered && !c.received.contains(t)).collect();
         c.waiting.push_back((announcement.cap, missing));
         for (_, missing) in c.waiting.iter_mut() {
             missing.retain(|t| !c.received.contains(t));
@@ -352,7 +353,11 @@ mod tests {
             Verdict::Behind,
             "a node we do not know wrote after our view: we missed a change"
         );
-        assert_eq!(judge(Some(&rec(11, "b")), &ctx, &k(nothing, 120, 200)), Verdict::Fetch, "it wrote before our view: a removed node");
+        assert_eq!(
+            judge(Some(&rec(11, "b")), &ctx, &k(nothing, 120, 200)),
+            Verdict::Fetch,
+            "it wrote before our view: a removed node"
+        );
         let mut ctx = VectorClock::new();
         ctx.observe(EPOCH_ENTRY, 3);
         assert_eq!(judge(None, &ctx, &k(nothing, 0, 0)), Verdict::Fresh, "same epoch: the entry is not a node");

@@ -92,7 +92,9 @@ impl UdpHeartbeats {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
-            std::thread::Builder::new().name("kvs-heartbeats".into()).spawn(move || UdpLoop::new(node, socket).run(&stop))?
+            std::thread::Builder::new()
+                .name("kvs-heartbeats".into())
+                .spawn(move || UdpLoop::new(node, socket).run(&stop))?
         };
         Ok(UdpHeartbeats { stop, thread: Some(thread) })
     }
@@ -244,8 +246,12 @@ pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = (
                 match node.peers.call(&peer, &PeerRequest::Ping, PING_LIMIT).await {
                     // A refusal (say, a wrong cluster token) is an answer too.
                     Ok(_) | Err(PeerError::Refused { .. }) => node.liveness.heard(&peer),
-                    Err(e @ PeerError::Unreachable { .. }) => node.liveness.connection_failed(&peer, Death::Refused, &e.to_string()),
-                    Err(e @ PeerError::ConnectTimeout { .. }) => node.liveness.connection_failed(&peer, Death::Unreachable, &e.to_string()),
+                    Err(e @ PeerError::Unreachable { .. }) => {
+                        node.liveness.connection_failed(&peer, Death::Refused, &e.to_string())
+                    }
+                    Err(e @ PeerError::ConnectTimeout { .. }) => {
+                        node.liveness.connection_failed(&peer, Death::Unreachable, &e.to_string())
+                    }
                     Err(e) => tracing::debug!(peer = %peer, error = %e, "heartbeat not answered"),
                 }
                 outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);

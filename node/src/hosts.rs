@@ -74,7 +74,9 @@ mod tests {
 
     #[test]
     fn parses_hosts_format() {
-        let hosts = parse_hosts("# comment\n127.0.61.1 demo-0.demo-nodes.ns.svc.cluster.local demo-0\n\nbad line\n127.0.61.2 B # x\n");
+        let hosts = parse_hosts(
+            "# comment\n127.0.61.1 demo-0.demo-nodes.ns.svc.cluster.local demo-0\n\nbad line\n127.0.61.2 B # x\n",
+        );
         assert_eq!(hosts["demo-0.demo-nodes.ns.svc.cluster.local"], "127.0.61.1".parse::<IpAddr>().unwrap());
         assert_eq!(hosts["demo-0"], "127.0.61.1".parse::<IpAddr>().unwrap());
         assert_eq!(hosts["b"], "127.0.61.2".parse::<IpAddr>().unwrap());

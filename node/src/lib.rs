@@ -57,7 +57,11 @@ impl Default for ConnectionLimits {
 
 /// Serves `node` on `listener` and runs its background work until `shutdown` completes; then stops
 /// accepting, finishes in-flight requests and returns.
-pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     run_with_limits(listener, node, ConnectionLimits::default(), shutdown).await
 }
 
@@ -77,7 +81,10 @@ pub async fn run_with_limits(
     };
     let background = tokio::spawn(anti_entropy::run(node.clone(), stopped()));
     let http_heartbeats = tokio::spawn(heartbeat::run_http_fallback(node.clone(), stopped()));
-    let udp_heartbeats = match listener.local_addr().and_then(|addr| heartbeat::UdpHeartbeats::start(node.clone(), addr)) {
+    let udp_heartbeats = match listener
+        .local_addr()
+        .and_then(|addr| heartbeat::UdpHeartbeats::start(node.clone(), addr))
+    {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start UDP heartbeats; peers are watched over HTTP only (slower to tell busy from dead)");

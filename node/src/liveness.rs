@@ -378,7 +378,10 @@ mod tests {
             assert!(t < last + Duration::from_secs(5), "a silent peer must be declared dead");
         };
         let silence = died_at - last;
-        assert!(silence >= config.heartbeat_interval + config.acceptable_pause, "not before the acceptable pause: {silence:?}");
+        assert!(
+            silence >= config.heartbeat_interval + config.acceptable_pause,
+            "not before the acceptable pause: {silence:?}"
+        );
         assert!(silence < Duration::from_secs(1), "steady beats then silence: dead within a second ({silence:?})");
         assert_eq!(d.heard("b", t), Some(Transition { peer: "b".into(), state: PeerState::Alive }));
     }

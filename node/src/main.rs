@@ -33,13 +33,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
         None => {
-            temp = tempfile::Builder::new().prefix("kvs-node-").tempdir().context("creating a temporary data directory")?;
+            temp = tempfile::Builder::new()
+                .prefix("kvs-node-")
+                .tempdir()
+                .context("creating a temporary data directory")?;
             temp.path().to_owned()
         }
     };
     let mut settings = settings;
     settings.state_dir = Some(data_dir.clone());
-    let store = Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    let store =
+        Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     let peers = Arc::new(HttpPeers::new(
         Duration::from_millis(args.connect_timeout_ms),
         settings.cluster_token.clone(),
@@ -49,7 +53,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
-    kvs_node::run_with_limits(listener, node, args.connection_limits(), shutdown_signal()).await.context("serving HTTP")?;
+    kvs_node::run_with_limits(listener, node, args.connection_limits(), shutdown_signal())
+        .await
+        .context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -59,7 +65,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open files limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit; many connections may fail with EMFILE"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open files limit; many connections may fail with EMFILE")
+        }
     }
 }
 

@@ -93,9 +93,17 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests served, by route, method and status", requests.clone());
         let request_seconds: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register("http_request_duration_seconds", "HTTP request latency, by route and method", request_seconds.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency, by route and method",
+            request_seconds.clone(),
+        );
         let forwarded = Counter::default();
-        registry.register("forwarded", "Client requests forwarded to another node (one per attempt)", forwarded.clone());
+        registry.register(
+            "forwarded",
+            "Client requests forwarded to another node (one per attempt)",
+            forwarded.clone(),
+        );
         let outcomes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "replication",
@@ -148,9 +156,17 @@ impl Default for Metrics {
             causal_fetches.clone(),
         );
         let anti_entropy_repairs = Counter::default();
-        registry.register("anti_entropy_repairs", "Records this node stored through anti-entropy", anti_entropy_repairs.clone());
+        registry.register(
+            "anti_entropy_repairs",
+            "Records this node stored through anti-entropy",
+            anti_entropy_repairs.clone(),
+        );
         let anti_entropy_pushed = Counter::default();
-        registry.register("anti_entropy_pushed", "Records peers stored from this node through anti-entropy", anti_entropy_pushed.clone());
+        registry.register(
+            "anti_entropy_pushed",
+            "Records peers stored from this node through anti-entropy",
+            anti_entropy_pushed.clone(),
+        );
         let gossip_rounds = Counter::default();
         registry.register("view_gossip_rounds", "Times this node asked a peer for its view", gossip_rounds.clone());
         let keys = Family::<StateLabel, Gauge>::default();
@@ -158,7 +174,11 @@ impl Default for Metrics {
         let commits = Counter::default();
         registry.register("storage_commits", "Durable group commits (one log fsync each)", commits.clone());
         let committed_records = Counter::default();
-        registry.register("storage_committed_records", "Records made durable by group commits", committed_records.clone());
+        registry.register(
+            "storage_committed_records",
+            "Records made durable by group commits",
+            committed_records.clone(),
+        );
         Metrics {
             commits,
             committed_records,

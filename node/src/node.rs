@@ -103,7 +103,9 @@ pub enum KvError {
         durability.copies, durability.replicas
     )]
     UnderReplicated { partition: PartitionId, durability: Durability, min_copies: u32 },
-    #[error("kvs-min-replicas is {min_copies} but partition {partition} has {replicas} replicas; ask for at most {replicas}")]
+    #[error(
+        "kvs-min-replicas is {min_copies} but partition {partition} has {replicas} replicas; ask for at most {replicas}"
+    )]
     MinCopiesAboveReplicas { partition: PartitionId, replicas: u32, min_copies: u32 },
     #[error("the forwarded write reached its owner {age_micros} µs after it was sent, too late to be performed safely")]
     Expired { age_micros: u64 },
@@ -327,7 +329,10 @@ impl Node {
     /// so two transitions can never interleave (one reading an old view, another installing a
     /// newer one, the first writing the old one back).
     pub(crate) fn views_for_update(&self) -> ViewUpdate<'_> {
-        ViewUpdate { node: self, _exclusive: self.view_transition.lock().unwrap_or_else(std::sync::PoisonError::into_inner) }
+        ViewUpdate {
+            node: self,
+            _exclusive: self.view_transition.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        }
     }
 
     /// Replaces the view and the pending view together, durably first.
@@ -335,9 +340,14 @@ impl Node {
         let old_epoch = self.view().map_or(0, |v| v.epoch());
         let new_epoch = view.as_ref().map_or(0, |v| v.epoch());
         if new_epoch < old_epoch {
-            return Err(std::io::Error::other(format!("refusing to go back from view epoch {old_epoch} to {new_epoch}")));
+            return Err(std::io::Error::other(format!(
+                "refusing to go back from view epoch {old_epoch} to {new_epoch}"
+            )));
         }
-        let state = ViewState { view: view.as_ref().map(|v| v.layout().clone()), pending: pending.as_ref().map(|v| v.layout().clone()) };
+        let state = ViewState {
+            view: view.as_ref().map(|v| v.layout().clone()),
+            pending: pending.as_ref().map(|v| v.layout().clone()),
+        };
         self.view_store.save(&state)?;
         if let Some(v) = &view {
             tracing::info!(
@@ -405,7 +415,8 @@ impl Node {
             }
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::Replicate { records, from, cap, pending } => {
-                let theirs: Vec<u64> = records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
+                let theirs: Vec<u64> =
+                    records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
                 match self.apply_replicated(records).await {
                     Ok(_) => {
                         self.freshness.received(&from, &theirs, &crate::freshness::Announcement { cap, pending });
@@ -418,11 +429,15 @@ impl Node {
                 Ok(r) => PeerResponse::Fetched(r),
                 Err(e) => refused(500, &e),
             },
-            PeerRequest::DigestSummary { view_epoch, partition, summary } => self.answer_digest_summary(view_epoch, partition, summary),
-            PeerRequest::SyncSlots { view_epoch, slots, records } => match self.answer_sync(view_epoch, slots, records).await {
-                Ok(r) => r,
-                Err(e) => refused(500, &e),
-            },
+            PeerRequest::DigestSummary { view_epoch, partition, summary } => {
+                self.answer_digest_summary(view_epoch, partition, summary)
+            }
+            PeerRequest::SyncSlots { view_epoch, slots, records } => {
+                match self.answer_sync(view_epoch, slots, records).await {
+                    Ok(r) => r,
+                    Err(e) => refused(500, &e),
+                }
+            }
             PeerRequest::Hello => PeerResponse::Hello(Box::new(self.hello())),
             PeerRequest::Prepare { layout, proposer } => self.answer_prepare(&layout, &proposer),
             PeerRequest::Abort { epoch, proposer } => self.answer_abort(epoch, &proposer),
@@ -442,7 +457,12 @@ impl Node {
     /// of life, a failed connection is evidence of death, a slow answer is neither. A peer whose
     /// host refused connections is tried again (that costs one round trip and notices at once
     /// that it is back); one that is silent or whose address does not answer is not.
-    pub(crate) async fn call_peer(&self, peer: &str, request: &PeerRequest, deadline: Duration) -> Result<PeerResponse, PeerError> {
+    pub(crate) async fn call_peer(
+        &self,
+        peer: &str,
+        request: &PeerRequest,
+        deadline: Duration,
+    ) -> Result<PeerResponse, PeerError> {
         let result = match self.liveness.state(peer) {
             PeerState::Dead(evidence @ (Death::Silent | Death::Unreachable)) => {
                 return Err(PeerError::Skipped { peer: peer.to_owned(), evidence });
@@ -456,16 +476,28 @@ impl Node {
         };
         match &result {
             Ok(_) | Err(PeerError::Refused { .. }) => self.liveness.heard(peer),
-            Err(e @ PeerError::Unreachable { .. }) => self.liveness.connection_failed(peer, Death::Refused, &e.to_string()),
-            Err(e @ PeerError::ConnectTimeout { .. }) => self.liveness.connection_failed(peer, Death::Unreachable, &e.to_string()),
-            Err(PeerError::Timeout { .. } | PeerError::Skipped { .. } | PeerError::Dead { .. } | PeerError::Protocol { .. }) => {}
+            Err(e @ PeerError::Unreachable { .. }) => {
+                self.liveness.connection_failed(peer, Death::Refused, &e.to_string())
+            }
+            Err(e @ PeerError::ConnectTimeout { .. }) => {
+                self.liveness.connection_failed(peer, Death::Unreachable, &e.to_string())
+            }
+            Err(
+                PeerError::Timeout { .. }
+                | PeerError::Skipped { .. }
+                | PeerError::Dead { .. }
+                | PeerError::Protocol { .. },
+            ) => {}
         }
         result
     }
 
     /// Stores records sent by another node (newest-wins) and moves the clock past them. Returns
     /// how many were newer than what this node had.
-    pub(crate) async fn apply_replicated(&self, records: Vec<(String, crate::store::Record)>) -> Result<u64, StoreError> {
+    pub(crate) async fn apply_replicated(
+        &self,
+        records: Vec<(String, crate::store::Record)>,
+    ) -> Result<u64, StoreError> {
         if let Some(max) = records.iter().map(|(_, r)| r.version.ts).max() {
             self.hlc.observe(max);
         }
@@ -474,7 +506,10 @@ impl Node {
     }
 
     /// Every record in `slots`.
-    pub(crate) fn scan_slots(&self, slots: &[crate::placement::Slot]) -> Result<Vec<(String, crate::store::Record)>, StoreError> {
+    pub(crate) fn scan_slots(
+        &self,
+        slots: &[crate::placement::Slot],
+    ) -> Result<Vec<(String, crate::store::Record)>, StoreError> {
         let mut out = Vec::new();
         for &slot in slots {
             out.extend(self.store.scan_slot(slot)?);

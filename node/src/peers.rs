@@ -267,11 +267,14 @@ impl HttpPeers {
         if let Some(t) = self.targets.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(peer) {
             return Ok(t.clone());
         }
-        let url = reqwest::Url::parse(&format!("http://{peer}{RPC_PATH}"))
-            .map_err(|e| PeerError::Unreachable { peer: peer.to_owned(), detail: format!("not a valid address: {e}") })?;
+        let url = reqwest::Url::parse(&format!("http://{peer}{RPC_PATH}")).map_err(|e| PeerError::Unreachable {
+            peer: peer.to_owned(),
+            detail: format!("not a valid address: {e}"),
+        })?;
         let mut targets = self.targets.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let target =
-            targets.entry(peer.to_owned()).or_insert_with(|| Target { url, lane: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)) });
+        let target = targets
+            .entry(peer.to_owned())
+            .or_insert_with(|| Target { url, lane: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PEER)) });
         Ok(target.clone())
     }
 }
@@ -285,7 +288,10 @@ impl Peers for HttpPeers {
             None
         } else {
             let wait = tokio::time::timeout(timeout, target.lane.acquire_owned()).await;
-            Some(wait.map_err(|_| PeerError::Timeout { peer: peer.to_owned(), timeout })?.expect("the lane is never closed"))
+            Some(
+                wait.map_err(|_| PeerError::Timeout { peer: peer.to_owned(), timeout })?
+                    .expect("the lane is never closed"),
+            )
         };
         let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
         let body = postcard::to_stdvec(request).expect("serializing plain data into a Vec cannot fail");
@@ -307,7 +313,8 @@ impl Peers for HttpPeers {
             let msg = String::from_utf8_lossy(&bytes).into_owned();
             return Err(PeerError::Refused { peer: peer.to_owned(), status, msg });
         }
-        let response = postcard::from_bytes(&bytes).map_err(|e| PeerError::Protocol { peer: peer.to_owned(), detail: e.to_string() })?;
+        let response = postcard::from_bytes(&bytes)
+            .map_err(|e| PeerError::Protocol { peer: peer.to_owned(), detail: e.to_string() })?;
         match response {
             PeerResponse::Refused { status, msg } => Err(PeerError::Refused { peer: peer.to_owned(), status, msg }),
             other => Ok(other),

@@ -55,8 +55,9 @@ impl SlotTable {
             let quota = SLOT_COUNT / n;
             let mut taken = BTreeSet::new();
             for _ in 0..quota {
-                let donor =
-                    (0..owned.len()).max_by_key(|&i| (owned[i].len(), std::cmp::Reverse(i))).expect("there is at least one partition");
+                let donor = (0..owned.len())
+                    .max_by_key(|&i| (owned[i].len(), std::cmp::Reverse(i)))
+                    .expect("there is at least one partition");
                 let slot = owned[donor].pop_last().expect("the largest partition owns slots");
                 taken.insert(slot);
             }
@@ -173,7 +174,9 @@ mod tests {
     #[test]
     fn chunking_matches_the_hw4_examples() {
         let nodes = |n: usize| (0..n).map(|i| format!("10.0.0.{i}:8080")).collect::<Vec<_>>();
-        for (n, k, parts, proxies) in [(4, 2, 2, 0), (7, 2, 3, 1), (6, 3, 2, 0), (7, 3, 2, 1), (1, 2, 1, 0), (3, 5, 1, 0)] {
+        for (n, k, parts, proxies) in
+            [(4, 2, 2, 0), (7, 2, 3, 1), (6, 3, 2, 0), (7, 3, 2, 1), (1, 2, 1, 0), (3, 5, 1, 0)]
+        {
             let (p, x) = chunk_members(&nodes(n), k);
             assert_eq!((p.len(), x.len()), (parts, proxies), "n={n} k={k}");
             assert_eq!(p.iter().map(Vec::len).sum::<usize>() + x.len(), n);

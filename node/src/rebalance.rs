@@ -162,7 +162,12 @@ impl Node {
         self.change_view_locked(current, members, k).await
     }
 
-    async fn change_view_locked(&self, current: Arc<View>, members: Vec<NodeId>, k: u32) -> Result<ViewChanged, ChangeError> {
+    async fn change_view_locked(
+        &self,
+        current: Arc<View>,
+        members: Vec<NodeId>,
+        k: u32,
+    ) -> Result<ViewChanged, ChangeError> {
         if same_membership(current.layout(), &members, k) {
             return Ok(ViewChanged { layout: current.layout().clone(), changed: false, moved_keys: 0 });
         }
@@ -212,7 +217,9 @@ impl Node {
                 Ok(_) => live.push(node.clone()),
                 Err(PeerError::Refused { status: 409, msg, .. }) => {
                     for promised in &live {
-                        let _ = self.call_node(promised, PeerRequest::Abort { epoch, proposer: self.id().to_owned() }, timeout).await;
+                        let _ = self
+                            .call_node(promised, PeerRequest::Abort { epoch, proposer: self.id().to_owned() }, timeout)
+                            .await;
                     }
                     return Err(ChangeError::Conflict(format!("{node} refused: {msg}; retry the change")));
                 }
@@ -225,14 +232,25 @@ impl Node {
 
         let mut phase_started = Instant::now();
         let mut phase_done = |phase: &str| {
-            tracing::info!(view_epoch = epoch, phase, took_ms = phase_started.elapsed().as_millis() as u64, "view change phase done");
+            tracing::info!(
+                view_epoch = epoch,
+                phase,
+                took_ms = phase_started.elapsed().as_millis() as u64,
+                "view change phase done"
+            );
             phase_started = Instant::now();
         };
         phase_done("prepare");
 
         // 2. Begin: pending view everywhere, dual-writes from here on.
         self.set_status(|s| s.phase = "beginning".into());
-        let live = self.broadcast(&live, |_| PeerRequest::Begin { proposer: self.id().to_owned(), layout: target.clone() }, timeout).await;
+        let live = self
+            .broadcast(
+                &live,
+                |_| PeerRequest::Begin { proposer: self.id().to_owned(), layout: target.clone() },
+                timeout,
+            )
+            .await;
 
         phase_done("begin");
 
@@ -263,7 +281,12 @@ impl Node {
     }
 
     /// Sends a request to every node in parallel; returns the nodes that accepted it.
-    async fn broadcast(&self, nodes: &[NodeId], request: impl Fn(&str) -> PeerRequest, timeout: Duration) -> Vec<NodeId> {
+    async fn broadcast(
+        &self,
+        nodes: &[NodeId],
+        request: impl Fn(&str) -> PeerRequest,
+        timeout: Duration,
+    ) -> Vec<NodeId> {
         let calls = nodes.iter().map(|n| {
             let req = request(n);
             async move { (n, self.call_node(n, req, timeout).await) }
@@ -272,7 +295,9 @@ impl Node {
         for (node, result) in join_all(calls).await {
             match result {
                 Ok(_) => accepted.push(node.clone()),
-                Err(e) => tracing::warn!(peer = %node, error = %e, "node did not take a view-change step; it will catch up from its peers"),
+                Err(e) => {
+                    tracing::warn!(peer = %node, error = %e, "node did not take a view-change step; it will catch up from its peers")
+                }
             }
         }
         accepted
@@ -295,7 +320,10 @@ impl Node {
                     continue;
                 }
                 let Some(&source) = sources.get(m.slot as usize % sources.len().max(1)) else {
-                    tracing::error!(slot = m.slot, "no replica of this slot is reachable: its keys cannot be moved now");
+                    tracing::error!(
+                        slot = m.slot,
+                        "no replica of this slot is reachable: its keys cannot be moved now"
+                    );
                     continue;
                 };
                 let co_sources = sources.iter().filter(|s| **s != source).map(|s| (*s).clone()).collect();
@@ -303,7 +331,8 @@ impl Node {
             }
             let calls = by_source.into_iter().map(|(source, assignments)| async move {
                 let slots: Vec<Slot> = assignments.iter().map(|a| a.slot).collect();
-                let result = self.call_node(&source, PeerRequest::Transfer { epoch, assignments }, TRANSFER_TIMEOUT).await;
+                let result =
+                    self.call_node(&source, PeerRequest::Transfer { epoch, assignments }, TRANSFER_TIMEOUT).await;
                 (source, slots, result)
             });
             let mut failed_slots = BTreeSet::new();
@@ -340,9 +369,10 @@ impl Node {
         }
         let mut promise = lock(&self.rebalance.promise);
         match &*promise {
-            Some(p) if p.epoch >= epoch && p.proposer != proposer && p.at.elapsed() < PROMISE_TTL => {
-                refused(409, format!("another view change (epoch {}, driven by {}) is in progress", p.epoch, p.proposer))
-            }
+            Some(p) if p.epoch >= epoch && p.proposer != proposer && p.at.elapsed() < PROMISE_TTL => refused(
+                409,
+                format!("another view change (epoch {}, driven by {}) is in progress", p.epoch, p.proposer),
+            ),
             _ => {
                 *promise = Some(Promise { epoch, proposer: proposer.to_owned(), at: Instant::now() });
                 PeerResponse::Ack
@@ -577,7 +607,9 @@ impl Node {
                 for owner in view.members(partition).iter().filter(|o| *o != self.id()) {
                     match self.push_differing(owner, chunk).await {
                         Ok(()) => confirmed = true,
-                        Err(e) => tracing::warn!(peer = %owner, error = %e, "owner unreachable while pruning; keeping those slots for now"),
+                        Err(e) => {
+                            tracing::warn!(peer = %owner, error = %e, "owner unreachable while pruning; keeping those slots for now")
+                        }
                     }
                 }
                 if confirmed {
@@ -613,7 +645,8 @@ impl Node {
     pub(crate) async fn adopt_view(&self, layout: Layout) {
         let view = {
             let views = self.views_for_update();
-            let newer = views.view().is_none_or(|v| v.epoch() < layout.epoch) && views.pending().is_none_or(|p| p.epoch() <= layout.epoch);
+            let newer = views.view().is_none_or(|v| v.epoch() < layout.epoch)
+                && views.pending().is_none_or(|p| p.epoch() <= layout.epoch);
             if !newer {
                 return;
             }
@@ -660,8 +693,12 @@ impl Node {
         if rebalance.phase.is_empty() {
             rebalance.phase = "idle".into();
         }
-        let sources: Vec<&RebalanceProgress> =
-            infos.values().flatten().map(|i| &i.transfer).filter(|t| t.epoch == rebalance.epoch && t.epoch > 0).collect();
+        let sources: Vec<&RebalanceProgress> = infos
+            .values()
+            .flatten()
+            .map(|i| &i.transfer)
+            .filter(|t| t.epoch == rebalance.epoch && t.epoch > 0)
+            .collect();
         if !sources.is_empty() {
             rebalance.moved_keys = rebalance.moved_keys.max(sources.iter().map(|t| t.moved_keys).sum());
             rebalance.moved_bytes = sources.iter().map(|t| t.moved_bytes).sum();
@@ -677,10 +714,19 @@ impl Node {
                     .map(|(i, members)| PartitionStatus {
                         partition_id: i as u32,
                         members: members.clone(),
-                        live_keys: members.iter().map(|m| infos.get(m).and_then(|i| i.as_ref()).map(|i| i.live_keys)).collect(),
+                        live_keys: members
+                            .iter()
+                            .map(|m| infos.get(m).and_then(|i| i.as_ref()).map(|i| i.live_keys))
+                            .collect(),
                         digests: members
                             .iter()
-                            .map(|m| infos.get(m).and_then(|i| i.as_ref()).and_then(|i| i.partition_digest).map(|d| format!("{d:016x}")))
+                            .map(|m| {
+                                infos
+                                    .get(m)
+                                    .and_then(|i| i.as_ref())
+                                    .and_then(|i| i.partition_digest)
+                                    .map(|d| format!("{d:016x}"))
+                            })
                             .collect(),
                     })
                     .collect()

@@ -68,9 +68,12 @@ impl ReplicaOutcome {
             Ok(PeerResponse::Replicated) => ReplicaOutcome::Stored,
             Ok(_) | Err(PeerError::Refused { .. } | PeerError::Protocol { .. }) => ReplicaOutcome::Refused,
             Err(PeerError::Timeout { .. }) => ReplicaOutcome::Slow,
-            Err(PeerError::Skipped { .. } | PeerError::Dead { .. } | PeerError::Unreachable { .. } | PeerError::ConnectTimeout { .. }) => {
-                ReplicaOutcome::Dead
-            }
+            Err(
+                PeerError::Skipped { .. }
+                | PeerError::Dead { .. }
+                | PeerError::Unreachable { .. }
+                | PeerError::ConnectTimeout { .. },
+            ) => ReplicaOutcome::Dead,
         }
     }
 }
@@ -78,7 +81,13 @@ impl ReplicaOutcome {
 impl Node {
     /// Routes a client operation: coordinate it here if this node replicates the key, else forward.
     /// If an owner turns out to be on a newer view, learn it and route once more under it.
-    pub(crate) async fn route(&self, key: &str, op: KvOp, context: VectorClock, min_copies: u32) -> Result<Coordinated, KvError> {
+    pub(crate) async fn route(
+        &self,
+        key: &str,
+        op: KvOp,
+        context: VectorClock,
+        min_copies: u32,
+    ) -> Result<Coordinated, KvError> {
         // Writes register with the fence before reading the view, so a view change can wait for
         // every write that did not see its pending view.
         let _fence = (!matches!(op, KvOp::Get)).then(|| self.fence.enter());
@@ -87,7 +96,9 @@ impl Node {
             let view = self.require_view()?;
             let partition = view.partition_of_key(key);
             if view.members(partition).iter().any(|m| m == self.id()) {
-                return self.coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: None }).await;
+                return self
+                    .coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: None })
+                    .await;
             }
             match self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await {
                 Err(KvError::StaleView { peer }) if !refreshed => {
@@ -102,7 +113,8 @@ impl Node {
 
     /// Asks `peer` for its view and adopts it if it is newer.
     pub(crate) async fn refresh_view_from(&self, peer: &str) {
-        if let Ok(PeerResponse::Hello(info)) = self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
+        if let Ok(PeerResponse::Hello(info)) =
+            self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
             && let Some(layout) = info.layout
         {
             self.adopt_view(layout).await;
@@ -129,7 +141,8 @@ impl Node {
             return Err(KvError::NotOwner { partition, epoch: view.epoch() });
         }
         let not_after = sent_at.saturating_add(FORWARDED_WRITE_EXPIRY.as_micros() as u64);
-        self.coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: Some(not_after) }).await
+        self.coordinate_in(&view, partition, key, op, context, WriteTerms { min_copies, not_after: Some(not_after) })
+            .await
     }
 
     /// Sends the operation to the key's owners, one at a time, until one coordinates it. An owner
@@ -146,7 +159,8 @@ impl Node {
         let owners = view.members(partition);
         // Rotate the starting replica by key so that load spreads while a key sticks to one
         // coordinator (fewer concurrent-write conflicts).
-        let start = if owners.is_empty() { 0 } else { crate::placement::slot_of(key.as_bytes()) as usize % owners.len() };
+        let start =
+            if owners.is_empty() { 0 } else { crate::placement::slot_of(key.as_bytes()) as usize % owners.len() };
         let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).collect();
         let is_write = !matches!(op, KvOp::Get);
         let mut newer_view_at = None;
@@ -182,7 +196,9 @@ impl Node {
                         tracing::debug!(peer = %owner, refusal = ?r, "owner refused a forwarded request; trying the next replica");
                     }
                 },
-                Ok(other) => tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request"),
+                Ok(other) => {
+                    tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request")
+                }
                 Err(e) => {
                     tracing::debug!(peer = %owner, error = %e, "forwarding failed; trying the next replica");
                     if is_write && may_have_been_delivered(&e) {
@@ -246,7 +262,11 @@ impl Node {
         // (dual-write), so nothing written while data moves is left behind.
         let pending = self.pending();
         let new_owners = pending.as_ref().map(|p| p.owners_of_key(key)).unwrap_or_default();
-        let others: Vec<_> = owners.iter().chain(new_owners.iter().filter(|n| !owners.contains(n))).filter(|m| *m != self.id()).collect();
+        let others: Vec<_> = owners
+            .iter()
+            .chain(new_owners.iter().filter(|n| !owners.contains(n)))
+            .filter(|m| *m != self.id())
+            .collect();
         // Nothing awaits between this check and the stamp below.
         let wall = wall_micros();
         if let Some(limit) = not_after
@@ -294,21 +314,33 @@ impl Node {
             .filter(|o| *o != ReplicaOutcome::Stored)
             .collect();
         let durability = Durability { copies: replicas - missing.len() as u32, replicas };
-        if let Some(reason) =
-            [ReplicaOutcome::Dead, ReplicaOutcome::Refused, ReplicaOutcome::Slow].into_iter().find(|r| missing.contains(r))
+        if let Some(reason) = [ReplicaOutcome::Dead, ReplicaOutcome::Refused, ReplicaOutcome::Slow]
+            .into_iter()
+            .find(|r| missing.contains(r))
         {
             self.metrics.under_replicated(reason);
         }
         if durability.copies < min_copies {
             return Err(KvError::UnderReplicated { partition, durability, min_copies });
         }
-        Ok(Coordinated { partition, record: Some(record), changed_liveness, view_epoch: view.epoch(), durability: Some(durability) })
+        Ok(Coordinated {
+            partition,
+            record: Some(record),
+            changed_liveness,
+            view_epoch: view.epoch(),
+            durability: Some(durability),
+        })
     }
 
     /// Sends this node's new write (stamped `ts`, already registered as being sent to each of
     /// `peers`) to each peer in parallel, telling each how far it is now known to be complete;
     /// returns what became of it at each peer, in order.
-    pub(crate) async fn replicate(&self, peers: &[&String], ts: u64, records: Vec<(String, Record)>) -> Vec<ReplicaOutcome> {
+    pub(crate) async fn replicate(
+        &self,
+        peers: &[&String],
+        ts: u64,
+        records: Vec<(String, Record)>,
+    ) -> Vec<ReplicaOutcome> {
         let records = Arc::new(records);
         let calls = peers.iter().map(|&peer| {
             let records = records.clone();
@@ -333,12 +365,24 @@ impl Node {
         join_all(calls).await
     }
 
-    async fn coordinate_read(&self, view: &View, partition: PartitionId, key: &str, context: &VectorClock) -> Result<Coordinated, KvError> {
+    async fn coordinate_read(
+        &self,
+        view: &View,
+        partition: PartitionId,
+        key: &str,
+        context: &VectorClock,
+    ) -> Result<Coordinated, KvError> {
         let local = self.store.get(key)?;
         let members = view.members(partition);
         match self.judge(view, local.as_ref(), context, members) {
             Verdict::Fresh => {
-                return Ok(Coordinated { partition, record: local, changed_liveness: false, view_epoch: view.epoch(), durability: None });
+                return Ok(Coordinated {
+                    partition,
+                    record: local,
+                    changed_liveness: false,
+                    view_epoch: view.epoch(),
+                    durability: None,
+                });
             }
             Verdict::Behind => {
                 // This node missed a view change: refuse (the forwarder tries another node) and
@@ -384,17 +428,30 @@ impl Node {
         if !all_answered && self.judge(view, newest.as_ref(), context, members) != Verdict::Fresh {
             return Err(KvError::CausalUnavailable { partition });
         }
-        Ok(Coordinated { partition, record: newest, changed_liveness: false, view_epoch: view.epoch(), durability: None })
+        Ok(Coordinated {
+            partition,
+            record: newest,
+            changed_liveness: false,
+            view_epoch: view.epoch(),
+            durability: None,
+        })
     }
 
     /// [`crate::freshness::judge`] with what this node knows.
     fn judge(&self, view: &View, local: Option<&Record>, context: &VectorClock, replicas: &[String]) -> Verdict {
-        let covered = |node: &str| if node == self.id() { self.freshness.stable(&self.hlc) } else { self.freshness.synced_from(node) };
+        let covered = |node: &str| {
+            if node == self.id() { self.freshness.stable(&self.hlc) } else { self.freshness.synced_from(node) }
+        };
         let pending = self.pending();
         let known = |node: &str| view.contains(node) || pending.as_ref().is_some_and(|p| p.contains(node));
         let installed_at = self.view_installed_at();
-        let former_until = if pending.is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
-        judge(local, context, &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until, epoch: view.epoch() })
+        let former_until =
+            if pending.is_some() { u64::MAX } else { installed_at.saturating_add(FORMER_REPLICA_MARGIN_MICROS) };
+        judge(
+            local,
+            context,
+            &Knowledge { replicas, known: &known, covered: &covered, installed_at, former_until, epoch: view.epoch() },
+        )
     }
 
     /// Asks every peer for its view in the background (a newer one is adopted).

@@ -104,7 +104,8 @@ pub fn plan_layout(old: &Layout, members: &[NodeId], k: u32) -> Layout {
     }
     let target = if wanted.is_empty() { 0 } else { partition_count(wanted.len(), ku) };
     let survives = |n: &NodeId| wanted.binary_search(n).is_ok();
-    let mut partitions: Vec<Vec<NodeId>> = old.partitions.iter().map(|p| p.iter().filter(|n| survives(n)).cloned().collect()).collect();
+    let mut partitions: Vec<Vec<NodeId>> =
+        old.partitions.iter().map(|p| p.iter().filter(|n| survives(n)).cloned().collect()).collect();
     let placed: std::collections::BTreeSet<NodeId> = partitions.iter().flatten().cloned().collect();
     // Pool: surviving proxies and new members (sorted), then survivors of dissolved partitions.
     let mut pool: Vec<NodeId> = wanted.iter().filter(|n| !placed.contains(*n)).cloned().collect();
@@ -117,7 +118,12 @@ pub fn plan_layout(old: &Layout, members: &[NodeId], k: u32) -> Layout {
     if wanted.len() < ku {
         let mut all: Vec<NodeId> = partitions.into_iter().flatten().chain(pool).collect();
         all.sort();
-        return Layout { epoch, replication_factor: k, partitions: if all.is_empty() { vec![] } else { vec![all] }, proxies: vec![] };
+        return Layout {
+            epoch,
+            replication_factor: k,
+            partitions: if all.is_empty() { vec![] } else { vec![all] },
+            proxies: vec![],
+        };
     }
     let mut pool = pool.into_iter();
     for p in partitions.iter_mut() {
@@ -151,7 +157,8 @@ pub fn plan_moves(old: &View, new: &View) -> Vec<SlotMove> {
     let mut moves = Vec::new();
     for slot in 0..SLOT_COUNT as Slot {
         let sources = old.owners_of_slot(slot);
-        let receivers: Vec<NodeId> = new.owners_of_slot(slot).iter().filter(|n| !sources.contains(n)).cloned().collect();
+        let receivers: Vec<NodeId> =
+            new.owners_of_slot(slot).iter().filter(|n| !sources.contains(n)).cloned().collect();
         if !receivers.is_empty() {
             moves.push(SlotMove { slot, sources: sources.to_vec(), receivers });
         }
@@ -226,7 +233,11 @@ mod tests {
         let all = names(6);
         let old = View::initial(&all[..4], 2);
         let new = View::from_layout(plan_layout(old.layout(), &all, 2));
-        assert_eq!(&new.layout().partitions[..2], &old.layout().partitions[..], "existing partitions keep their members");
+        assert_eq!(
+            &new.layout().partitions[..2],
+            &old.layout().partitions[..],
+            "existing partitions keep their members"
+        );
         let moves = plan_moves(&old, &new);
         assert_eq!(moves.len(), SLOT_COUNT / 3, "exactly the new partition's share");
         assert!(moves.iter().all(|m| m.receivers == new.members(2)));

@@ -61,7 +61,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ViewStore::new(Some(dir.path()));
         assert_eq!(store.load().unwrap(), ViewState::default());
-        let layout = Layout { epoch: 3, replication_factor: 2, partitions: vec![vec!["a:1".into(), "b:1".into()]], proxies: vec![] };
+        let layout = Layout {
+            epoch: 3,
+            replication_factor: 2,
+            partitions: vec![vec!["a:1".into(), "b:1".into()]],
+            proxies: vec![],
+        };
         let state = ViewState { view: Some(layout.clone()), pending: Some(Layout { epoch: 4, ..layout }) };
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);

@@ -128,7 +128,11 @@ async fn t40_one_replica_down_reads_and_writes_succeed() {
             let via = &live[(i + round) % live.len()];
             let started = Instant::now();
             let (status, body) = get(&c.http, via, &format!("k{i}"), "").await;
-            assert_eq!((status, body["value"].as_str()), (200, Some(if round == 0 { "before" } else { "after" })), "{body}");
+            assert_eq!(
+                (status, body["value"].as_str()),
+                (200, Some(if round == 0 { "before" } else { "after" })),
+                "{body}"
+            );
             let (status, body) = put(&c.http, via, &format!("k{i}"), "after", "").await;
             assert_eq!(status, 200, "{body}");
             slowest = slowest.max(started.elapsed());
@@ -193,13 +197,21 @@ async fn t60_ten_clients_hundred_concurrent_puts_over_five_keys() {
         println!("{node}: replications stored={stored}");
         for reason in ["replica_dead", "replica_slow", "replica_refused"] {
             let line = format!("kvs_under_replicated_writes_total{{reason=\"{reason}\"}}");
-            assert_eq!(c.metric(node, &line).await, 0.0, "{node}: every node is up, so every write has both copies ({reason})");
+            assert_eq!(
+                c.metric(node, &line).await,
+                0.0,
+                "{node}: every node is up, so every write has both copies ({reason})"
+            );
         }
     }
     for (key, (_, val, _)) in &newest {
         for node in &nodes {
             let (_, body) = get(&c.http, node, key, "").await;
-            assert_eq!(body["value"].as_str(), Some(val.as_str()), "{key} via {node}: the write with the newest timestamp wins everywhere");
+            assert_eq!(
+                body["value"].as_str(),
+                Some(val.as_str()),
+                "{key} via {node}: the write with the newest timestamp wins everywhere"
+            );
         }
     }
 }
@@ -355,7 +367,8 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
     let (status, new) = put(&c.http, &b, "x", "new", old["causal_payload"].as_str().unwrap()).await;
     assert_eq!(status, 200, "{new}");
     // A resumes after the forwarder would have failed over.
-    let failover = Duration::from_micros(sent_at) + kvs_node::replication::FORWARDED_WRITE_EXPIRY + Duration::from_millis(100);
+    let failover =
+        Duration::from_micros(sent_at) + kvs_node::replication::FORWARDED_WRITE_EXPIRY + Duration::from_millis(100);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     tokio::time::sleep(failover.saturating_sub(now)).await;
     c.nodes[0].resume();
@@ -443,7 +456,10 @@ async fn t97_slow_and_greedy_clients_do_not_starve_others() {
     let (status, _) = put(&c.http, &node, "k", "v", "").await;
     assert_eq!(status, 201, "others are served while slow clients hang");
     let mut probe = [0u8; 1];
-    let still_open = slow.iter().filter(|s| matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)).count();
+    let still_open = slow
+        .iter()
+        .filter(|s| matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count();
     println!("slow connections still hanging when the PUT was answered: {still_open} of 40");
     // The slow ones are cut off once the header timeout passes.
     for s in &mut slow {

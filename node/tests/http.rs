@@ -51,7 +51,8 @@ async fn form(node: &Arc<Node>, method: &str, path: &str, body: &str) -> (Status
         .body(Body::from(body.to_owned()))
         .unwrap();
     let (status, _, bytes) = send(node, req).await;
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
+    let json =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)));
     (status, json)
 }
 
@@ -71,7 +72,8 @@ async fn hw4_put_get_roundtrip_with_status_codes() {
     let (s, _) = form(&n, "PUT", "/kv-store/foo", "val=baz").await;
     assert_eq!(s, StatusCode::OK);
     // Parameters also work from the query string.
-    let (s, got) = form(&n, "GET", &format!("/kv-store/foo?causal_payload={}", put["causal_payload"].as_str().unwrap()), "").await;
+    let (s, got) =
+        form(&n, "GET", &format!("/kv-store/foo?causal_payload={}", put["causal_payload"].as_str().unwrap()), "").await;
     assert_eq!((s, got["value"].as_str()), (StatusCode::OK, Some("baz")));
     assert!(got["timestamp"].as_u64().unwrap() > put["timestamp"].as_u64().unwrap());
     let (s, gone) = form(&n, "DELETE", "/kv-store/foo", "").await;
@@ -85,8 +87,14 @@ async fn hw4_put_get_roundtrip_with_status_codes() {
 async fn hw4_partition_routes() {
     let n = node();
     assert_eq!(form(&n, "GET", "/kv-store/get_partition_id", "").await.1["partition_id"], 0);
-    assert_eq!(form(&n, "GET", "/kv-store/get_all_partition_ids", "").await.1["partition_id_list"], serde_json::json!([0]));
-    assert_eq!(form(&n, "GET", "/kv-store/get_partition_members", "partition_id=0").await.1["partition_members"], serde_json::json!([ME]));
+    assert_eq!(
+        form(&n, "GET", "/kv-store/get_all_partition_ids", "").await.1["partition_id_list"],
+        serde_json::json!([0])
+    );
+    assert_eq!(
+        form(&n, "GET", "/kv-store/get_partition_members", "partition_id=0").await.1["partition_members"],
+        serde_json::json!([ME])
+    );
     let (s, b) = form(&n, "GET", "/kv-store/get_partition_members", "partition_id=3").await;
     assert_error(s, &b, StatusCode::NOT_FOUND, "partition 3 does not exist");
     let (s, b) = form(&n, "GET", "/kv-store/get_partition_members", "partition_id=zero").await;
@@ -121,7 +129,10 @@ async fn hw4_bad_keys_values_and_payloads() {
 #[tokio::test]
 async fn hw4_json_body_is_refused_with_advice() {
     let n = node();
-    let req = Request::put("/kv-store/k").header("content-type", "application/json").body(Body::from(r#"{"val":"x"}"#)).unwrap();
+    let req = Request::put("/kv-store/k")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"val":"x"}"#))
+        .unwrap();
     let (s, _, bytes) = send(&n, req).await;
     let b: Value = serde_json::from_slice(&bytes).unwrap();
     assert_error(s, &b, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/x-www-form-urlencoded");
@@ -140,12 +151,16 @@ async fn unknown_routes_and_methods_answer_json() {
 async fn native_api_is_binary_safe_and_carries_metadata() {
     let n = node();
     let value: Vec<u8> = (0..=255).collect();
-    let (s, h, body) = send(&n, Request::put("/v1/kv/bin%2Fkey%20%C3%A9").body(Body::from(value.clone())).unwrap()).await;
+    let (s, h, body) =
+        send(&n, Request::put("/v1/kv/bin%2Fkey%20%C3%A9").body(Body::from(value.clone())).unwrap()).await;
     assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&body));
     let w: kvs_api::WriteResponse = serde_json::from_slice(&body).unwrap();
     assert!(w.changed_liveness);
     assert_eq!(h["kvs-causal-context"].to_str().unwrap(), w.causal_context);
-    let req = Request::get("/v1/kv/bin%2Fkey%20%C3%A9").header("kvs-causal-context", &w.causal_context).body(Body::empty()).unwrap();
+    let req = Request::get("/v1/kv/bin%2Fkey%20%C3%A9")
+        .header("kvs-causal-context", &w.causal_context)
+        .body(Body::empty())
+        .unwrap();
     let (s, h, got) = send(&n, req).await;
     assert_eq!((s, got), (StatusCode::OK, value));
     assert_eq!(h["kvs-partition"], "0");
@@ -184,14 +199,18 @@ async fn writes_say_how_many_replicas_hold_them_and_honour_a_minimum() {
     assert_eq!(h["kvs-replicas"], "1/1");
     let w: kvs_api::WriteResponse = serde_json::from_slice(&body).unwrap();
     assert_eq!((w.copies, w.replicas), (1, 1));
-    let req = Request::put("/kv-store/k").header("content-type", "application/x-www-form-urlencoded").header("kvs-min-replicas", "1");
+    let req = Request::put("/kv-store/k")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("kvs-min-replicas", "1");
     let (s, h, _) = send(&n, req.body(Body::from("val=x")).unwrap()).await;
     assert_eq!((s, h["kvs-replicas"].to_str().unwrap()), (StatusCode::OK, "1/1"), "HW4 writes carry it too");
     let json = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
-    let (s, h, b) = send(&n, Request::put("/v1/kv/k").header("kvs-min-replicas", "2").body(Body::from("w")).unwrap()).await;
+    let (s, h, b) =
+        send(&n, Request::put("/v1/kv/k").header("kvs-min-replicas", "2").body(Body::from("w")).unwrap()).await;
     assert_error(s, &json(&b), StatusCode::BAD_REQUEST, "has 1 replicas; ask for at most 1");
     assert!(h.get("kvs-replicas").is_none());
-    let (s, _, b) = send(&n, Request::delete("/v1/kv/k").header("kvs-min-replicas", "two").body(Body::empty()).unwrap()).await;
+    let (s, _, b) =
+        send(&n, Request::delete("/v1/kv/k").header("kvs-min-replicas", "two").body(Body::empty()).unwrap()).await;
     assert_error(s, &json(&b), StatusCode::BAD_REQUEST, "whole number of copies");
     let (s, _, got) = send(&n, Request::get("/v1/kv/k").body(Body::empty()).unwrap()).await;
     assert_eq!((s, got.as_slice()), (StatusCode::OK, b"x".as_slice()), "refused writes wrote nothing");
@@ -218,9 +237,13 @@ async fn internal_rpc_rejects_garbage_and_missing_tokens() {
         clock: Default::default(),
         value: Some("evil".into()),
     };
-    let msg =
-        postcard::to_stdvec(&PeerRequest::Replicate { records: vec![("k".into(), record)], from: "x".into(), cap: 0, pending: vec![] })
-            .unwrap();
+    let msg = postcard::to_stdvec(&PeerRequest::Replicate {
+        records: vec![("k".into(), record)],
+        from: "x".into(),
+        cap: 0,
+        pending: vec![],
+    })
+    .unwrap();
     let rpc = |token: Option<&str>, body: Vec<u8>| {
         let mut r = Request::post("/internal/v1/rpc");
         if let Some(t) = token {
@@ -286,8 +309,12 @@ async fn view_change_requests_are_validated() {
     assert_error(s, &b, StatusCode::BAD_REQUEST, "not host:port");
     let (s, b) = form(&n, "PUT", "/kv-store/update_view?type=remove", &format!("ip_port={ME}")).await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "last node");
-    let json =
-        |body: &str| Request::put("/v1/admin/view").header("content-type", "application/json").body(Body::from(body.to_owned())).unwrap();
+    let json = |body: &str| {
+        Request::put("/v1/admin/view")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap()
+    };
     let (s, _, b) = send(&n, json(r#"{"members":[],"replication_factor":1}"#)).await;
     assert_error(s, &serde_json::from_slice(&b).unwrap(), StatusCode::BAD_REQUEST, "at least one node");
     let (s, _, b) = send(&n, json(r#"{"members":["127.0.0.1:8080"],"replication_factor":0}"#)).await;
@@ -309,7 +336,8 @@ async fn internal_batches_may_be_larger_than_client_bodies() {
         value: Some(vec![7u8; 300_000].into()),
     };
     let records = (0..10).map(|i| (format!("k{i}"), big(i))).collect();
-    let msg = postcard::to_stdvec(&PeerRequest::Replicate { records, from: "x".into(), cap: 0, pending: vec![] }).unwrap();
+    let msg =
+        postcard::to_stdvec(&PeerRequest::Replicate { records, from: "x".into(), cap: 0, pending: vec![] }).unwrap();
     assert!(msg.len() > 2_000_000);
     let (s, _, _) = send(&n, Request::post("/internal/v1/rpc").body(Body::from(msg)).unwrap()).await;
     assert_eq!(s, StatusCode::OK);

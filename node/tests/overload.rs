@@ -19,7 +19,8 @@ const CONNECTIONS: usize = 1024;
 async fn client_round(node: String, id: usize, round: usize, ready: Arc<tokio::sync::Barrier>) -> Vec<Duration> {
     // One client per connection, so the connections are really concurrent and distinct.
     let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(1).build().unwrap();
-    let health = http.get(format!("http://{node}/healthz")).send().await.unwrap_or_else(|e| panic!("connect to {node}: {e}"));
+    let health =
+        http.get(format!("http://{node}/healthz")).send().await.unwrap_or_else(|e| panic!("connect to {node}: {e}"));
     assert!(health.status().is_success());
     ready.wait().await;
     let mut latencies = Vec::new();
@@ -28,7 +29,12 @@ async fn client_round(node: String, id: usize, round: usize, ready: Arc<tokio::s
         let key = format!("r{round}c{id}k{i}");
         let value = format!("v{round}-{id}-{i}");
         let started = Instant::now();
-        let put = http.put(format!("http://{node}/v1/kv/{key}")).header("kvs-causal-context", &context).body(value.clone()).send().await;
+        let put = http
+            .put(format!("http://{node}/v1/kv/{key}"))
+            .header("kvs-causal-context", &context)
+            .body(value.clone())
+            .send()
+            .await;
         let put = put.unwrap_or_else(|e| panic!("PUT {key} via {node}: {e}"));
         let status = put.status();
         let replicas = put.headers().get("kvs-replicas").map(|v| v.to_str().unwrap().to_owned());
@@ -52,8 +58,9 @@ async fn client_round(node: String, id: usize, round: usize, ready: Arc<tokio::s
 /// Runs `CONNECTIONS` clients spread over `nodes`; returns every request's latency.
 async fn round(nodes: &[String], round: usize) -> Vec<Duration> {
     let ready = Arc::new(tokio::sync::Barrier::new(CONNECTIONS));
-    let tasks: Vec<_> =
-        (0..CONNECTIONS).map(|id| tokio::spawn(client_round(nodes[id % nodes.len()].clone(), id, round, ready.clone()))).collect();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|id| tokio::spawn(client_round(nodes[id % nodes.len()].clone(), id, round, ready.clone())))
+        .collect();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
@@ -64,7 +71,13 @@ async fn round(nodes: &[String], round: usize) -> Vec<Duration> {
 
 fn describe(latencies: &[Duration]) -> String {
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    format!("{} requests, p50 {:?}, p99 {:?}, max {:?}", latencies.len(), at(0.5), at(0.99), latencies[latencies.len() - 1])
+    format!(
+        "{} requests, p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        latencies[latencies.len() - 1]
+    )
 }
 
 /// Sum over `nodes` of the metric lines starting with `prefix`.
@@ -93,7 +106,11 @@ async fn t10_a_thousand_connections_all_succeed_with_every_copy_then_a_dead_node
     for (n, at_start) in nodes.iter().zip(&deaths_at_start) {
         for reason in ["replica_dead", "replica_slow", "replica_refused"] {
             let line = format!("kvs_under_replicated_writes_total{{reason=\"{reason}\"}}");
-            assert_eq!(c.metric(n, &line).await, 0.0, "{n}: a write was acknowledged without a live replica's copy ({reason})");
+            assert_eq!(
+                c.metric(n, &line).await,
+                0.0,
+                "{n}: a write was acknowledged without a live replica's copy ({reason})"
+            );
         }
         assert_eq!(c.metric(n, "kvs_requests_overloaded_total").await, 0.0, "{n} refused a request as overloaded");
         assert_eq!(c.metric(n, "kvs_peer_deaths_total").await, *at_start, "{n} took a busy peer for dead");

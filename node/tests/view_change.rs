@@ -28,7 +28,11 @@ async fn assert_all_readable(c: &Cluster, prefix: &str, n: usize) {
         tokio::spawn(async move {
             for i in 0..n {
                 let (status, body) = get(&http, &node, &format!("{prefix}{i}"), "").await;
-                assert_eq!((status, body["value"].as_str()), (200, Some(format!("v{i}").as_str())), "{prefix}{i} via {node}: {body}");
+                assert_eq!(
+                    (status, body["value"].as_str()),
+                    (200, Some(format!("v{i}").as_str())),
+                    "{prefix}{i} via {node}: {body}"
+                );
             }
         })
     });
@@ -117,7 +121,10 @@ async fn t30_changing_k_keeps_every_key_on_every_replica() {
         let mut total = 0;
         for p in st["partitions"].as_array().unwrap() {
             let counts: Vec<u64> = p["live_keys"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-            assert!(counts.iter().all(|&n| n == counts[0]), "K={k}: every replica of a partition holds the same keys: {p}");
+            assert!(
+                counts.iter().all(|&n| n == counts[0]),
+                "K={k}: every replica of a partition holds the same keys: {p}"
+            );
             total += counts[0];
         }
         assert_eq!(total, 300, "K={k}: each key in exactly one partition, nothing left over: {st}");
@@ -168,7 +175,10 @@ async fn t40_writes_during_add_and_remove_are_never_lost() {
                 let (status, body) = get(&c.http, &node, &key, "").await;
                 let value = body["value"].as_str().and_then(|v| v.parse::<u64>().ok());
                 let ok = value == acked || value.is_some_and(|v| unknown.contains(&v));
-                assert!(ok && status == 200, "{key} via {node}: got {body}, last acknowledged {acked:?}, unknown {unknown:?}");
+                assert!(
+                    ok && status == 200,
+                    "{key} via {node}: got {body}, last acknowledged {acked:?}, unknown {unknown:?}"
+                );
                 checked += 1;
             }
         }

@@ -42,7 +42,12 @@ pub struct ViewChangeTask {
 
 impl ViewChangeTask {
     /// Posts `members` at `replication_factor` to `primary`.
-    pub fn start(admin: std::sync::Arc<dyn NodeAdmin>, primary: String, members: Vec<String>, replication_factor: u32) -> Self {
+    pub fn start(
+        admin: std::sync::Arc<dyn NodeAdmin>,
+        primary: String,
+        members: Vec<String>,
+        replication_factor: u32,
+    ) -> Self {
         let description = format!("{} nodes at replicationFactor {replication_factor} (via {primary})", members.len());
         let handle = tokio::spawn(async move { admin.change_view(&primary, members, replication_factor).await });
         ViewChangeTask { handle, description }
@@ -93,7 +98,8 @@ impl Default for Admin {
 impl Admin {
     pub fn new(token: Option<String>) -> Self {
         // View changes wait for data to move: allow them time.
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("a plain HTTP client builds");
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("a plain HTTP client builds");
         Admin { http, token }
     }
 
@@ -121,7 +127,8 @@ impl NodeAdmin for Admin {
     }
 
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
-        let req = self.http.put(format!("http://{primary}/v1/admin/view")).json(&ViewRequest { members, replication_factor });
+        let req =
+            self.http.put(format!("http://{primary}/v1/admin/view")).json(&ViewRequest { members, replication_factor });
         let resp = self.authorized(req).send().await?;
         if !resp.status().is_success() {
             let status = resp.status();
@@ -132,7 +139,11 @@ impl NodeAdmin for Admin {
 }
 
 /// Observes the pods and the view and plans the next step towards `spec`.
-pub async fn observe(backend: &mut dyn Backend, admin: &dyn NodeAdmin, spec: &Validated) -> anyhow::Result<Observation> {
+pub async fn observe(
+    backend: &mut dyn Backend,
+    admin: &dyn NodeAdmin,
+    spec: &Validated,
+) -> anyhow::Result<Observation> {
     let pods = backend.pods().await?;
     let status = admin.status(&pods).await;
     let view = status.as_ref().and_then(|s| s.layout.as_ref());

@@ -155,7 +155,13 @@ impl Backend for LocalBackend {
             let identity = self.identity(o);
             let exited = self.pods.get_mut(&o).is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
             // Ready = serving HTTP (a new node has no view until it is added: /healthz, not /readyz).
-            let ready = !exited && self.http.get(format!("http://{identity}/healthz")).send().await.is_ok_and(|r| r.status().is_success());
+            let ready = !exited
+                && self
+                    .http
+                    .get(format!("http://{identity}/healthz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
             out.push(Pod { ordinal: o, address: identity.clone(), identity, ready });
         }
         Ok(out)
@@ -190,7 +196,8 @@ pub struct LocalArgs {
 
 fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Validated)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cluster: KVStoreCluster = serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
+    let cluster: KVStoreCluster =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
     let valid = validate(&cluster.spec).with_context(|| format!("{} has an invalid spec", path.display()))?;
     Ok((cluster, valid))
 }
@@ -201,7 +208,13 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 fn describe(step: &Step, status: Option<&kvs_api::ClusterStatus>) -> String {
     let view = status.and_then(|s| s.layout.as_ref()).map_or("no view yet".to_owned(), |l| {
-        format!("epoch {} · {} partitions × K={} · {} proxies", l.epoch, l.partitions.len(), l.replication_factor, l.proxies.len())
+        format!(
+            "epoch {} · {} partitions × K={} · {} proxies",
+            l.epoch,
+            l.partitions.len(),
+            l.replication_factor,
+            l.proxies.len()
+        )
     });
     let action = match step {
         Step::Done => "in sync".to_owned(),
@@ -256,7 +269,10 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
             if !task.is_finished() {
                 let pods = backend.pods().await.unwrap_or_default();
                 if let Some(r) = admin.status(&pods).await.map(|s| s.rebalance) {
-                    let line = format!("  rebalancing to epoch {}: {} — {}/{} keys moved", r.epoch, r.phase, r.moved_keys, r.total_keys);
+                    let line = format!(
+                        "  rebalancing to epoch {}: {} — {}/{} keys moved",
+                        r.epoch, r.phase, r.moved_keys, r.total_keys
+                    );
                     if line != last_line {
                         println!("{line}");
                         last_line = line;
@@ -303,8 +319,10 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.
 async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler installs");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler installs");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(a) => run(a).await,
         Cmd::Local(a) => {
             tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+                )
                 .init();
             run_local(a).await
         }

@@ -46,15 +46,22 @@ impl Default for Metrics {
         let reconcile_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         registry.register("reconcile_duration_seconds", "Time one reconciliation took", reconcile_seconds.clone());
         let view_changes = Family::<ResultLabel, Counter>::default();
-        registry.register("view_changes", "View changes posted to a cluster's primary node, by result", view_changes.clone());
+        registry.register(
+            "view_changes",
+            "View changes posted to a cluster's primary node, by result",
+            view_changes.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let family = Family::<ClusterLabels, Gauge>::default();
             registry.register(name, help, family.clone());
             family
         };
-        let rebalance_moved_keys = gauge(&mut registry, "rebalance_moved_keys", "Keys moved so far by the running view change");
-        let rebalance_total_keys = gauge(&mut registry, "rebalance_total_keys", "Keys the running view change has to move");
-        let rebalancing = gauge(&mut registry, "rebalancing", "1 while a cluster's pods or data are moving towards its spec");
+        let rebalance_moved_keys =
+            gauge(&mut registry, "rebalance_moved_keys", "Keys moved so far by the running view change");
+        let rebalance_total_keys =
+            gauge(&mut registry, "rebalance_total_keys", "Keys the running view change has to move");
+        let rebalancing =
+            gauge(&mut registry, "rebalancing", "1 while a cluster's pods or data are moving towards its spec");
         let ready_replicas = gauge(&mut registry, "ready_replicas", "Ready node pods");
         Metrics {
             registry,
@@ -98,7 +105,8 @@ impl Metrics {
     /// Drops a deleted cluster's series.
     pub fn forget_cluster(&self, namespace: &str, cluster: &str) {
         let labels = ClusterLabels { namespace: namespace.into(), cluster: cluster.into() };
-        for family in [&self.rebalance_moved_keys, &self.rebalance_total_keys, &self.rebalancing, &self.ready_replicas] {
+        for family in [&self.rebalance_moved_keys, &self.rebalance_total_keys, &self.rebalancing, &self.ready_replicas]
+        {
             family.remove(&labels);
         }
     }

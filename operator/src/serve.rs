@@ -112,7 +112,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::default());
-    let listener = tokio::net::TcpListener::bind(args.http_address).await.with_context(|| format!("binding {}", args.http_address))?;
+    let listener = tokio::net::TcpListener::bind(args.http_address)
+        .await
+        .with_context(|| format!("binding {}", args.http_address))?;
     let http = app(health.clone(), metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, http).await {
@@ -120,7 +122,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    let client = Client::try_default().await.context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    let client =
+        Client::try_default().await.context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
     let version = client.apiserver_version().await.context("the Kubernetes API server did not answer")?;
     health.ready.store(true, Ordering::Relaxed);
     let identity = args.identity.clone().unwrap_or_else(default_identity);
@@ -203,7 +206,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "kvs-operator".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "kvs-operator".into());
     format!("{host}-{}", std::process::id())
 }
 

@@ -85,7 +85,10 @@ fn kind(v: &serde_yaml::Value) -> &str {
 }
 
 fn of_kind<T: serde::de::DeserializeOwned>(objs: &[serde_yaml::Value], k: &str) -> Vec<T> {
-    objs.iter().filter(|o| kind(o) == k).map(|o| serde_yaml::from_value(o.clone()).unwrap_or_else(|e| panic!("{k}: {e}"))).collect()
+    objs.iter()
+        .filter(|o| kind(o) == k)
+        .map(|o| serde_yaml::from_value(o.clone()).unwrap_or_else(|e| panic!("{k}: {e}")))
+        .collect()
 }
 
 type Grant = (String, String, String);
@@ -129,7 +132,9 @@ fn assert_same_grants(chart: &BTreeSet<Grant>, code: &BTreeSet<Grant>, what: &st
 fn lint_strict() {
     let chart = chart_dir();
     let chart = chart.to_str().expect("utf-8 path");
-    for sets in ["", "serviceMonitor.enabled=true,networkPolicy.enabled=true", "watchNamespace=prod,networkPolicy.enabled=true"] {
+    for sets in
+        ["", "serviceMonitor.enabled=true,networkPolicy.enabled=true", "watchNamespace=prod,networkPolicy.enabled=true"]
+    {
         let mut args = vec!["lint", "--strict", chart];
         if !sets.is_empty() {
             args.extend(["--set", sets]);
@@ -170,11 +175,25 @@ fn watch_namespace_grants_exactly_rbac_rules_in_roles() {
             .collect()
     };
     // The Lease is in the operator's namespace; everything else in the watched one.
-    assert_same_grants(&in_ns("prod"), &rbac_rs_grants(|g| g != "coordination.k8s.io"), "the Role in the watched namespace");
-    assert_same_grants(&in_ns("kvstore-system"), &rbac_rs_grants(|g| g == "coordination.k8s.io"), "the leader-election Role");
+    assert_same_grants(
+        &in_ns("prod"),
+        &rbac_rs_grants(|g| g != "coordination.k8s.io"),
+        "the Role in the watched namespace",
+    );
+    assert_same_grants(
+        &in_ns("kvstore-system"),
+        &rbac_rs_grants(|g| g == "coordination.k8s.io"),
+        "the leader-election Role",
+    );
     let deployments: Vec<Deployment> = of_kind(&objs, "Deployment");
-    let env = deployments[0].spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec").containers[0].env.clone();
-    assert!(env.unwrap_or_default().iter().any(|e| e.name == "KVS_OPERATOR_NAMESPACE" && e.value.as_deref() == Some("prod")));
+    let env = deployments[0].spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec").containers[0]
+        .env
+        .clone();
+    assert!(
+        env.unwrap_or_default()
+            .iter()
+            .any(|e| e.name == "KVS_OPERATOR_NAMESPACE" && e.value.as_deref() == Some("prod"))
+    );
 }
 
 #[test]
@@ -189,7 +208,8 @@ fn deployment_runs_the_operator_as_specified() {
     let c = &pod.containers[0];
     assert_eq!(c.args.as_deref(), Some(&["run".to_owned()][..]));
     let env: BTreeMap<_, _> = c.env.iter().flatten().map(|e| (e.name.as_str(), e)).collect();
-    let field = |name: &str| env[name].value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.clone());
+    let field =
+        |name: &str| env[name].value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.clone());
     assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
     assert_eq!(field("POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
     assert_eq!(env["KVS_OPERATOR_HTTP_ADDRESS"].value.as_deref(), Some("0.0.0.0:8081"));
@@ -232,7 +252,10 @@ fn rendered_crd_is_the_generated_crd_plus_keep() {
 fn network_policies_select_the_node_pods() {
     let objs = objects(&template(&["networkPolicy.enabled=true"]).expect("renders"));
     let policies: Vec<NetworkPolicy> = of_kind(&objs, "NetworkPolicy");
-    let nodes = policies.iter().find(|p| p.metadata.name.as_deref() == Some("kvs-kvstore-operator-nodes")).expect("node policy");
+    let nodes = policies
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("kvs-kvstore-operator-nodes"))
+        .expect("node policy");
     let spec = nodes.spec.as_ref().expect("spec");
     // The policy's selector must match the labels the operator puts on node pods.
     let pod_labels = kvs_operator::controller::build::labels("demo");
@@ -242,7 +265,9 @@ fn network_policies_select_the_node_pods() {
     let ingress = spec.ingress.as_ref().expect("ingress");
     assert_eq!(ingress.len(), 2, "TCP 8080 from nodes, the operator and clients; UDP 8080 (heartbeats) from nodes");
     let port = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(kvs_operator::controller::build::PORT);
-    let ports = |i: usize| -> Vec<_> { ingress[i].ports.iter().flatten().map(|p| (p.port.clone(), p.protocol.clone())).collect() };
+    let ports = |i: usize| -> Vec<_> {
+        ingress[i].ports.iter().flatten().map(|p| (p.port.clone(), p.protocol.clone())).collect()
+    };
     assert_eq!(ports(0), [(Some(port.clone()), Some("TCP".to_owned()))]);
     assert_eq!(ingress[0].from.as_ref().map(Vec::len), Some(3), "nodes, operator, clients");
     assert_eq!(ports(1), [(Some(port), Some("UDP".to_owned()))]);
@@ -299,9 +324,13 @@ fn applies_to_the_api_server() {
     // The ServiceMonitor stays off: its CRD (Prometheus Operator) is not on this server.
     for sets in ["networkPolicy.enabled=true".to_owned(), format!("networkPolicy.enabled=true,watchNamespace={ns}")] {
         let rendered =
-            helm(&["template", "kvs", chart.to_str().expect("utf-8 path"), "--namespace", &ns, "--set", &sets]).expect("renders");
-        let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered)).unwrap_or_else(|e| panic!("[{sets}]: {e}"));
-        for k in ["deployment.apps/", "customresourcedefinition.apiextensions.k8s.io/", "networkpolicy.networking.k8s.io/"] {
+            helm(&["template", "kvs", chart.to_str().expect("utf-8 path"), "--namespace", &ns, "--set", &sets])
+                .expect("renders");
+        let out = kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered))
+            .unwrap_or_else(|e| panic!("[{sets}]: {e}"));
+        for k in
+            ["deployment.apps/", "customresourcedefinition.apiextensions.k8s.io/", "networkpolicy.networking.k8s.io/"]
+        {
             assert!(out.contains(k), "[{sets}] nothing applied as {k}:\n{out}");
         }
     }
@@ -352,7 +381,8 @@ fn helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it() {
     let next = tempfile::tempdir().expect("tempdir");
     copy_dir(Path::new(chart), next.path());
     let crd_file = next.path().join("files/kvstorecluster.yaml");
-    let mut crd: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&crd_file).expect("read")).expect("YAML");
+    let mut crd: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&crd_file).expect("read")).expect("YAML");
     let marker = format!("upgraded by {release}");
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = marker.clone().into();
     std::fs::write(&crd_file, serde_yaml::to_string(&crd).expect("YAML")).expect("write");
@@ -369,6 +399,7 @@ fn helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it() {
     assert_eq!(kept["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
     assert!(kept["metadata"]["deletionTimestamp"].is_null(), "the CRD is being deleted");
     // Leave it unowned, as a CRD applied with kubectl would be, for whoever installs next.
-    kubectl(&["annotate", "crd", CRD_NAME, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-"], None).expect("annotate");
+    kubectl(&["annotate", "crd", CRD_NAME, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-"], None)
+        .expect("annotate");
     kubectl(&["label", "crd", CRD_NAME, "app.kubernetes.io/managed-by-"], None).expect("label");
 }

@@ -14,7 +14,14 @@ fn node_bin() -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
     let bin = target.join("debug").join("kvs-node");
     if !bin.exists() {
-        assert!(Command::new(env!("CARGO")).args(["build", "-p", "kvs-node"]).current_dir(&root).status().unwrap().success());
+        assert!(
+            Command::new(env!("CARGO"))
+                .args(["build", "-p", "kvs-node"])
+                .current_dir(&root)
+                .status()
+                .unwrap()
+                .success()
+        );
     }
     bin
 }
@@ -54,7 +61,9 @@ async fn wait_for_view(http: &reqwest::Client, members: usize, k: u32) -> serde_
             && let Ok(s) = r.json::<serde_json::Value>().await
         {
             let layout = &s["layout"];
-            let n = layout["partitions"].as_array().map_or(0, |p| p.iter().map(|m| m.as_array().unwrap().len()).sum::<usize>())
+            let n = layout["partitions"]
+                .as_array()
+                .map_or(0, |p| p.iter().map(|m| m.as_array().unwrap().len()).sum::<usize>())
                 + layout["proxies"].as_array().map_or(0, Vec::len);
             if n == members && layout["replication_factor"] == k && s["pending_epoch"].is_null() {
                 return s;

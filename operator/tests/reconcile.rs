@@ -137,7 +137,8 @@ impl FakeApi {
 
     async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let method = req.method().clone();
-        let content_type = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let content_type =
+            req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
         let query = req.uri().query().unwrap_or_default().to_owned();
         let t = parse_path(req.uri().path());
         let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -191,7 +192,9 @@ impl FakeApi {
                         .as_object()
                         .unwrap()
                         .iter()
-                        .map(|(k, v)| (k.clone(), json!(base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap()))))
+                        .map(|(k, v)| {
+                            (k.clone(), json!(base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap())))
+                        })
                         .collect();
                     object["data"] = Value::Object(encoded);
                     object.as_object_mut().unwrap().remove("stringData");
@@ -232,10 +235,12 @@ impl FakeApi {
                 objects.insert(key, patched.clone());
                 ok(&patched)
             }
-            "delete" => match objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap())) {
-                Some(o) => ok(&o),
-                None => status_response(404, "NotFound"),
-            },
+            "delete" => {
+                match objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap())) {
+                    Some(o) => ok(&o),
+                    None => status_response(404, "NotFound"),
+                }
+            }
             other => panic!("unexpected {other} request"),
         }
     }
@@ -297,7 +302,10 @@ impl Scenario {
     }
 
     fn cluster(&self, replicas: i32, rf: i32) {
-        let mut c = KVStoreCluster::new("demo", KVStoreClusterSpec { image: "kvs:1".into(), ..KVStoreClusterSpec::new(replicas, rf) });
+        let mut c = KVStoreCluster::new(
+            "demo",
+            KVStoreClusterSpec { image: "kvs:1".into(), ..KVStoreClusterSpec::new(replicas, rf) },
+        );
         c.metadata.namespace = Some(NS.into());
         c.metadata.uid = Some("uid-demo".into());
         c.metadata.generation = Some(1);
@@ -429,7 +437,9 @@ async fn a_new_cluster_gets_a_finalizer_then_its_children_and_a_pending_status()
     let view = env.iter().find(|e| e.name == "VIEW").unwrap().value.clone().unwrap();
     assert_eq!(view, (0..4).map(identity).collect::<Vec<_>>().join(","));
     assert_eq!(sts.metadata.owner_references.unwrap()[0].uid, "uid-demo");
-    for (group, resource, name) in [("", "services", "demo"), ("", "services", "demo-nodes"), ("policy", "poddisruptionbudgets", "demo")] {
+    for (group, resource, name) in
+        [("", "services", "demo"), ("", "services", "demo-nodes"), ("policy", "poddisruptionbudgets", "demo")]
+    {
         assert!(s.api.get(group, resource, name).is_some(), "{resource}/{name} applied");
     }
     let secret = s.api.get("", "secrets", "demo-token").expect("token Secret created");
@@ -443,7 +453,11 @@ async fn a_new_cluster_gets_a_finalizer_then_its_children_and_a_pending_status()
     s.reconcile().await;
     assert_eq!(s.api.get("", "secrets", "demo-token").unwrap()["data"]["token"], token);
     assert_eq!(s.sts_replicas(), 4);
-    assert_eq!(s.nodes.tokens.lock().unwrap().last().unwrap().as_ref().map(String::len), Some(64), "nodes are called with the token");
+    assert_eq!(
+        s.nodes.tokens.lock().unwrap().last().unwrap().as_ref().map(String::len),
+        Some(64),
+        "nodes are called with the token"
+    );
     s.assert_rbac_covers_every_call();
 }
 

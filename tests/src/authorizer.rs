@@ -93,19 +93,23 @@ pub fn target(method: &Method, path: &str, query: Option<&str>) -> Target {
 
 /// Whether one RBAC rule allows a resource request.
 pub fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
-    let has = |list: &Option<Vec<String>>, value: &str| list.as_ref().is_some_and(|l| l.iter().any(|x| x == "*" || x == value));
+    let has = |list: &Option<Vec<String>>, value: &str| {
+        list.as_ref().is_some_and(|l| l.iter().any(|x| x == "*" || x == value))
+    };
     let subresource = a.resource.split_once('/').map(|(_, s)| s);
-    let resource_matches = rule
-        .resources
-        .as_ref()
-        .is_some_and(|rs| rs.iter().any(|r| r == "*" || *r == a.resource || subresource.is_some_and(|s| *r == format!("*/{s}"))));
+    let resource_matches = rule.resources.as_ref().is_some_and(|rs| {
+        rs.iter().any(|r| r == "*" || *r == a.resource || subresource.is_some_and(|s| *r == format!("*/{s}")))
+    });
     let name_matches = match (&rule.resource_names, &a.name) {
         (None, _) => true,
         (Some(names), _) if names.is_empty() => true,
         (Some(names), Some(name)) => names.contains(name),
         (Some(_), None) => false,
     };
-    rule.verbs.iter().any(|v| v == "*" || *v == a.verb) && has(&rule.api_groups, &a.group) && resource_matches && name_matches
+    rule.verbs.iter().any(|v| v == "*" || *v == a.verb)
+        && has(&rule.api_groups, &a.group)
+        && resource_matches
+        && name_matches
 }
 
 /// The rules a binding grants, and where: `None` everywhere (a ClusterRoleBinding), or one
@@ -122,10 +126,13 @@ const OPEN_PATHS: &[&str] = &["/api", "/apis", "/version", "/healthz", "/livez",
 /// Whether `grants` allow `target`.
 pub fn authorize(grants: &[Grant], target: &Target) -> bool {
     match target {
-        Target::NonResource { verb, path } => verb == "get" && OPEN_PATHS.iter().any(|p| path == p || path.starts_with(&format!("{p}/"))),
-        Target::Resource(a) => {
-            grants.iter().filter(|g| g.namespace.is_none() || g.namespace == a.namespace).any(|g| g.rules.iter().any(|r| rule_allows(r, a)))
+        Target::NonResource { verb, path } => {
+            verb == "get" && OPEN_PATHS.iter().any(|p| path == p || path.starts_with(&format!("{p}/")))
         }
+        Target::Resource(a) => grants
+            .iter()
+            .filter(|g| g.namespace.is_none() || g.namespace == a.namespace)
+            .any(|g| g.rules.iter().any(|r| rule_allows(r, a))),
     }
 }
 
@@ -145,7 +152,11 @@ pub fn granted(grants: &[Grant]) -> BTreeSet<(String, String, String)> {
 }
 
 fn binds(subjects: &Option<Vec<Subject>>, namespace: &str, account: &str) -> bool {
-    let groups = ["system:serviceaccounts".to_owned(), format!("system:serviceaccounts:{namespace}"), "system:authenticated".to_owned()];
+    let groups = [
+        "system:serviceaccounts".to_owned(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".to_owned(),
+    ];
     subjects.iter().flatten().any(|s| match s.kind.as_str() {
         "ServiceAccount" => s.name == account && s.namespace.as_deref() == Some(namespace),
         "Group" => groups.contains(&s.name),
@@ -171,7 +182,9 @@ pub async fn grants_of(client: &Client, namespace: &str, account: &str) -> kube:
             continue;
         }
         let rules = match b.role_ref.kind.as_str() {
-            "Role" => Api::<Role>::namespaced(client.clone(), &ns).get_opt(&b.role_ref.name).await?.and_then(|r| r.rules),
+            "Role" => {
+                Api::<Role>::namespaced(client.clone(), &ns).get_opt(&b.role_ref.name).await?.and_then(|r| r.rules)
+            }
             "ClusterRole" => cluster_roles.get_opt(&b.role_ref.name).await?.and_then(|r| r.rules),
             _ => None,
         };
@@ -223,7 +236,8 @@ impl RbacProxy {
     pub fn start(namespace: &str, account: &str, dir: &Path) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ns, sa, log_path) = (namespace.to_owned(), account.to_owned(), dir.join(format!("rbac-proxy-{account}.log")));
+        let (ns, sa, log_path) =
+            (namespace.to_owned(), account.to_owned(), dir.join(format!("rbac-proxy-{account}.log")));
         let thread = std::thread::Builder::new().name("rbac-proxy".into()).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(r) => r,
@@ -254,7 +268,8 @@ impl RbacProxy {
                 // Leaving drops the runtime, which ends every connection (watches included).
             });
         })?;
-        let (shared, address) = ready_rx.recv().map_err(|_| anyhow::anyhow!("the RBAC proxy's thread ended while starting"))??;
+        let (shared, address) =
+            ready_rx.recv().map_err(|_| anyhow::anyhow!("the RBAC proxy's thread ended while starting"))??;
         let kubeconfig = dir.join(format!("kubeconfig-{account}"));
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: rbac-proxy\n  cluster: {{server: \"http://{address}\"}}\n\
@@ -303,7 +318,11 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     let (mut parts, body) = request.into_parts();
     let target = target(&parts.method, parts.uri.path(), parts.uri.query());
     let allowed = authorize(&shared.grants, &target);
-    shared.decisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Decision { target: target.clone(), allowed });
+    shared
+        .decisions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Decision { target: target.clone(), allowed });
     let request_line = format!("{} {}", parts.method, parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     if !allowed {
         eprintln!("RBAC stand-in: denied {} {target:?}", shared.user);
@@ -346,7 +365,10 @@ fn forbidden(user: &str, target: &Target) -> Response {
                 Some((r, s)) => format!("resource \"{r}/{s}\""),
                 None => format!("resource \"{}\"", a.resource),
             };
-            let scope = a.namespace.as_ref().map_or_else(|| "at the cluster scope".to_owned(), |ns| format!("in the namespace \"{ns}\""));
+            let scope = a
+                .namespace
+                .as_ref()
+                .map_or_else(|| "at the cluster scope".to_owned(), |ns| format!("in the namespace \"{ns}\""));
             format!("User \"{user}\" cannot {} {what} in API group \"{}\" {scope}", a.verb, a.group)
         }
         Target::NonResource { verb, path } => format!("User \"{user}\" cannot {verb} path \"{path}\""),
@@ -371,7 +393,12 @@ mod tests {
 
     fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        PolicyRule { api_groups: Some(owned(groups)), resources: Some(owned(resources)), verbs: owned(verbs), ..PolicyRule::default() }
+        PolicyRule {
+            api_groups: Some(owned(groups)),
+            resources: Some(owned(resources)),
+            verbs: owned(verbs),
+            ..PolicyRule::default()
+        }
     }
 
     #[test]
@@ -384,12 +411,19 @@ mod tests {
         let a = attrs(Method::GET, "/api/v1/pods", Some("labelSelector=a%3Db"));
         assert_eq!((a.verb.as_str(), a.group.as_str(), a.namespace), ("list", "", None));
         let a = attrs(Method::PATCH, "/apis/kvstore.dev/v1alpha1/namespaces/prod/kvstoreclusters/demo/status", None);
-        assert_eq!((a.verb.as_str(), a.resource.as_str(), a.name.as_deref()), ("patch", "kvstoreclusters/status", Some("demo")));
+        assert_eq!(
+            (a.verb.as_str(), a.resource.as_str(), a.name.as_deref()),
+            ("patch", "kvstoreclusters/status", Some("demo"))
+        );
         let a = attrs(Method::DELETE, "/api/v1/namespaces/prod/secrets", None);
         assert_eq!(a.verb, "deletecollection");
         let a = attrs(Method::GET, "/api/v1/namespaces/prod", None);
         assert_eq!((a.resource.as_str(), a.name.as_deref(), a.namespace), ("namespaces", Some("prod"), None));
-        let a = attrs(Method::GET, "/apis/coordination.k8s.io/v1/namespaces/p/leases", Some("fieldSelector=metadata.name%3Dop&watch=1"));
+        let a = attrs(
+            Method::GET,
+            "/apis/coordination.k8s.io/v1/namespaces/p/leases",
+            Some("fieldSelector=metadata.name%3Dop&watch=1"),
+        );
         assert_eq!((a.verb.as_str(), a.name.as_deref()), ("watch", Some("op")));
         assert!(matches!(target(&Method::GET, "/apis/apps/v1", None), Target::NonResource { .. }));
         assert!(matches!(target(&Method::GET, "/version", None), Target::NonResource { .. }));
@@ -409,7 +443,10 @@ mod tests {
         let named = PolicyRule { resource_names: Some(vec!["y".into()]), ..rule(&[""], &["pods"], &["get"]) };
         assert!(!rule_allows(&named, &get_pods), "another name");
         let create = attrs(Method::POST, "/api/v1/namespaces/p/pods", None);
-        assert!(!rule_allows(&PolicyRule { verbs: vec!["create".into()], ..named }, &create), "resourceNames never allow create");
+        assert!(
+            !rule_allows(&PolicyRule { verbs: vec!["create".into()], ..named }, &create),
+            "resourceNames never allow create"
+        );
     }
 
     #[test]
@@ -417,7 +454,10 @@ mod tests {
         let grants = [Grant { namespace: Some("a".into()), rules: vec![rule(&[""], &["pods"], &["list"])] }];
         assert!(authorize(&grants, &target(&Method::GET, "/api/v1/namespaces/a/pods", None)));
         assert!(!authorize(&grants, &target(&Method::GET, "/api/v1/namespaces/b/pods", None)));
-        assert!(!authorize(&grants, &target(&Method::GET, "/api/v1/pods", None)), "all namespaces needs a ClusterRoleBinding");
+        assert!(
+            !authorize(&grants, &target(&Method::GET, "/api/v1/pods", None)),
+            "all namespaces needs a ClusterRoleBinding"
+        );
         assert!(authorize(&grants, &target(&Method::GET, "/apis", None)), "discovery is open");
         assert!(!authorize(&grants, &target(&Method::GET, "/metrics", None)));
     }

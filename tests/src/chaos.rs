@@ -115,7 +115,11 @@ async fn client_loop(
         let outcome = match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
-                if let Some(c) = resp.headers().get(kvs_api::HEADER_CAUSAL_CONTEXT).and_then(|v| v.to_str().ok()).filter(|c| !c.is_empty())
+                if let Some(c) = resp
+                    .headers()
+                    .get(kvs_api::HEADER_CAUSAL_CONTEXT)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|c| !c.is_empty())
                 {
                     context = c.to_owned();
                 }
@@ -125,7 +129,9 @@ async fn client_loop(
                     (Kind::Get, 404, Some(_)) => Outcome::Ok(None),
                     (Kind::Put(_) | Kind::Delete, 200 | 201, Some(_)) => Outcome::Ok(None),
                     (_, status, body) => {
-                        let msg = body.map(|b| String::from_utf8_lossy(&b).chars().take(70).collect::<String>()).unwrap_or_default();
+                        let msg = body
+                            .map(|b| String::from_utf8_lossy(&b).chars().take(70).collect::<String>())
+                            .unwrap_or_default();
                         error = Some(format!("{status} {msg}"));
                         Outcome::Unknown
                     }
@@ -140,7 +146,10 @@ async fn client_loop(
         let under_fault = fault.filter(|(_, n)| *n == node).map(|(k, _)| k);
         let active = fault.map(|(k, _)| k);
         let op = Op { client: id, key, kind, invoke, complete, outcome };
-        out.push((Recorded { op, node, error }, if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) }));
+        out.push((
+            Recorded { op, node, error },
+            if under_fault.is_some() { None } else { Some(active.unwrap_or(FaultKind::None)) },
+        ));
         if matches!(out.last().map(|(r, _)| &r.op.outcome), Some(Outcome::Unknown)) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -197,7 +206,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 None
             };
             let target_k = if change_k { next_k } else { k };
-            state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active = Some((FaultKind::ViewChange, usize::MAX));
+            state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).active =
+                Some((FaultKind::ViewChange, usize::MAX));
             // Sometimes a node is paused while the view changes.
             let paused = rng.random_bool(0.3).then_some(victim).filter(|v| Some(*v) != added && next.contains(v));
             if let Some(p) = paused {
@@ -206,8 +216,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             events.push((micros(start), format!("view change via {via} to {next:?} K={target_k} (paused {paused:?})")));
             let next_addrs: Vec<String> = next.iter().map(|i| addrs[*i].clone()).collect();
             let body = serde_json::json!({"members": next_addrs, "replication_factor": target_k});
-            let ok =
-                http.put(format!("http://{}/v1/admin/view", addrs[via])).json(&body).send().await.is_ok_and(|r| r.status().is_success());
+            let ok = http
+                .put(format!("http://{}/v1/admin/view", addrs[via]))
+                .json(&body)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
             if let Some(p) = paused {
                 cluster.resume(p);
             }
@@ -218,7 +232,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 let layout = check_view(&http, &addrs[via], &next_addrs, target_k).await?;
                 events.push((
                     micros(start),
-                    format!("installed epoch {}: partitions {:?}, proxies {:?}", layout.epoch, layout.partitions, layout.proxies),
+                    format!(
+                        "installed epoch {}: partitions {:?}, proxies {:?}",
+                        layout.epoch, layout.partitions, layout.proxies
+                    ),
                 ));
                 *faults.entry(if change_k { "K change".into() } else { format!("{kind:?}") }).or_default() += 1;
                 if paused.is_some() {
@@ -266,8 +283,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
 
     // Healed: wait until every partition's replicas hold the same versions.
     let healed = Instant::now();
-    let convergence_ms =
-        converge(&http, &addrs[members[0]], Duration::from_secs(30)).await.then(|| healed.elapsed().as_secs_f64() * 1000.0);
+    let convergence_ms = converge(&http, &addrs[members[0]], Duration::from_secs(30))
+        .await
+        .then(|| healed.elapsed().as_secs_f64() * 1000.0);
 
     // Read every key from every member.
     let mut finals: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
@@ -366,7 +384,8 @@ fn write_history(
         })
         .collect();
     let events: Vec<serde_json::Value> = events.iter().map(|(t, e)| serde_json::json!({"at": t, "event": e})).collect();
-    let nodes: Vec<serde_json::Value> = addrs.iter().enumerate().map(|(i, a)| serde_json::json!({"index": i, "addr": a})).collect();
+    let nodes: Vec<serde_json::Value> =
+        addrs.iter().enumerate().map(|(i, a)| serde_json::json!({"index": i, "addr": a})).collect();
     std::fs::write(path, serde_json::to_vec(&serde_json::json!({"nodes": nodes, "events": events, "ops": ops}))?)?;
     Ok(())
 }

@@ -128,7 +128,13 @@ pub fn node_binary() -> anyhow::Result<PathBuf> {
 impl Cluster {
     /// Starts `members` nodes forming a cluster at replication factor `k`, plus `spares` nodes
     /// without a view. `extra_env` goes to every node.
-    pub async fn start(network: Network, members: usize, spares: usize, k: u32, extra_env: &[(&str, &str)]) -> anyhow::Result<Cluster> {
+    pub async fn start(
+        network: Network,
+        members: usize,
+        spares: usize,
+        k: u32,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Cluster> {
         let bin = node_binary()?;
         let mut cluster = Cluster { network, nodes: Vec::new(), bin, hub: None };
         if let Network::Namespaces { run } = network {
@@ -142,8 +148,15 @@ impl Cluster {
             }
             env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             let namespace = cluster.hub.as_ref().map(|_| node_namespace(network, i));
-            let mut node =
-                NodeProc { addr: network.addr(i), index: i, namespace, child: None, data_dir: tempfile::tempdir()?, env, paused: false };
+            let mut node = NodeProc {
+                addr: network.addr(i),
+                index: i,
+                namespace,
+                child: None,
+                data_dir: tempfile::tempdir()?,
+                env,
+                paused: false,
+            };
             node.spawn(&cluster.bin)?;
             cluster.nodes.push(node);
         }

@@ -121,7 +121,10 @@ pub fn check_final(history: &[Op], finals: &BTreeMap<String, Vec<(String, Option
                 let last = writes.writes.iter().filter(|w| w.acked()).max_by_key(|w| w.invoke);
                 violations.push(Violation {
                     kind: "lost-write",
-                    detail: format!("{key} on {node} is {state:?}; the last acknowledged write was {:?}", last.map(|w| &w.kind)),
+                    detail: format!(
+                        "{key} on {node} is {state:?}; the last acknowledged write was {:?}",
+                        last.map(|w| &w.kind)
+                    ),
                 });
             }
         }
@@ -146,14 +149,21 @@ pub fn check_causal(history: &[Op]) -> Vec<Violation> {
             (Kind::Get, Outcome::Ok(state)) => {
                 let Some(writes) = by_key.get(op.key.as_str()) else {
                     if state.is_some() {
-                        violations.push(Violation { kind: "phantom", detail: format!("{} read {state:?}, which nobody wrote", op.key) });
+                        violations.push(Violation {
+                            kind: "phantom",
+                            detail: format!("{} read {state:?}, which nobody wrote", op.key),
+                        });
                     }
                     continue;
                 };
                 // A read can only observe writes invoked before it completed.
-                let producers: Vec<&&Op> = writes.producers(state.as_deref()).filter(|w| w.invoke < op.complete).collect();
+                let producers: Vec<&&Op> =
+                    writes.producers(state.as_deref()).filter(|w| w.invoke < op.complete).collect();
                 if state.is_some() && producers.is_empty() {
-                    violations.push(Violation { kind: "phantom", detail: format!("{} read {state:?}, which nobody wrote", op.key) });
+                    violations.push(Violation {
+                        kind: "phantom",
+                        detail: format!("{} read {state:?}, which nobody wrote", op.key),
+                    });
                     continue;
                 }
                 // The newest possible producer (absent may also be "never written").
@@ -164,7 +174,10 @@ pub fn check_causal(history: &[Op]) -> Vec<Violation> {
                     if end < *floor {
                         violations.push(Violation {
                             kind: "causal",
-                            detail: format!("client {} read {} = {state:?} (written before {what} began)", op.client, op.key),
+                            detail: format!(
+                                "client {} read {} = {state:?} (written before {what} began)",
+                                op.client, op.key
+                            ),
                         });
                     }
                 }

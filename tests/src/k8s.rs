@@ -42,7 +42,9 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Drop cannot await, and the test's runtime may be shutting down: kubectl needs neither.
-        let out = Command::new("kubectl").args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"]).output();
+        let out = Command::new("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => eprintln!("deleting namespace {}: {}", self.name, String::from_utf8_lossy(&o.stderr).trim()),
@@ -53,9 +55,13 @@ impl Drop for TestNamespace {
 
 /// Creates a namespace named `<prefix>-<random>` (the prefix is cut to keep a valid name).
 pub async fn fresh_namespace(client: &Client, prefix: &str) -> TestNamespace {
-    let prefix: String = prefix.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(40).collect();
+    let prefix: String =
+        prefix.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).take(40).collect();
     let name = format!("{}-{:08x}", prefix.trim_matches('-'), rand::random::<u32>());
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() }, ..Namespace::default() };
+    let ns = Namespace {
+        metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+        ..Namespace::default()
+    };
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await
@@ -71,11 +77,9 @@ pub fn pod_ready(pod: &Pod) -> bool {
 
 /// Runs `kubectl` (from PATH, on `KUBECONFIG`) and returns its stdout; panics with its stderr if it fails.
 pub fn kubectl(args: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running kubectl (is it on PATH? `eval \"$(../shared/k8s/up)\"` puts it there): {e}"));
+    let out = Command::new("kubectl").args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| {
+        panic!("running kubectl (is it on PATH? `eval \"$(../shared/k8s/up)\"` puts it there): {e}")
+    });
     if !out.status.success() {
         panic!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }

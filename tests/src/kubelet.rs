@@ -73,7 +73,8 @@
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVarSource, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Secret, Volume,
+    ConfigMap, Container, EnvVarSource, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec, Secret,
+    Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -167,7 +168,11 @@ impl StandInKubelet {
         let first: Ipv4Addr = format!("{}1", opts.address_prefix)
             .parse()
             .map_err(|_| anyhow::anyhow!("address_prefix {:?} is not like \"127.0.61.\"", opts.address_prefix))?;
-        anyhow::ensure!(first.is_loopback(), "address_prefix {:?} must be a loopback prefix such as 127.0.61.", opts.address_prefix);
+        anyhow::ensure!(
+            first.is_loopback(),
+            "address_prefix {:?} must be a loopback prefix such as 127.0.61.",
+            opts.address_prefix
+        );
         anyhow::ensure!(opts.node_bin.is_file(), "no node binary at {}", opts.node_bin.display());
         let shared = Arc::new(Shared { namespace: namespace.to_owned(), opts, state: Mutex::new(State::default()) });
         for dir in ["logs", "pvc", "pods"] {
@@ -391,7 +396,11 @@ impl Slot {
     fn start(&mut self, shared: &Shared, launch: Launch) -> Result<(), String> {
         let name = self.name();
         let path = shared.log_file(&name);
-        let mut log = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
         let restart = if self.started_once { self.restarts + 1 } else { 0 };
         let _ = writeln!(log, "--- stand-in kubelet: starting {name} at {} (restart {restart}) ---", now().0);
         let stderr = log.try_clone().map_err(|e| format!("opening {}: {e}", path.display()))?;
@@ -560,8 +569,11 @@ impl Kubelet {
     /// (new Pods to run, processes to stop) and returns the API calls to make.
     fn plan(&self, sets: &[StatefulSet], pods: &[Pod]) -> Plan {
         let mut plan = Plan::default();
-        let live: HashMap<&str, &StatefulSet> =
-            sets.iter().filter(|s| s.metadata.deletion_timestamp.is_none()).filter_map(|s| Some((s.metadata.uid.as_deref()?, s))).collect();
+        let live: HashMap<&str, &StatefulSet> = sets
+            .iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter_map(|s| Some((s.metadata.uid.as_deref()?, s)))
+            .collect();
         let listed: HashMap<&str, &Pod> = pods.iter().filter_map(|p| Some((p.metadata.name.as_deref()?, p))).collect();
         let mut state = self.shared.lock();
         let slots = &mut state.slots;
@@ -605,7 +617,9 @@ impl Kubelet {
                             self.say(format_args!("running pod {name} at {}", slot.ip));
                             slots.insert(name.to_owned(), slot);
                         }
-                        None => plan.complaints.push((format!("pod {name}"), "no free address left in the pool".into())),
+                        None => {
+                            plan.complaints.push((format!("pod {name}"), "no free address left in the pool".into()))
+                        }
                     },
                 },
                 other => excess.entry(sts_name).or_default().push((other.unwrap_or(i32::MAX), name, uid)),
@@ -634,8 +648,8 @@ impl Kubelet {
         for sts in sets.iter().filter(|s| s.metadata.deletion_timestamp.is_some()) {
             let waiting = sts.finalizers().iter().any(|f| f == FOREGROUND_DELETION);
             let uid = sts.metadata.uid.as_deref().unwrap_or_default();
-            let left =
-                pods.iter().any(|p| statefulset_owner(p).is_some_and(|o| o.uid == uid)) || slots.values().any(|s| s.owner_uid == uid);
+            let left = pods.iter().any(|p| statefulset_owner(p).is_some_and(|o| o.uid == uid))
+                || slots.values().any(|s| s.owner_uid == uid);
             if waiting && !left {
                 plan.release.push(sts.clone());
             }
@@ -776,7 +790,9 @@ impl Kubelet {
                 if state.stopped {
                     return;
                 }
-                let Some(slot) = state.slots.get_mut(&name).filter(|s| s.uid == uid && s.stopping.is_none() && s.process.is_none()) else {
+                let Some(slot) =
+                    state.slots.get_mut(&name).filter(|s| s.uid == uid && s.stopping.is_none() && s.process.is_none())
+                else {
                     continue;
                 };
                 let outcome = launch.and_then(|launch| slot.start(&shared, launch));
@@ -839,30 +855,48 @@ impl Kubelet {
             };
         }
         if let Some(sel) = &source.secret_key_ref {
-            let secret = self.secrets.get_opt(&sel.name).await.map_err(|e| format!("reading secret {:?}: {e}", sel.name))?;
-            let value = secret.as_ref().and_then(|s| s.data.as_ref()?.get(&sel.key)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+            let secret =
+                self.secrets.get_opt(&sel.name).await.map_err(|e| format!("reading secret {:?}: {e}", sel.name))?;
+            let value = secret
+                .as_ref()
+                .and_then(|s| s.data.as_ref()?.get(&sel.key))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned());
             return match (value, secret.is_some()) {
                 (Some(v), _) => Ok(Some(v)),
                 (None, _) if sel.optional == Some(true) => Ok(None),
-                (None, true) => Err(format!("couldn't find key {} in Secret {}/{}", sel.key, self.shared.namespace, sel.name)),
+                (None, true) => {
+                    Err(format!("couldn't find key {} in Secret {}/{}", sel.key, self.shared.namespace, sel.name))
+                }
                 (None, false) => Err(format!("secret {:?} not found", sel.name)),
             };
         }
         if let Some(sel) = &source.config_map_key_ref {
-            let map = self.config_maps.get_opt(&sel.name).await.map_err(|e| format!("reading configmap {:?}: {e}", sel.name))?;
+            let map = self
+                .config_maps
+                .get_opt(&sel.name)
+                .await
+                .map_err(|e| format!("reading configmap {:?}: {e}", sel.name))?;
             let value = map.as_ref().and_then(|m| m.data.as_ref()?.get(&sel.key)).cloned();
             return match (value, map.is_some()) {
                 (Some(v), _) => Ok(Some(v)),
                 (None, _) if sel.optional == Some(true) => Ok(None),
-                (None, true) => Err(format!("couldn't find key {} in ConfigMap {}/{}", sel.key, self.shared.namespace, sel.name)),
+                (None, true) => {
+                    Err(format!("couldn't find key {} in ConfigMap {}/{}", sel.key, self.shared.namespace, sel.name))
+                }
                 (None, false) => Err(format!("configmap {:?} not found", sel.name)),
             };
         }
-        Err("this valueFrom is not simulated by the stand-in kubelet (fieldRef, secretKeyRef and configMapKeyRef are)".into())
+        Err("this valueFrom is not simulated by the stand-in kubelet (fieldRef, secretKeyRef and configMapKeyRef are)"
+            .into())
     }
 
     /// The container's mounts as (mount path, host directory), creating the directories.
-    async fn mount_volumes(&self, pod: &Pod, spec: &PodSpec, container: &Container) -> Result<Vec<(String, PathBuf)>, String> {
+    async fn mount_volumes(
+        &self,
+        pod: &Pod,
+        spec: &PodSpec,
+        container: &Container,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
         let uid = pod.metadata.uid.as_deref().unwrap_or_default();
         let mut mounts = Vec::new();
         for mount in container.volume_mounts.iter().flatten() {
@@ -890,8 +924,9 @@ impl Kubelet {
                     None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
                 };
                 for (key, path) in files {
-                    let bytes =
-                        data.get(&key).ok_or_else(|| format!("couldn't find key {key} in Secret {name} (volume {:?})", volume.name))?;
+                    let bytes = data.get(&key).ok_or_else(|| {
+                        format!("couldn't find key {key} in Secret {name} (volume {:?})", volume.name)
+                    })?;
                     let file = dir.join(&path);
                     if let Some(parent) = file.parent() {
                         fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
@@ -928,7 +963,9 @@ impl Kubelet {
                     continue;
                 }
                 match readiness_probe(&slot.pod, &slot.ip) {
-                    Some(target) if process.since.elapsed() >= target.initial_delay => targets.push((name.clone(), process.since, target)),
+                    Some(target) if process.since.elapsed() >= target.initial_delay => {
+                        targets.push((name.clone(), process.since, target))
+                    }
                     Some(_) => {}
                     None => slot.set_ready(true),
                 }
@@ -998,14 +1035,17 @@ impl Kubelet {
             let min_ready = sts.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0).max(0);
             let mine: Vec<&Pod> = pods
                 .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none() && statefulset_owner(p).is_some_and(|o| o.uid == uid))
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none() && statefulset_owner(p).is_some_and(|o| o.uid == uid)
+                })
                 .collect();
             let replicas = i32::try_from(mine.len()).unwrap_or(i32::MAX);
             let ready_since: Vec<Option<&Time>> = mine.iter().map(|p| ready_condition_since(p)).collect();
             let ready = i32::try_from(ready_since.iter().filter(|r| r.is_some()).count()).unwrap_or(i32::MAX);
             let horizon = k8s_openapi::jiff::SignedDuration::from_secs(i64::from(min_ready));
             let now = now();
-            let available = ready_since.iter().flatten().filter(|t| t.0.checked_add(horizon).is_ok_and(|at| at <= now.0)).count();
+            let available =
+                ready_since.iter().flatten().filter(|t| t.0.checked_add(horizon).is_ok_and(|at| at <= now.0)).count();
             let available = i32::try_from(available).unwrap_or(i32::MAX);
             let generation = sts.metadata.generation.unwrap_or(0);
             let current = sts.status.as_ref();
@@ -1196,12 +1236,15 @@ fn readiness_probe(pod: &Pod, ip: &str) -> Option<ProbeTarget> {
     let get = probe.http_get.as_ref()?;
     let port = match &get.port {
         IntOrString::Int(p) => *p,
-        IntOrString::String(name) => container.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name.as_str()))?.container_port,
+        IntOrString::String(name) => {
+            container.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name.as_str()))?.container_port
+        }
     };
     let host = get.host.as_deref().filter(|h| !h.is_empty()).unwrap_or(ip);
     let path = get.path.as_deref().unwrap_or("/");
     let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
-    let secs = |v: Option<i32>, default: i32| Duration::from_secs(u64::from(v.unwrap_or(default).max(0).unsigned_abs()));
+    let secs =
+        |v: Option<i32>, default: i32| Duration::from_secs(u64::from(v.unwrap_or(default).max(0).unsigned_abs()));
     Some(ProbeTarget {
         url: format!("http://{host}:{port}{path}"),
         timeout: secs(probe.timeout_seconds, 1).max(Duration::from_millis(100)),
@@ -1280,7 +1323,12 @@ fn write_atomically(path: &Path, content: &str) -> std::io::Result<()> {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn now() -> Time {

@@ -27,8 +27,10 @@ pub fn operator_binary() -> PathBuf {
     }
     let root = workspace_root();
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let built =
-        Command::new(env!("CARGO")).args(["build", "-q", "-p", "kvs-operator", "--bin", "kvs-operator"]).current_dir(&root).status();
+    let built = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "kvs-operator", "--bin", "kvs-operator"])
+        .current_dir(&root)
+        .status();
     assert!(built.is_ok_and(|s| s.success()), "building kvs-operator failed");
     target.join("debug").join("kvs-operator")
 }
@@ -106,7 +108,10 @@ pub async fn wait_pod_back(pods: &Api<Pod>, pod: &str, before: &(String, i32)) {
 
 /// `ip:8080` of every pod of cluster `name` that has an IP.
 pub async fn pod_addresses(pods: &Api<Pod>, name: &str) -> Vec<String> {
-    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))).await.expect("listing pods");
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
+        .await
+        .expect("listing pods");
     list.items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).map(|ip| format!("{ip}:8080")).collect()
 }
 

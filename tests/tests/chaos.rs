@@ -12,7 +12,11 @@ async fn check(network: Network, seed: u64, seconds: f64) {
     assert_eq!(summary.lost, 0, "lost writes:\n{}", summary.table());
     assert_eq!(summary.causal_violations, 0, "causal violations:\n{}", summary.table());
     assert!(summary.convergence_ms.is_some(), "replicas converged after healing");
-    assert!(summary.faults.get("K change").is_some_and(|&n| n >= 1), "the run changed K for real:\n{}", summary.table());
+    assert!(
+        summary.faults.get("K change").is_some_and(|&n| n >= 1),
+        "the run changed K for real:\n{}",
+        summary.table()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,7 +55,12 @@ fn adopt_existing_crd(release: &str, ns: &str) {
 
 /// The operator's command line, environment and ServiceAccount as the installed Deployment gives
 /// them.
-async fn operator_from_deployment(client: &Client, ns: &str, name: &str, http: &str) -> (Vec<String>, Vec<(String, String)>, String) {
+async fn operator_from_deployment(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    http: &str,
+) -> (Vec<String>, Vec<(String, String)>, String) {
     let deployment: Deployment = Api::namespaced(client.clone(), ns).get(name).await.unwrap();
     let pod = deployment.spec.unwrap().template.spec.unwrap();
     let account = pod.service_account_name.clone().expect("the Deployment runs under the chart's ServiceAccount");
@@ -89,7 +94,10 @@ fn assert_least_privilege(authorizer: &RbacProxy) {
         &[("events.k8s.io", "events", "patch", "kube's Recorder patches an Event only when the same one repeats")];
     let decisions = authorizer.decisions();
     let denied: Vec<&Target> = decisions.iter().filter(|d| !d.allowed).map(|d| &d.target).collect();
-    assert!(denied.is_empty(), "the chart's RBAC denied the operator (add to operator/src/rbac.rs and the chart): {denied:#?}");
+    assert!(
+        denied.is_empty(),
+        "the chart's RBAC denied the operator (add to operator/src/rbac.rs and the chart): {denied:#?}"
+    );
     let used: BTreeSet<(String, String, String)> = decisions
         .iter()
         .filter_map(|d| match &d.target {
@@ -101,9 +109,14 @@ fn assert_least_privilege(authorizer: &RbacProxy) {
         .granted()
         .into_iter()
         .filter(|g| !used.contains(g))
-        .filter(|(g, r, v)| !NOT_ALWAYS_USED.iter().any(|&(eg, er, ev, _)| (g.as_str(), r.as_str(), v.as_str()) == (eg, er, ev)))
+        .filter(|(g, r, v)| {
+            !NOT_ALWAYS_USED.iter().any(|&(eg, er, ev, _)| (g.as_str(), r.as_str(), v.as_str()) == (eg, er, ev))
+        })
         .collect();
-    assert!(unused.is_empty(), "the chart grants what the operator never asked for (remove it from operator/src/rbac.rs): {unused:#?}");
+    assert!(
+        unused.is_empty(),
+        "the chart grants what the operator never asked for (remove it from operator/src/rbac.rs): {unused:#?}"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +152,8 @@ async fn helm_install_then_create_scale_and_uninstall() {
     })
     .await;
     assert_eq!(ready, "ready (leader)");
-    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.64.".into() };
+    let opts =
+        KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.64.".into() };
     let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
@@ -158,7 +172,10 @@ async fn helm_install_then_create_scale_and_uninstall() {
     wait_running(&ns, "demo", 2, 1, "2 nodes, 1 partition").await;
     let sts: StatefulSet = Api::namespaced(client.clone(), &ns).get("demo").await.unwrap();
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
-    eventually("the removed pods are gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 2).then_some(()) }).await;
+    eventually("the removed pods are gone", STEP, || async {
+        (pod_addresses(&pods, "demo").await.len() == 2).then_some(())
+    })
+    .await;
     assert_keys(&pods, "demo", KEYS, "after kubectl scale --replicas=2").await;
     let metrics = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"kvs_operator_view_changes_total{result="ok"}"#), "{metrics}");

@@ -67,7 +67,10 @@ async fn create_token(client: &Client, ns: &str) {
         "stringData": { "token": "not-so-secret" },
     }))
     .expect("a valid Secret");
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.expect("creating the Secret");
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating the Secret");
 }
 
 async fn start_kubelet(client: &Client, ns: &str, root: &std::path::Path, prefix: &str) -> StandInKubelet {
@@ -126,7 +129,8 @@ async fn t10_statefulset_pods_run_scale_crash_and_go() {
     // The StatefulSet's status says so.
     eventually("readyReplicas 2", WAIT, || async {
         let status = sets.get("demo").await.ok()?.status?;
-        (status.ready_replicas == Some(2) && status.replicas == 2 && status.observed_generation == Some(1)).then_some(())
+        (status.ready_replicas == Some(2) && status.replicas == 2 && status.observed_generation == Some(1))
+            .then_some(())
     })
     .await;
 

@@ -22,7 +22,8 @@ use kvs_api::ClusterStatus;
 use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
 use kvs_e2e::kvsc::{
-    OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, pod_incarnation, wait_pod_back, wait_running, workspace_root, write_keys,
+    OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, pod_incarnation, wait_pod_back, wait_running,
+    workspace_root, write_keys,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -52,12 +53,14 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     let crd = workspace_root().join("crds/kvstorecluster.yaml");
     kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
     kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
-    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.63.".into() };
+    let opts =
+        KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.63.".into() };
     let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
-    let args: Vec<String> = ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", "127.0.0.1:18181"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> =
+        ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", "127.0.0.1:18181"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let _operator = OperatorProcess::start(&args, &[], &root.path().join("operator.log"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
@@ -67,14 +70,18 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     let c = wait_running(&ns, "demo", 4, 2, "4 nodes, 2 partitions, Available").await;
     assert_eq!(c["status"]["selector"], "app.kubernetes.io/instance=demo,app.kubernetes.io/name=kvstore");
     let table = kubectl(&["-n", &ns, "get", "kvsc", "demo"]);
-    assert!(table.contains("PARTITIONS") && table.contains("Running"), "kubectl get shows the printer columns:\n{table}");
+    assert!(
+        table.contains("PARTITIONS") && table.contains("Running"),
+        "kubectl get shows the printer columns:\n{table}"
+    );
 
     // A deleted child is put back (the operator watches what it owns and re-applies it).
     kubectl(&["-n", &ns, "delete", "service/demo", "poddisruptionbudget/demo"]);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     eventually("the client Service and the budget put back", STEP, || async {
-        (services.get_opt("demo").await.unwrap().is_some() && budgets.get_opt("demo").await.unwrap().is_some()).then_some(())
+        (services.get_opt("demo").await.unwrap().is_some() && budgets.get_opt("demo").await.unwrap().is_some())
+            .then_some(())
     })
     .await;
 
@@ -99,10 +106,14 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
 
     // A scale-out reversed while under way converges to the newest spec, nothing lost.
     kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);
-    eventually("the scale-out to start", STEP, || async { (kvsc(&ns, "demo")["status"]["phase"] == "Rebalancing").then_some(()) }).await;
+    eventually("the scale-out to start", STEP, || async {
+        (kvsc(&ns, "demo")["status"]["phase"] == "Rebalancing").then_some(())
+    })
+    .await;
     kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":4}}"#]);
     wait_running(&ns, "demo", 4, 2, "back to 4 nodes, 2 partitions").await;
-    eventually("the extra pods gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 4).then_some(()) }).await;
+    eventually("the extra pods gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 4).then_some(()) })
+        .await;
     assert_keys(&pods, "demo", KEYS, "after a reversed scale-out").await;
 
     // kubectl patch to 6 replicas: 3 partitions, nothing lost.
@@ -123,16 +134,24 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
             while watching.load(Ordering::Relaxed) {
                 // The view as the nodes have it, then the pods that exist: a pod missing while
                 // the view (read before) still has it as a member would mean data went with it.
-                let Some(status) = node_status(&format!("{}:8080", kubelet_ip(&pods, "demo-0").await.unwrap_or_default()), &token).await
+                let Some(status) =
+                    node_status(&format!("{}:8080", kubelet_ip(&pods, "demo-0").await.unwrap_or_default()), &token)
+                        .await
                 else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let members: BTreeSet<String> = status.layout.map(|l| l.members().cloned().collect()).unwrap_or_default();
+                let members: BTreeSet<String> =
+                    status.layout.map(|l| l.members().cloned().collect()).unwrap_or_default();
                 let present: BTreeSet<String> = pods
                     .list(&ListParams::default().labels("app.kubernetes.io/instance=demo"))
                     .await
-                    .map(|l| l.items.iter().map(|p| format!("{}.demo-nodes.{ns}.svc.cluster.local:8080", p.name_any())).collect())
+                    .map(|l| {
+                        l.items
+                            .iter()
+                            .map(|p| format!("{}.demo-nodes.{ns}.svc.cluster.local:8080", p.name_any()))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 if !present.is_empty() && members.iter().any(|m| !present.contains(m)) {
                     eprintln!("pods {present:?} while the view still has {members:?}");
@@ -155,7 +174,8 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     assert!(!violation.load(Ordering::Relaxed), "a pod was removed while the view still held it");
     let sts: StatefulSet = Api::namespaced(client.clone(), &ns).get("demo").await.unwrap();
     assert_eq!(sts.spec.unwrap().replicas, Some(2));
-    eventually("pods 2..5 gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 2).then_some(()) }).await;
+    eventually("pods 2..5 gone", STEP, || async { (pod_addresses(&pods, "demo").await.len() == 2).then_some(()) })
+        .await;
     assert_keys(&pods, "demo", KEYS, "after scaling in to 2").await;
 
     // replicationFactor 2 -> 1 -> 2.
@@ -180,7 +200,8 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
         let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).get_opt("demo").await.unwrap();
         let secret = Api::<Secret>::namespaced(client.clone(), &ns).get_opt("demo-token").await.unwrap();
         let remaining = pod_addresses(&pods, "demo").await;
-        (sts.is_none() && svc.items.is_empty() && pdb.is_none() && secret.is_none() && remaining.is_empty()).then_some(())
+        (sts.is_none() && svc.items.is_empty() && pdb.is_none() && secret.is_none() && remaining.is_empty())
+            .then_some(())
     })
     .await;
     kubelet.stop().await;
@@ -202,11 +223,22 @@ async fn two_operators_elect_one_leader_and_the_standby_takes_over() {
     let ns = namespace.name().to_owned();
     let root = tempfile::tempdir().unwrap();
     let start = |identity: &str, http: &str| {
-        let args: Vec<String> =
-            ["run", "--namespace", &ns, "--lease-namespace", &ns, "--lease-seconds", "6", "--identity", identity, "--http-address", http]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let args: Vec<String> = [
+            "run",
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--lease-seconds",
+            "6",
+            "--identity",
+            identity,
+            "--http-address",
+            http,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         OperatorProcess::start(&args, &[], &root.path().join(format!("{identity}.log")))
     };
     let (http_a, http_b) = ("127.0.0.1:18191", "127.0.0.1:18192");

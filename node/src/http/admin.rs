@@ -41,7 +41,10 @@ async fn put_view(
 ) -> Result<Json<ViewChanged>, ApiError> {
     authorize(&node, &headers)?;
     let Json(req) = body.map_err(|e| {
-        ApiError::new(e.status(), format!("{}; send {{\"members\": [\"host:port\", ...], \"replication_factor\": K}}", e.body_text()))
+        ApiError::new(
+            e.status(),
+            format!("{}; send {{\"members\": [\"host:port\", ...], \"replication_factor\": K}}", e.body_text()),
+        )
     })?;
     Ok(Json(node.change_view(req.members, req.replication_factor).await?))
 }
@@ -51,13 +54,18 @@ async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Jso
     Ok(Json(node.cluster_status().await))
 }
 
-async fn update_view(State(node): State<Arc<Node>>, headers: HeaderMap, params: Params) -> Result<Json<Value>, ApiError> {
+async fn update_view(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    params: Params,
+) -> Result<Json<Value>, ApiError> {
     authorize(&node, &headers)?;
-    let kind =
-        params.get("type").ok_or_else(|| ApiError::bad_request("missing type: use update_view?type=add or update_view?type=remove"))?;
-    let target = params
-        .get("ip_port")
-        .ok_or_else(|| ApiError::bad_request("missing ip_port: send the node as the form field ip_port (e.g. ip_port=10.0.0.5:8080)"))?;
+    let kind = params
+        .get("type")
+        .ok_or_else(|| ApiError::bad_request("missing type: use update_view?type=add or update_view?type=remove"))?;
+    let target = params.get("ip_port").ok_or_else(|| {
+        ApiError::bad_request("missing ip_port: send the node as the form field ip_port (e.g. ip_port=10.0.0.5:8080)")
+    })?;
     let target = target.trim().to_owned();
     let view = node.require_view()?;
     let k = view.layout().replication_factor;
@@ -71,7 +79,9 @@ async fn update_view(State(node): State<Arc<Node>>, headers: HeaderMap, params: 
         "remove" => {
             members.retain(|m| *m != target);
             if members.is_empty() {
-                return Err(ApiError::bad_request(format!("{target} is the only member; a cluster cannot remove its last node")));
+                return Err(ApiError::bad_request(format!(
+                    "{target} is the only member; a cluster cannot remove its last node"
+                )));
             }
         }
         other => return Err(ApiError::bad_request(format!("type must be add or remove, not {other:?}"))),

@@ -42,12 +42,15 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let content_type = req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let content_type =
+            req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if !matches!(essence.as_str(), "" | "application/x-www-form-urlencoded" | "text/plain") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("the body is {essence}; send fields as application/x-www-form-urlencoded (val=...&causal_payload=...)"),
+                format!(
+                    "the body is {essence}; send fields as application/x-www-form-urlencoded (val=...&causal_payload=...)"
+                ),
             ));
         }
         let query = req.uri().query().unwrap_or("").to_owned();
@@ -73,7 +76,9 @@ pub fn parse_params(query: &[u8], body: &[u8]) -> Result<HashMap<String, String>
 fn check_key(key: &str) -> Result<(), ApiError> {
     let chars = key.chars().count();
     if chars == 0 || chars > MAX_HW4_KEY_CHARS {
-        return Err(ApiError::bad_request(format!("key must be 1 to {MAX_HW4_KEY_CHARS} characters long; it is {chars}")));
+        return Err(ApiError::bad_request(format!(
+            "key must be 1 to {MAX_HW4_KEY_CHARS} characters long; it is {chars}"
+        )));
     }
     if let Some(bad) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_')) {
         return Err(ApiError::bad_request(format!("key may contain only a-z, A-Z, 0-9 and _; {bad:?} is not allowed")));
@@ -132,7 +137,10 @@ async fn put_key(
     };
     let max = node.settings().max_value_bytes;
     if value.len() > max {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("val is {} bytes; the limit is {max} bytes", value.len())));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("val is {} bytes; the limit is {max} bytes", value.len()),
+        ));
     }
     let value = Bytes::copy_from_slice(value.as_bytes());
     write_answer(&node, &key, Some(value), params.causal_context()?, &headers).await
@@ -192,7 +200,10 @@ async fn get_partition_members(State(node): State<Arc<Node>>, params: Params) ->
         .ok_or_else(|| ApiError::bad_request("missing partition_id: send it as a form field (e.g. partition_id=0)"))?;
     let count = view.number_of_partitions();
     let id: u32 = raw.trim().parse().map_err(|_| {
-        ApiError::bad_request(format!("partition_id must be an integer from 0 to {}; got {raw:?}", count.saturating_sub(1)))
+        ApiError::bad_request(format!(
+            "partition_id must be an integer from 0 to {}; got {raw:?}",
+            count.saturating_sub(1)
+        ))
     })?;
     if id >= count {
         return Err(ApiError::new(

@@ -22,12 +22,14 @@ pub fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = node.settings().cluster_token.as_deref() else { return Ok(()) };
     match headers.get(HEADER_CLUSTER_TOKEN).map(|v| v.as_bytes()) {
         Some(given) if constant_time_eq(given, expected.as_bytes()) => Ok(()),
-        Some(_) => {
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, format!("the {HEADER_CLUSTER_TOKEN} header does not match this cluster's token")))
-        }
-        None => {
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, format!("this route needs the cluster token in the {HEADER_CLUSTER_TOKEN} header")))
-        }
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {HEADER_CLUSTER_TOKEN} header does not match this cluster's token"),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("this route needs the cluster token in the {HEADER_CLUSTER_TOKEN} header"),
+        )),
     }
 }
 
@@ -37,7 +39,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn rpc(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
-    let request: PeerRequest = postcard::from_bytes(&body).map_err(|e| ApiError::bad_request(format!("not a kvstore RPC message: {e}")))?;
+    let request: PeerRequest =
+        postcard::from_bytes(&body).map_err(|e| ApiError::bad_request(format!("not a kvstore RPC message: {e}")))?;
     let response = node.handle_rpc(request).await;
     let bytes = postcard::to_stdvec(&response).expect("serializing plain data into a Vec cannot fail");
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())

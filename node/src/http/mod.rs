@@ -73,24 +73,34 @@ pub(crate) fn min_copies_from(headers: &axum::http::HeaderMap) -> Result<u32, Ap
     use kvs_api::HEADER_MIN_REPLICAS;
     let Some(raw) = headers.get(HEADER_MIN_REPLICAS) else { return Ok(0) };
     raw.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()).ok_or_else(|| {
-        ApiError::bad_request(format!("the {HEADER_MIN_REPLICAS} header must be a whole number of copies (e.g. 2); got {raw:?}"))
+        ApiError::bad_request(format!(
+            "the {HEADER_MIN_REPLICAS} header must be a whole number of copies (e.g. 2); got {raw:?}"
+        ))
     })
 }
 
 /// The `kvs-replicas: copies/replicas` header of a write's answer.
-pub(crate) fn replicas_header(c: &crate::peers::Coordinated) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
+pub(crate) fn replicas_header(
+    c: &crate::peers::Coordinated,
+) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
     let d = c.durability?;
-    let value =
-        axum::http::HeaderValue::from_str(&format!("{}/{}", d.copies, d.replicas)).expect("digits and a slash are a valid header value");
+    let value = axum::http::HeaderValue::from_str(&format!("{}/{}", d.copies, d.replicas))
+        .expect("digits and a slash are a valid header value");
     Some((axum::http::HeaderName::from_static(kvs_api::HEADER_REPLICAS), value))
 }
 
 async fn no_such_route(req: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {} {}; see docs/api.md for the routes", req.method(), req.uri().path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {} {}; see docs/api.md for the routes", req.method(), req.uri().path()),
+    )
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{} is not supported on {}; see docs/api.md", req.method(), req.uri().path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not supported on {}; see docs/api.md", req.method(), req.uri().path()),
+    )
 }
 
 /// Counts and times every request by its route template (not the raw path: keys would explode the

@@ -21,10 +21,14 @@ pub fn routes() -> Router<Arc<Node>> {
 }
 
 fn key_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    let Path(key) =
-        path.map_err(|e| ApiError::bad_request(format!("invalid key in the path: {}; percent-encode keys as UTF-8", e.body_text())))?;
+    let Path(key) = path.map_err(|e| {
+        ApiError::bad_request(format!("invalid key in the path: {}; percent-encode keys as UTF-8", e.body_text()))
+    })?;
     if key.is_empty() || key.len() > MAX_NATIVE_KEY_BYTES {
-        return Err(ApiError::bad_request(format!("key must be 1 to {MAX_NATIVE_KEY_BYTES} bytes of UTF-8; it is {} bytes", key.len())));
+        return Err(ApiError::bad_request(format!(
+            "key must be 1 to {MAX_NATIVE_KEY_BYTES} bytes of UTF-8; it is {} bytes",
+            key.len()
+        )));
     }
     if key.chars().any(char::is_control) {
         return Err(ApiError::bad_request("key must not contain control characters"));
@@ -35,7 +39,9 @@ fn key_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErro
 fn context_from(headers: &HeaderMap) -> Result<VectorClock, ApiError> {
     let raw = match headers.get(HEADER_CAUSAL_CONTEXT) {
         None => "",
-        Some(v) => v.to_str().map_err(|_| ApiError::bad_request(format!("the {HEADER_CAUSAL_CONTEXT} header must be ASCII")))?,
+        Some(v) => v
+            .to_str()
+            .map_err(|_| ApiError::bad_request(format!("the {HEADER_CAUSAL_CONTEXT} header must be ASCII")))?,
     };
     Ok(VectorClock::from_payload(raw)?)
 }
@@ -60,7 +66,10 @@ async fn get_key(
     let c = node.read(&key, context.clone()).await?;
     let meta = meta_headers(super::context_after(context, &c), &c);
     match c.record.as_ref().and_then(|r| r.value.clone()) {
-        Some(value) => Ok((meta, [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], value).into_response()),
+        Some(value) => {
+            Ok((meta, [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], value)
+                .into_response())
+        }
         None => Ok((meta, ApiError::new(StatusCode::NOT_FOUND, format!("key {key:?} does not exist"))).into_response()),
     }
 }
@@ -74,10 +83,16 @@ async fn put_key(
     let key = key_from(path)?;
     let max = node.settings().max_value_bytes;
     let value = body.map_err(|e| {
-        ApiError::new(e.status(), format!("could not read the value: {}; values are limited to {max} bytes", e.body_text()))
+        ApiError::new(
+            e.status(),
+            format!("could not read the value: {}; values are limited to {max} bytes", e.body_text()),
+        )
     })?;
     if value.len() > max {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the value is {} bytes; the limit is {max} bytes", value.len())));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the value is {} bytes; the limit is {max} bytes", value.len()),
+        ));
     }
     write(&node, &key, Some(value), &headers).await
 }
@@ -108,5 +123,6 @@ async fn write(node: &Node, key: &str, value: Option<Bytes>, headers: &HeaderMap
     };
     let status = if is_put && c.changed_liveness { StatusCode::CREATED } else { StatusCode::OK };
     let replicas = super::replicas_header(&c);
-    Ok((status, meta_headers(causal_context, &c), replicas.into_iter().collect::<HeaderMap>(), Json(body)).into_response())
+    Ok((status, meta_headers(causal_context, &c), replicas.into_iter().collect::<HeaderMap>(), Json(body))
+        .into_response())
 }

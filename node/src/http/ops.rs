@@ -27,6 +27,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(node): State<Arc<Node>>) -> Result<&'static str, ApiError> {
     match node.view() {
         Some(_) => Ok("ready"),
-        None => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no view yet: this node waits to be added to a cluster")),
+        None => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no view yet: this node waits to be added to a cluster"))
+        }
     }
 }

@@ -63,8 +63,11 @@ impl Store for MemoryStore {
         let mut map = self.map();
         let mut removed = 0;
         for slot in slots {
-            let keys: Vec<_> =
-                map.range((slot, String::new())..).take_while(|((s, _), _)| *s == slot).map(|(k, r)| (k.clone(), r.is_deleted())).collect();
+            let keys: Vec<_> = map
+                .range((slot, String::new())..)
+                .take_while(|((s, _), _)| *s == slot)
+                .map(|(k, r)| (k.clone(), r.is_deleted()))
+                .collect();
             let dead = keys.iter().filter(|(_, d)| *d).count() as i64;
             for (k, _) in &keys {
                 map.remove(k);

@@ -77,7 +77,9 @@ fn run(ops: Vec<Op>, durable: bool) -> Result<(), TestCaseError> {
             }
         }
     }
-    let open = || if durable { Either::Redb(RedbStore::open(dir.path()).unwrap()) } else { Either::Memory(MemoryStore::new()) };
+    let open = || {
+        if durable { Either::Redb(RedbStore::open(dir.path()).unwrap()) } else { Either::Memory(MemoryStore::new()) }
+    };
     let mut store = open();
     let mut model: BTreeMap<String, Record> = BTreeMap::new();
     for op in ops {

@@ -84,9 +84,12 @@ fn db_key(key: &str) -> Vec<u8> {
 }
 
 fn decode(db_key: &[u8], bytes: &[u8]) -> Result<(String, Record), StoreError> {
-    let key = String::from_utf8(db_key[2..].to_vec())
-        .map_err(|_| StoreError::Corrupt { key: String::from_utf8_lossy(&db_key[2..]).into_owned(), reason: "key is not UTF-8".into() })?;
-    let record = postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+    let key = String::from_utf8(db_key[2..].to_vec()).map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(&db_key[2..]).into_owned(),
+        reason: "key is not UTF-8".into(),
+    })?;
+    let record =
+        postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
     Ok((key, record))
 }
 
@@ -147,7 +150,10 @@ impl RedbStore {
             wal,
             last_checkpoint: Instant::now(),
         };
-        let writer = std::thread::Builder::new().name("kvs-store-writer".into()).spawn(move || writer.run(queue)).map_err(engine)?;
+        let writer = std::thread::Builder::new()
+            .name("kvs-store-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(engine)?;
         Ok(RedbStore { db, jobs: Some(jobs), writer: Some(writer), digests, max_ts, counts })
     }
 
@@ -213,7 +219,10 @@ impl Store for RedbStore {
     }
 
     fn commit_counts(&self) -> CommitCounts {
-        CommitCounts { commits: self.counts[0].load(Ordering::Relaxed), records: self.counts[1].load(Ordering::Relaxed) }
+        CommitCounts {
+            commits: self.counts[0].load(Ordering::Relaxed),
+            records: self.counts[1].load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -267,7 +276,8 @@ impl Writer {
     }
 
     fn checkpoint_if_due(&mut self) {
-        let due = self.wal.len() >= CHECKPOINT_BYTES || (!self.wal.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
+        let due = self.wal.len() >= CHECKPOINT_BYTES
+            || (!self.wal.is_empty() && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL);
         if due && let Err(e) = self.checkpoint() {
             tracing::error!(error = %e, "checkpoint failed; the log keeps every record and will be retried");
         }
@@ -276,7 +286,10 @@ impl Writer {
     /// Makes every committed transaction durable in the B-tree, then empties the log.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(engine)?;
-        txn.open_table(META).map_err(engine)?.insert(META_MAX_TS, self.max_ts.load(Ordering::Acquire)).map_err(engine)?;
+        txn.open_table(META)
+            .map_err(engine)?
+            .insert(META_MAX_TS, self.max_ts.load(Ordering::Acquire))
+            .map_err(engine)?;
         txn.commit().map_err(engine)?;
         self.wal.truncate().map_err(engine)?;
         self.last_checkpoint = Instant::now();

@@ -42,7 +42,10 @@ impl Wal {
     }
 
     /// Appends the records and waits until they are on disk.
-    pub fn append_durable<'a>(&mut self, records: impl IntoIterator<Item = (&'a str, &'a Record)>) -> std::io::Result<()> {
+    pub fn append_durable<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (&'a str, &'a Record)>,
+    ) -> std::io::Result<()> {
         let mut buf = Vec::new();
         for (key, record) in records {
             let payload = postcard::to_stdvec(&(key, record)).map_err(std::io::Error::other)?;
@@ -124,7 +127,11 @@ mod tests {
     use crate::causal::{VectorClock, Version};
 
     fn rec(ts: u64) -> Record {
-        Record { version: Version { ts, writer: "n".into() }, clock: VectorClock::new(), value: Some(bytes::Bytes::from_static(b"v")) }
+        Record {
+            version: Version { ts, writer: "n".into() },
+            clock: VectorClock::new(),
+            value: Some(bytes::Bytes::from_static(b"v")),
+        }
     }
 
     #[test]
@@ -143,7 +150,10 @@ mod tests {
         f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
         drop(f);
         let (mut wal, records) = Wal::open(&path).unwrap();
-        assert_eq!(records.iter().map(|(k, r)| (k.as_str(), r.version.ts)).collect::<Vec<_>>(), [("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(
+            records.iter().map(|(k, r)| (k.as_str(), r.version.ts)).collect::<Vec<_>>(),
+            [("a", 1), ("b", 2), ("c", 3)]
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), intact, "the torn tail is cut off");
         wal.truncate().unwrap();
         assert!(Wal::open(&path).unwrap().1.is_empty());

@@ -46,7 +46,8 @@ impl NodeProc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill runs");
+        let status =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill runs");
         assert!(status.success(), "kill -{sig} failed");
     }
 
@@ -120,7 +121,8 @@ impl Cluster {
         for a in &addrs {
             let mut env = vec![("K".to_owned(), k.to_string()), ("VIEW".to_owned(), view.clone())];
             env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            let mut node = NodeProc { addr: a.clone(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
+            let mut node =
+                NodeProc { addr: a.clone(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
             node.spawn();
             nodes.push(node);
         }
@@ -133,7 +135,8 @@ impl Cluster {
     /// Starts one more node at `addr` with `K` but without `VIEW`: it waits to be added.
     pub async fn spawn_joiner(&mut self, addr: &str, k: u32) {
         let env = vec![("K".to_owned(), k.to_string())];
-        let mut node = NodeProc { addr: addr.to_owned(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
+        let mut node =
+            NodeProc { addr: addr.to_owned(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
         node.spawn();
         wait_healthy(addr).await;
         self.nodes.push(node);
@@ -157,16 +160,29 @@ impl Cluster {
         let ids = hw4(&self.http, "GET", via, "get_all_partition_ids", &[]).await.1;
         let mut out = Vec::new();
         for id in ids["partition_id_list"].as_array().expect("partition_id_list").iter() {
-            let (_, m) = hw4(&self.http, "GET", via, "get_partition_members", &[("partition_id", &id.to_string())]).await;
-            out.push(m["partition_members"].as_array().expect("members").iter().map(|v| v.as_str().unwrap().to_owned()).collect());
+            let (_, m) =
+                hw4(&self.http, "GET", via, "get_partition_members", &[("partition_id", &id.to_string())]).await;
+            out.push(
+                m["partition_members"]
+                    .as_array()
+                    .expect("members")
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect(),
+            );
         }
         out
     }
 
     /// The value of a Prometheus metric line starting with `prefix` on `node`.
     pub async fn metric(&self, node: &str, prefix: &str) -> f64 {
-        let text = self.http.get(format!("http://{node}/metrics")).send().await.expect("metrics").text().await.expect("text");
-        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        let text =
+            self.http.get(format!("http://{node}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 }
 

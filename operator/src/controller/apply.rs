@@ -59,8 +59,10 @@ impl KubeBackend {
         apply(&budgets, &build::disruption_budget(cluster)).await?;
         let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
         let existing = statefulsets.get_opt(&name).await?;
-        let initial = existing.as_ref().and_then(InitialView::of).unwrap_or_else(|| InitialView::for_new_cluster(cluster, spec));
-        let replicas = existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).map_or(spec.replicas, |r| r.max(0) as u32);
+        let initial =
+            existing.as_ref().and_then(InitialView::of).unwrap_or_else(|| InitialView::for_new_cluster(cluster, spec));
+        let replicas =
+            existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).map_or(spec.replicas, |r| r.max(0) as u32);
         apply(&statefulsets, &build::stateful_set(cluster, replicas, &initial)).await?;
         let pods = Api::namespaced(client.clone(), &namespace);
         Ok(KubeBackend { cluster: cluster.clone(), name, namespace, statefulsets, pods, initial, replicas })
@@ -96,7 +98,9 @@ pub fn node_pod(cluster: &str, namespace: &str, pod: &KubePod) -> Option<Pod> {
     let status = pod.status.as_ref();
     let address = status.and_then(|s| s.pod_ip.as_ref()).map_or_else(|| identity.clone(), |ip| format!("{ip}:{PORT}"));
     let ready = pod.metadata.deletion_timestamp.is_none()
-        && status.and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     Some(Pod { ordinal, identity, address, ready })
 }
 
@@ -146,7 +150,9 @@ pub async fn delete_children(client: &Client, cluster: &KVStoreCluster) -> kube:
     ignore_missing(services.delete(&name, &dp).await)?;
     ignore_missing(services.delete(&build::headless_name(&name), &dp).await)?;
     ignore_missing(Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace).delete(&name, &dp).await)?;
-    ignore_missing(Api::<Secret>::namespaced(client.clone(), &namespace).delete(&build::token_secret_name(&name), &dp).await)?;
+    ignore_missing(
+        Api::<Secret>::namespaced(client.clone(), &namespace).delete(&build::token_secret_name(&name), &dp).await,
+    )?;
     Ok(())
 }
 

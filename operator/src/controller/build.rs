@@ -19,10 +19,10 @@ use super::validate::Validated;
 use crate::crd::KVStoreCluster;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    Secret, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
+    ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -131,7 +131,12 @@ fn meta(c: &KVStoreCluster, name: String) -> ObjectMeta {
 }
 
 fn port() -> ServicePort {
-    ServicePort { name: Some("http".into()), port: PORT, target_port: Some(IntOrString::Int(PORT)), ..Default::default() }
+    ServicePort {
+        name: Some("http".into()),
+        port: PORT,
+        target_port: Some(IntOrString::Int(PORT)),
+        ..Default::default()
+    }
 }
 
 /// Headless Service: gives every pod a stable DNS name, ready or not (nodes must reach a pod that
@@ -154,7 +159,11 @@ pub fn headless_service(c: &KVStoreCluster) -> Service {
 pub fn client_service(c: &KVStoreCluster) -> Service {
     Service {
         metadata: meta(c, name_of(c)),
-        spec: Some(ServiceSpec { selector: Some(selector_labels(&name_of(c))), ports: Some(vec![port()]), ..Default::default() }),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&name_of(c))),
+            ports: Some(vec![port()]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -180,7 +189,10 @@ fn spread_over_nodes(cluster: &str) -> Affinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
                 weight: 100,
                 pod_affinity_term: PodAffinityTerm {
-                    label_selector: Some(LabelSelector { match_labels: Some(selector_labels(cluster)), ..Default::default() }),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(cluster)),
+                        ..Default::default()
+                    }),
                     topology_key: "kubernetes.io/hostname".into(),
                     ..Default::default()
                 },
@@ -225,7 +237,11 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         EnvVar {
             name: "KVS_CLUSTER_TOKEN".into(),
             value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector { name: token_secret_name(&name), key: TOKEN_KEY.into(), optional: None }),
+                secret_key_ref: Some(SecretKeySelector {
+                    name: token_secret_name(&name),
+                    key: TOKEN_KEY.into(),
+                    optional: None,
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -242,13 +258,22 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         ports: Some(vec![
             ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() },
             // The failure detector's heartbeats: UDP on the same port, between nodes only.
-            ContainerPort { name: Some("heartbeat".into()), container_port: PORT, protocol: Some("UDP".into()), ..Default::default() },
+            ContainerPort {
+                name: Some("heartbeat".into()),
+                container_port: PORT,
+                protocol: Some("UDP".into()),
+                ..Default::default()
+            },
         ]),
         env: Some(env_vars),
         // Ready = serving HTTP: a pod that is joining has no view yet and must still be reachable.
         readiness_probe: Some(probe("/healthz")),
         liveness_probe: Some(probe("/healthz")),
-        volume_mounts: Some(vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), ..Default::default() }]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..Default::default()
+        }]),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -337,8 +362,13 @@ mod tests {
         assert_eq!(spec.replicas, Some(4));
         assert_eq!(spec.service_name.as_deref(), Some("demo-nodes"));
         let container = &spec.template.spec.as_ref().unwrap().containers[0];
-        let env: BTreeMap<_, _> =
-            container.env.as_ref().unwrap().iter().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect();
+        let env: BTreeMap<_, _> = container
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect();
         assert_eq!(env["IPPORT"], "$(POD_NAME).demo-nodes.prod.svc.cluster.local:8080");
         assert_eq!(env["K"], "2");
         assert_eq!(env["VIEW"], view.join(","));
@@ -358,15 +388,24 @@ mod tests {
             (Some(true), Some(NODE_UID)),
             "the volume is writable to the node"
         );
-        assert_eq!(container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+        assert_eq!(
+            container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/healthz")
+        );
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
-        assert_eq!(claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "1Gi");
+        assert_eq!(
+            claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+            "1Gi"
+        );
         // Selector matches the pod labels; every child is owned by the cluster.
         let selector = spec.selector.match_labels.as_ref().unwrap();
         let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
         assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
         let owner = &sts.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("KVStoreCluster", "uid-1", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("KVStoreCluster", "uid-1", Some(true))
+        );
     }
 
     #[test]

@@ -141,7 +141,8 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
     let spec = match validate::validate(&cluster.spec) {
         Ok(spec) => spec,
         Err(invalid) => {
-            let already_said = cluster.status.as_ref().is_some_and(|s| s.phase == "Failed" && s.observed_generation == generation);
+            let already_said =
+                cluster.status.as_ref().is_some_and(|s| s.phase == "Failed" && s.observed_generation == generation);
             if !already_said {
                 publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
@@ -170,9 +171,25 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
         let outcome = task.outcome().await;
         ctx.metrics.count_view_change(outcome.is_ok());
         match outcome {
-            Ok(()) => publish(ctx, cluster, EventType::Normal, "ViewChanged", format!("data moved to a view of {description}")).await,
+            Ok(()) => {
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    "ViewChanged",
+                    format!("data moved to a view of {description}"),
+                )
+                .await
+            }
             Err(e) => {
-                publish(ctx, cluster, EventType::Warning, "ViewChangeFailed", format!("view change to {description} failed: {e:#}")).await
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Warning,
+                    "ViewChangeFailed",
+                    format!("view change to {description} failed: {e:#}"),
+                )
+                .await
             }
         }
     }
@@ -185,11 +202,25 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
             Step::ScaleStatefulSet { replicas } => {
                 backend.set_replicas(*replicas, &spec).await.map_err(Error::Observe)?;
                 let verb = if *replicas > sts_before { "adding pods" } else { "removing pods whose data has moved" };
-                publish(ctx, cluster, EventType::Normal, "Scaling", format!("StatefulSet {sts_before} → {replicas} pods ({verb})")).await;
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    "Scaling",
+                    format!("StatefulSet {sts_before} → {replicas} pods ({verb})"),
+                )
+                .await;
             }
             Step::ChangeView { primary, members, replication_factor } => {
                 let task = ViewChangeTask::start(admin.clone(), primary.clone(), members.clone(), *replication_factor);
-                publish(ctx, cluster, EventType::Normal, "ViewChange", format!("moving data to a view of {}", task.description)).await;
+                publish(
+                    ctx,
+                    cluster,
+                    EventType::Normal,
+                    "ViewChange",
+                    format!("moving data to a view of {}", task.description),
+                )
+                .await;
                 tracing::info!(cluster = %key(cluster), view = %task.description, "posting a view change");
                 lock(&ctx.changes).insert(key(cluster), task);
             }
@@ -244,14 +275,24 @@ async fn cleanup(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Erro
     }
     apply::delete_children(&ctx.client, cluster).await?;
     ctx.metrics.forget_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any());
-    publish(ctx, cluster, EventType::Normal, "Deleted", "deleted the StatefulSet, Services, budget and token (volumes are kept)".into())
-        .await;
+    publish(
+        ctx,
+        cluster,
+        EventType::Normal,
+        "Deleted",
+        "deleted the StatefulSet, Services, budget and token (volumes are kept)".into(),
+    )
+    .await;
     Ok(Action::await_change())
 }
 
 /// Runs the controller until `shutdown` completes: watches `KVStoreCluster`s (all namespaces, or
 /// `namespace`), the StatefulSets, Services and PodDisruptionBudgets they own, and their node pods.
-pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -264,7 +305,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, shutdown: impl std:
     let client = &ctx.client;
     // Only what the operator made: children of other controllers are none of its business.
     let ours = || watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator");
-    let node_pods = watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator,app.kubernetes.io/name=kvstore");
+    let node_pods =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator,app.kubernetes.io/name=kvstore");
     Controller::new(api::<KVStoreCluster>(client, namespace), watcher::Config::default())
         // A changed or deleted child is put back at once, not at the next periodic reconcile.
         .owns::<StatefulSet>(api(client, namespace), ours())

@@ -49,7 +49,8 @@ pub fn plan(replicas: u32, replication_factor: u32, sts_replicas: u32, pods: &[P
         return Step::ScaleStatefulSet { replicas };
     }
     let not_ready: Vec<u32> = desired.iter().copied().filter(|&o| identity(o).is_none_or(|p| !p.ready)).collect();
-    let wanted_identities: Vec<String> = desired.iter().filter_map(|&o| identity(o).map(|p| p.identity.clone())).collect();
+    let wanted_identities: Vec<String> =
+        desired.iter().filter_map(|&o| identity(o).map(|p| p.identity.clone())).collect();
     let view_matches = view.is_some_and(|v| {
         let mut have: Vec<&String> = v.members().collect();
         have.sort();
@@ -85,7 +86,12 @@ mod tests {
 
     fn pods(n: u32, ready: u32) -> Vec<Pod> {
         (0..n)
-            .map(|o| Pod { ordinal: o, identity: format!("kv-{o}:8080"), address: format!("10.0.0.{o}:8080"), ready: o < ready })
+            .map(|o| Pod {
+                ordinal: o,
+                identity: format!("kv-{o}:8080"),
+                address: format!("10.0.0.{o}:8080"),
+                ready: o < ready,
+            })
             .collect()
     }
 
@@ -105,7 +111,9 @@ mod tests {
         let view = layout(4, 2);
         assert_eq!(plan(6, 2, 4, &pods(4, 4), Some(&view)), Step::ScaleStatefulSet { replicas: 6 });
         assert_eq!(plan(6, 2, 6, &pods(6, 5), Some(&view)), Step::WaitForPods { ordinals: vec![5] });
-        let Step::ChangeView { primary, members, replication_factor } = plan(6, 2, 6, &pods(6, 6), Some(&view)) else { panic!() };
+        let Step::ChangeView { primary, members, replication_factor } = plan(6, 2, 6, &pods(6, 6), Some(&view)) else {
+            panic!()
+        };
         assert_eq!((primary.as_str(), members.len(), replication_factor), ("10.0.0.0:8080", 6, 2));
         assert_eq!(plan(6, 2, 6, &pods(6, 6), Some(&layout(6, 2))), Step::Done);
     }
@@ -121,7 +129,10 @@ mod tests {
 
     #[test]
     fn a_replication_factor_change_goes_through_the_view() {
-        let Step::ChangeView { replication_factor, members, .. } = plan(4, 1, 4, &pods(4, 4), Some(&layout(4, 2))) else { panic!() };
+        let Step::ChangeView { replication_factor, members, .. } = plan(4, 1, 4, &pods(4, 4), Some(&layout(4, 2)))
+        else {
+            panic!()
+        };
         assert_eq!((replication_factor, members.len()), (1, 4));
     }
 
@@ -143,8 +154,12 @@ mod tests {
         let Step::ChangeView { primary, .. } = plan(2, 2, 4, &pods(4, 4), Some(&layout(4, 2))) else { panic!() };
         assert_eq!(primary, "10.0.0.0:8080");
         // Pod 0 is not a member (it lost its volume and came back empty): a member drives.
-        let view =
-            Layout { epoch: 3, replication_factor: 1, partitions: (1..4).map(|o| vec![format!("kv-{o}:8080")]).collect(), proxies: vec![] };
+        let view = Layout {
+            epoch: 3,
+            replication_factor: 1,
+            partitions: (1..4).map(|o| vec![format!("kv-{o}:8080")]).collect(),
+            proxies: vec![],
+        };
         let Step::ChangeView { primary, members, .. } = plan(4, 1, 4, &pods(4, 4), Some(&view)) else { panic!() };
         assert_eq!((primary.as_str(), members.len()), ("10.0.0.1:8080", 4));
     }

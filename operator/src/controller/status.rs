@@ -41,15 +41,22 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     let available = match layout {
         None => cond("Available", false, "NoView", "no node reports a view yet".into()),
         Some(l) => match l.partitions.iter().position(|members| !members.iter().any(|m| ready(m))) {
-            Some(p) => cond("Available", false, "PartitionUnavailable", format!("no replica of partition {p} is ready")),
-            None => {
-                cond("Available", true, "AllPartitionsServing", format!("{} partitions, each with a ready replica", l.partitions.len()))
+            Some(p) => {
+                cond("Available", false, "PartitionUnavailable", format!("no replica of partition {p} is ready"))
             }
+            None => cond(
+                "Available",
+                true,
+                "AllPartitionsServing",
+                format!("{} partitions, each with a ready replica", l.partitions.len()),
+            ),
         },
     };
     let progressing = match o.activity {
         Activity::Invalid(msg) => cond("Progressing", false, "InvalidSpec", msg.clone()),
-        _ if moving => cond("Progressing", true, "MovingData", "a view change is moving keys to their new owners".into()),
+        _ if moving => {
+            cond("Progressing", true, "MovingData", "a view change is moving keys to their new owners".into())
+        }
         Activity::Step(Step::ScaleStatefulSet { replicas }) => {
             cond("Progressing", true, "ScalingPods", format!("setting the StatefulSet to {replicas} pods"))
         }
@@ -62,13 +69,18 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
             "MovingData",
             format!("changing the view to {} nodes at replicationFactor {replication_factor}", members.len()),
         ),
-        Activity::Step(Step::Done) | Activity::MovingData => cond("Progressing", false, "InSync", "the cluster matches the spec".into()),
+        Activity::Step(Step::Done) | Activity::MovingData => {
+            cond("Progressing", false, "InSync", "the cluster matches the spec".into())
+        }
     };
-    let not_ready: Vec<&str> = layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
+    let not_ready: Vec<&str> =
+        layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
     let degraded = match (o.activity, o.spec.and_then(|s| s.degraded.as_ref())) {
         (Activity::Invalid(msg), _) => cond("Degraded", true, "InvalidSpec", msg.clone()),
         (_, Some(msg)) => cond("Degraded", true, "TooFewReplicas", msg.clone()),
-        _ if !not_ready.is_empty() => cond("Degraded", true, "MembersNotReady", format!("members not ready: {}", not_ready.join(", "))),
+        _ if !not_ready.is_empty() => {
+            cond("Degraded", true, "MembersNotReady", format!("members not ready: {}", not_ready.join(", ")))
+        }
         _ => cond("Degraded", false, "AllMembersReady", "every member of the view is ready".into()),
     };
 
@@ -141,24 +153,47 @@ mod tests {
     use kvs_api::{Layout, RebalanceProgress};
 
     fn pods(n: u32, ready: u32) -> Vec<Pod> {
-        (0..n).map(|o| Pod { ordinal: o, identity: format!("kv-{o}"), address: format!("a{o}"), ready: o < ready }).collect()
+        (0..n)
+            .map(|o| Pod { ordinal: o, identity: format!("kv-{o}"), address: format!("a{o}"), ready: o < ready })
+            .collect()
     }
 
     fn nodes(members: u32, k: u32, pending: bool) -> ClusterStatus {
         let all: Vec<String> = (0..members).map(|o| format!("kv-{o}")).collect();
-        let partitions: Vec<Vec<String>> = all.chunks(k as usize).filter(|c| c.len() == k as usize).map(|c| c.to_vec()).collect();
+        let partitions: Vec<Vec<String>> =
+            all.chunks(k as usize).filter(|c| c.len() == k as usize).map(|c| c.to_vec()).collect();
         let proxies = all[partitions.len() * k as usize..].to_vec();
         ClusterStatus {
             node: "kv-0".into(),
             layout: Some(Layout { epoch: 7, replication_factor: k, partitions, proxies }),
             pending_epoch: pending.then_some(8),
             partitions: vec![],
-            rebalance: RebalanceProgress { epoch: 8, phase: "transfer".into(), moved_keys: 250, total_keys: 1000, ..Default::default() },
+            rebalance: RebalanceProgress {
+                epoch: 8,
+                phase: "transfer".into(),
+                moved_keys: 250,
+                total_keys: 1000,
+                ..Default::default()
+            },
         }
     }
 
-    fn observe<'a>(activity: &'a Activity, pods: &'a [Pod], nodes: Option<&'a ClusterStatus>, spec: &'a Validated) -> Observed<'a> {
-        Observed { generation: 3, spec: Some(spec), activity, pods, nodes, selector: "s".into(), now: "T1", previous: None }
+    fn observe<'a>(
+        activity: &'a Activity,
+        pods: &'a [Pod],
+        nodes: Option<&'a ClusterStatus>,
+        spec: &'a Validated,
+    ) -> Observed<'a> {
+        Observed {
+            generation: 3,
+            spec: Some(spec),
+            activity,
+            pods,
+            nodes,
+            selector: "s".into(),
+            now: "T1",
+            previous: None,
+        }
     }
 
     fn condition<'a>(s: &'a KVStoreClusterStatus, t: &str) -> &'a Condition {
@@ -171,7 +206,10 @@ mod tests {
     fn a_cluster_in_sync_is_running_and_available() {
         let (ps, ns) = (pods(5, 5), nodes(5, 2, false));
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
-        assert_eq!((s.phase.as_str(), s.partitions, s.proxies, s.view_epoch, s.ready_replicas), ("Running", 2, 1, 7, 5));
+        assert_eq!(
+            (s.phase.as_str(), s.partitions, s.proxies, s.view_epoch, s.ready_replicas),
+            ("Running", 2, 1, 7, 5)
+        );
         assert_eq!(condition(&s, "Available").status, "True");
         assert_eq!(condition(&s, "Progressing").reason, "InSync");
         assert_eq!(condition(&s, "Degraded").status, "False");
