@@ -4,12 +4,18 @@
 //! and benchmarks — so the JSON they exchange cannot drift apart. Internal node-to-node messages
 //! are not here: they are private to `kvs-node`.
 //!
+//! [`AdminClient`] speaks the admin API (status and view changes); [`KvClient`] the native key-value
+//! API; [`hw4`] holds the compatibility API's answers.
+//!
 //! Two client-facing APIs exist (see `docs/api.md`):
 //! - the native API, `/v1/kv/{key}`: raw value bodies, metadata in `Kvs-*` headers;
 //! - the compatibility ("HW4") API, `/kv-store/...`: form bodies in, JSON out.
 
+mod admin;
 mod client;
+pub mod hw4;
 
+pub use admin::{ADMIN_STATUS_PATH, ADMIN_VIEW_PATH, AdminClient};
 pub use client::{ClientError, KvClient, Stored};
 
 use serde::{Deserialize, Serialize};
@@ -86,25 +92,6 @@ impl Layout {
     }
 }
 
-/// HW4: answer to `GET /kv-store/<key>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hw4Get {
-    pub result: String,
-    pub value: String,
-    pub partition_id: i64,
-    pub causal_payload: String,
-    pub timestamp: u64,
-}
-
-/// HW4: answer to `PUT /kv-store/<key>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hw4Put {
-    pub result: String,
-    pub partition_id: i64,
-    pub causal_payload: String,
-    pub timestamp: u64,
-}
-
 /// Native admin API: `PUT /v1/admin/view` body — the whole desired membership and K.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewRequest {
@@ -114,13 +101,85 @@ pub struct ViewRequest {
     pub replication_factor: u32,
 }
 
+/// Where a view change is. The driving node (the primary receiver) goes `preparing`, `beginning`,
+/// `transferring`, `committing`, `pruning`, then `done` or `failed`; `idle` before any change. A
+/// source node reports its own part as `pending` (begun, not sending yet), `transferring`, `sent`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum RebalancePhase {
+    /// No change has run (or this node drove none).
+    #[default]
+    Idle,
+    /// Asking every node of the old and new views to promise the new epoch.
+    Preparing,
+    /// Installing the new layout as the pending view everywhere (dual-writes start).
+    Beginning,
+    /// Moving slots to their new owners.
+    Transferring,
+    /// Making the pending view the view everywhere.
+    Committing,
+    /// Dropping what nodes no longer own.
+    Pruning,
+    /// The last change completed.
+    Done,
+    /// The last change failed (`RebalanceProgress::error` says why; it can be retried).
+    Failed,
+    /// A source node: the change has begun, it has not been asked to send yet.
+    Pending,
+    /// A source node: everything it had to send was sent.
+    Sent,
+}
+
+impl RebalancePhase {
+    /// Every phase, in the order above (for documentation and tests).
+    pub const ALL: [RebalancePhase; 10] = [
+        RebalancePhase::Idle,
+        RebalancePhase::Preparing,
+        RebalancePhase::Beginning,
+        RebalancePhase::Transferring,
+        RebalancePhase::Committing,
+        RebalancePhase::Pruning,
+        RebalancePhase::Done,
+        RebalancePhase::Failed,
+        RebalancePhase::Pending,
+        RebalancePhase::Sent,
+    ];
+
+    /// The phase as it appears in JSON (`"transferring"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebalancePhase::Idle => "idle",
+            RebalancePhase::Preparing => "preparing",
+            RebalancePhase::Beginning => "beginning",
+            RebalancePhase::Transferring => "transferring",
+            RebalancePhase::Committing => "committing",
+            RebalancePhase::Pruning => "pruning",
+            RebalancePhase::Done => "done",
+            RebalancePhase::Failed => "failed",
+            RebalancePhase::Pending => "pending",
+            RebalancePhase::Sent => "sent",
+        }
+    }
+
+    /// Whether a change driven from here is under way (not idle, done or failed).
+    pub fn in_progress(self) -> bool {
+        !matches!(self, RebalancePhase::Idle | RebalancePhase::Done | RebalancePhase::Failed)
+    }
+}
+
+impl std::fmt::Display for RebalancePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Progress of a view change (data movement), as one node or the whole cluster sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebalanceProgress {
     /// The epoch being moved to (0 when none ever ran).
     pub epoch: u64,
-    /// `idle`, `preparing`, `transferring`, `committing`, `pruning`, `done` or `failed`.
-    pub phase: String,
+    pub phase: RebalancePhase,
     /// Records sent to new owners so far.
     pub moved_keys: u64,
     /// Bytes of values sent so far.
@@ -164,4 +223,17 @@ pub struct ViewChanged {
     /// False when the cluster already had this membership and K (nothing was done).
     pub changed: bool,
     pub moved_keys: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_serialize_as_their_names() {
+        for phase in RebalancePhase::ALL {
+            assert_eq!(serde_json::to_string(&phase).unwrap(), format!("\"{phase}\""));
+            assert_eq!(serde_json::from_str::<RebalancePhase>(&format!("\"{phase}\"")).unwrap(), phase);
+        }
+    }
 }

@@ -441,19 +441,13 @@ async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cluster_status(http: &reqwest::Client, node: &str) -> anyhow::Result<serde_json::Value> {
-    Ok(http.get(format!("http://{node}/v1/admin/status")).send().await?.error_for_status()?.json().await?)
-}
-
 /// Live keys of each partition (first member's count).
-fn partition_keys(status: &serde_json::Value) -> Vec<u64> {
-    status["partitions"]
-        .as_array()
-        .map_or_else(Vec::new, |ps| ps.iter().map(|p| p["live_keys"][0].as_u64().unwrap_or(0)).collect())
+fn partition_keys(status: &kvs_api::ClusterStatus) -> Vec<u64> {
+    status.partitions.iter().map(|p| p.live_keys.first().copied().flatten().unwrap_or(0)).collect()
 }
 
 async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+    let admin = kvs_api::AdminClient::default().with_change_timeout(Duration::from_secs(3600));
     let members = args.load.endpoints.clone();
     let primary = members[0].clone();
     let t = Instant::now();
@@ -466,27 +460,19 @@ async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
     );
     let with_new: Vec<String> = members.iter().cloned().chain([args.add.clone()]).collect();
     for (step, target) in [("add", with_new), ("remove", members.clone())] {
-        let before = cluster_status(&http, &primary).await?;
+        let before = admin.status(&primary).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let traffic = {
             let (a, stop) = (args.load.clone(), stop.clone());
             tokio::spawn(async move { measure(&a, stop).await })
         };
         let started = Instant::now();
-        let resp = http
-            .put(format!("http://{primary}/v1/admin/view"))
-            .json(&serde_json::json!({"members": target, "replication_factor": args.replication_factor}))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await?;
+        let changed = admin.change_view(&primary, target, args.replication_factor).await;
         let seconds = started.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         let during = traffic.await??;
-        if !status.is_success() {
-            bail!("{step} failed: {status} {body}");
-        }
-        let after = cluster_status(&http, &primary).await?;
+        let changed = changed.with_context(|| format!("{step} failed"))?;
+        let after = admin.status(&primary).await?;
         let (p_before, p_after) = (partition_keys(&before), partition_keys(&after));
         // Keys that changed partition: the new partition's keys on add, the removed one's on remove.
         let distinct_moved =
@@ -494,7 +480,7 @@ async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
                 .unwrap_or(0);
         let partitions = p_after.len().max(p_before.len()) as u64;
         let minimum = args.load.keys / partitions;
-        let copies = body["moved_keys"].as_u64().unwrap_or(0);
+        let copies = changed.moved_keys;
         println!(
             "{}",
             serde_json::json!({

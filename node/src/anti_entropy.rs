@@ -1,32 +1,41 @@
 //! Anti-entropy: replicas of a partition periodically compare what they store and repair each other,
 //! so a replica that missed writes (down, paused, cut off) converges without client help.
 //!
-//! One round, per peer replica, at most two round trips:
+//! One round, per peer replica, a two-level Merkle comparison:
 //! 1. send a summary (one hash over the partition's per-slot digests); equal summaries end it;
-//! 2. otherwise the peer answers with its per-slot digests, and for every slot that differs both
-//!    sides send their records of that slot; each applies the other's newest-wins.
+//! 2. otherwise the peer answers with one hash per bucket of [`BUCKET_SLOTS`] consecutive slots;
+//! 3. for the buckets that differ, ask for the peer's per-slot digests, and for every slot that
+//!    differs both sides send their records of that slot; each applies the other's newest-wins.
+//!
+//! A round in which a few keys changed therefore moves a few dozen hashes and those keys' slots,
+//! not one digest per slot of the partition.
 //!
 //! Invariant: a round only ever applies records through `Store::apply`, so it can never replace a
 //! newer version with an older one or resurrect a deleted key (tombstones are records too).
 
 use crate::node::Node;
-use crate::peers::{PeerRequest, PeerResponse};
 use crate::placement::{PartitionId, Slot};
+use crate::protocol::{PeerRequest, PeerResponse, Refusal};
 use crate::store::{Record, StoreError};
 use crate::view::View;
-use sha1::{Digest, Sha1};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
 /// Most slots exchanged in one `SyncSlots` request (bounds message size; the rest waits a round).
 const MAX_SLOTS_PER_SYNC: usize = 64;
+/// Consecutive slots (of a partition's, in slot order) summarised by one bucket hash.
+pub const BUCKET_SLOTS: usize = 128;
+/// Every this many rounds (5 s at the default interval), records of slots this node does not own
+/// are handed to their owners and dropped: writes that reached it while it was behind a view
+/// change (coordinated on its old view, or delivered late) would otherwise stay here for good.
+const CLEANUP_EVERY: u64 = 25;
 
 impl Node {
     /// This node's per-slot digests over `partition`'s slots, in slot order.
     fn slot_digests(&self, view: &View, partition: PartitionId) -> Vec<(Slot, u64)> {
         let digests = self.store.digests();
-        view.table().slots_of(partition).into_iter().map(|s| (s, digests.get(s))).collect()
+        view.table().slots_of(partition).iter().map(|&s| (s, digests.get(s))).collect()
     }
 
     /// One hash over this node's digests of its own partition (`None` for proxies).
@@ -69,17 +78,27 @@ impl Node {
         let deadline = self.settings.replica_deadline;
         let request = PeerRequest::DigestSummary { view_epoch: view.epoch(), partition, summary };
         let (stable, theirs) = match self.call_peer(peer, &request, deadline).await? {
-            PeerResponse::Summary { stable, digests: None } => {
+            PeerResponse::Summary { stable, buckets: None } => {
                 // Same data: we hold everything the peer coordinated up to its stable time.
                 self.freshness.synced(peer, stable);
                 return Ok(0);
             }
-            PeerResponse::Summary { stable, digests: Some(theirs) } => (stable, theirs),
+            PeerResponse::Summary { stable, buckets: Some(theirs) } => (stable, theirs),
             other => return Err(SyncError::Unexpected(format!("{other:?}"))),
         };
-        let theirs: HashMap<Slot, u64> = theirs.into_iter().collect();
+        // Level 2: the buckets that differ, then their slots' digests from the peer.
+        let candidates: Vec<Slot> = mine
+            .chunks(BUCKET_SLOTS)
+            .enumerate()
+            .filter(|(i, bucket)| theirs.get(*i).copied() != Some(summarize(bucket)))
+            .flat_map(|(_, bucket)| bucket.iter().map(|(s, _)| *s))
+            .collect();
+        let theirs = match self.call_peer(peer, &PeerRequest::SlotDigests { slots: candidates }, deadline).await? {
+            PeerResponse::Digests(d) => d.into_iter().collect::<HashMap<Slot, u64>>(),
+            other => return Err(SyncError::Unexpected(format!("{other:?}"))),
+        };
         let differing: Vec<Slot> =
-            mine.iter().filter(|(s, d)| theirs.get(s).copied().unwrap_or(0) != *d).map(|(s, _)| *s).collect();
+            mine.iter().filter(|(s, d)| theirs.get(s).is_some_and(|t| t != d)).map(|(s, _)| *s).collect();
         let mut repaired = 0;
         for slots in differing.chunks(MAX_SLOTS_PER_SYNC) {
             let records = self.scan_slots(slots)?;
@@ -100,13 +119,17 @@ impl Node {
     /// Step 1, answering side.
     pub(crate) fn answer_digest_summary(&self, view_epoch: u64, partition: PartitionId, summary: u64) -> PeerResponse {
         let Some(view) = self.view().filter(|v| v.epoch() == view_epoch) else {
-            return PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") };
+            return PeerResponse::Refused(Refusal::NotOnEpoch {
+                epoch: view_epoch,
+                mine: self.view().map(|v| v.epoch()),
+            });
         };
         // Stable first: every write at or below it is already in the digests taken next.
         let stable = self.freshness.stable(&self.hlc);
         let mine = self.slot_digests(&view, partition);
-        let digests = if summarize(&mine) == summary { None } else { Some(mine) };
-        PeerResponse::Summary { stable, digests }
+        let buckets =
+            if summarize(&mine) == summary { None } else { Some(mine.chunks(BUCKET_SLOTS).map(summarize).collect()) };
+        PeerResponse::Summary { stable, buckets }
     }
 
     /// Step 2, answering side: apply the initiator's records, send back ours that it lacks.
@@ -117,7 +140,8 @@ impl Node {
         records: Vec<(String, Record)>,
     ) -> Result<PeerResponse, StoreError> {
         if self.view().is_none_or(|v| v.epoch() != view_epoch) {
-            return Ok(PeerResponse::Refused { status: 409, msg: format!("not on view epoch {view_epoch}") });
+            let mine = self.view().map(|v| v.epoch());
+            return Ok(PeerResponse::Refused(Refusal::NotOnEpoch { epoch: view_epoch, mine }));
         }
         let theirs: HashMap<String, crate::causal::Version> =
             records.iter().map(|(k, r)| (k.clone(), r.version.clone())).collect();
@@ -134,18 +158,25 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let mut ticker = tokio::time::interval(node.settings.anti_entropy_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut rounds: u64 = 0;
     loop {
         tokio::select! {
+            biased;
             _ = &mut shutdown => return,
             _ = ticker.tick() => {}
         }
+        rounds += 1;
         // A round may wait on a slow peer: shutting down does not wait for it (a round applies
         // whole batches only, so stopping between them is safe).
         let round = async {
             node.gossip_view().await;
+            if rounds.is_multiple_of(CLEANUP_EVERY) {
+                node.clean_up_unowned().await;
+            }
             node.anti_entropy_round().await
         };
         tokio::select! {
+            biased;
             _ = &mut shutdown => return,
             repaired = round => {
                 if repaired > 0 {
@@ -157,6 +188,19 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
 }
 
 impl Node {
+    /// Hands records of slots this node does not own to their owners and drops them (when no
+    /// change is under way; a change prunes on its own).
+    async fn clean_up_unowned(&self) {
+        let Some(view) = self.view().filter(|_| self.pending().is_none()) else { return };
+        match self.prune_unowned(&view).await {
+            Ok(0) => {}
+            Ok(keys) => {
+                tracing::info!(keys, view_epoch = view.epoch(), "handed over and dropped records of unowned slots")
+            }
+            Err(e) => tracing::warn!(error = %e, "cleaning up unowned slots failed; will retry"),
+        }
+    }
+
     /// Asks one other member (round-robin) for its view and adopts it if it is newer: how a node
     /// that was down or paused during a view change catches up.
     async fn gossip_view(&self) {
@@ -166,7 +210,8 @@ impl Node {
         if others.is_empty() {
             return;
         }
-        let tick = self.metrics.gossip_rounds.get() as usize;
+        // The peer to ask rotates round-robin over the others.
+        let tick = self.gossip_cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.gossip_rounds.inc();
         let peer = &others[tick % others.len()];
         if let Ok(PeerResponse::Hello(info)) =
@@ -174,19 +219,22 @@ impl Node {
             && let Some(layout) = info.layout
             && layout.epoch > view.epoch()
         {
-            self.adopt_view(layout).await;
+            self.adopt_view(layout);
         }
     }
 }
 
-/// One hash over a partition's per-slot digests.
+/// One hash over a partition's per-slot digests. The digests are themselves SHA-1-derived, so a
+/// multiply-rotate mix of them (a few instructions per slot; it runs every round) keeps the
+/// summary as good as the digests without hashing them again; equal summaries only spare a round
+/// trip, and differing slots are always found by comparing the digests themselves.
 fn summarize(digests: &[(Slot, u64)]) -> u64 {
-    let mut h = Sha1::new();
-    for (slot, digest) in digests {
-        h.update(slot.to_be_bytes());
-        h.update(digest.to_be_bytes());
-    }
-    u64::from_be_bytes(h.finalize()[..8].try_into().expect("SHA-1 digests are 20 bytes"))
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    digests.iter().fold(digests.len() as u64, |acc, &(slot, digest)| {
+        let x = (u64::from(slot).wrapping_mul(K1) ^ digest).wrapping_mul(K2);
+        (acc ^ x.rotate_left(31)).wrapping_mul(K1).rotate_left(27)
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

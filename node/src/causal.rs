@@ -199,6 +199,22 @@ pub fn wall_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// Where a node reads wall-clock time (for HLC timestamps and forwarded-write expiry): the system
+/// clock in production, a simulated one in deterministic tests.
+pub trait Clock: Send + Sync + 'static {
+    /// Microseconds since the Unix epoch.
+    fn wall_micros(&self) -> u64;
+}
+
+/// The system's wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn wall_micros(&self) -> u64 {
+        wall_micros()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,8 @@
 
 use crate::liveness::Death;
 use crate::node::Node;
-use crate::peers::{PeerError, PeerRequest};
+use crate::peers::PeerError;
+use crate::protocol::PeerRequest;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -223,10 +224,20 @@ impl UdpLoop {
     }
 }
 
-/// The HTTP fallback: pings each watched peer whose heartbeats are missing over the peer
-/// transport every heartbeat interval (one outstanding per peer) until `shutdown` completes. Answers are proof of life; a failed
-/// connection is evidence of death; a slow answer is neither.
-pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+/// What the peer-transport heartbeats are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpHeartbeats {
+    /// UDP heartbeats run: ping only peers whose datagrams go unanswered; answers are "heard".
+    Fallback,
+    /// No UDP heartbeats (they could not start, or a simulated network): ping every peer, learn
+    /// its rhythm from the answers, and judge silence here.
+    Only,
+}
+
+/// Pings watched peers over the peer transport every heartbeat interval (one outstanding per
+/// peer) until `shutdown` completes. Answers are proof of life; a failed connection is evidence
+/// of death; a slow answer is neither.
+pub async fn run_http(node: Arc<Node>, mode: HttpHeartbeats, shutdown: impl Future<Output = ()>) {
     let mut ticker = tokio::time::interval(node.liveness.config().heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Peers with a ping outstanding. `std` mutex: held only to insert or remove.
@@ -234,18 +245,21 @@ pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = (
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            biased;
             _ = &mut shutdown => return,
             _ = ticker.tick() => {}
         }
-        for peer in node.peers_to_watch().into_iter().filter(|p| node.liveness.heartbeats_missing(p)) {
+        let peers = node.peers_to_watch();
+        for peer in peers.iter().filter(|p| mode == HttpHeartbeats::Only || node.liveness.heartbeats_missing(p)) {
             if !outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer.clone()) {
                 continue;
             }
-            let (node, outstanding) = (node.clone(), outstanding.clone());
+            let (node, outstanding, peer) = (node.clone(), outstanding.clone(), peer.clone());
             tokio::spawn(async move {
                 match node.peers.call(&peer, &PeerRequest::Ping, PING_LIMIT).await {
+                    Ok(_) if mode == HttpHeartbeats::Only => node.liveness.heartbeat(&peer),
                     // A refusal (say, a wrong cluster token) is an answer too.
-                    Ok(_) | Err(PeerError::Refused { .. }) => node.liveness.heard(&peer),
+                    Ok(_) | Err(PeerError::Refused { .. } | PeerError::Rejected { .. }) => node.liveness.heard(&peer),
                     Err(e @ PeerError::Unreachable { .. }) => {
                         node.liveness.connection_failed(&peer, Death::Refused, &e.to_string())
                     }
@@ -256,6 +270,9 @@ pub async fn run_http_fallback(node: Arc<Node>, shutdown: impl Future<Output = (
                 }
                 outstanding.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&peer);
             });
+        }
+        if mode == HttpHeartbeats::Only {
+            node.liveness.tick(&peers);
         }
     }
 }

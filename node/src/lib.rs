@@ -6,9 +6,12 @@
 //!   [`view`] (membership), [`freshness`] (what a replica provably holds), [`liveness`] (the
 //!   failure detector's state machine), [`admission`] (the client-request bound);
 //! - boundaries: [`store`] (storage engine behind a trait), [`peers`] (network behind a trait);
-//! - behaviour: [`node`] (state and entry points), [`replication`] (routing, forwarding,
-//!   replicating, causal reads), [`anti_entropy`] (replica repair), [`heartbeat`] (the failure
-//!   detector's heartbeats, off the request path), [`rebalance`] (view changes);
+//! - the protocol: [`protocol`] (every node-to-node message and refusal, typed);
+//! - state: [`node`] (views, clocks, store, liveness; calling a peer);
+//! - behaviour, each an `impl Node` over that state: [`ops`] (the client-operation path: route,
+//!   forward, coordinate, replicate), [`view_change`] (coordinator, participant, transfer, with
+//!   its decisions as pure state machines), [`anti_entropy`] (replica repair), [`heartbeat`]
+//!   (the failure detector's heartbeats, off the request path), `status`, `rpc` (answering peers);
 //! - surface: [`http`] (thin handlers), [`metrics`], [`config`].
 
 pub mod admission;
@@ -23,14 +26,18 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod node;
+pub mod ops;
 pub mod peers;
 pub mod placement;
-pub mod rebalance;
-pub mod replication;
+pub mod protocol;
+mod rpc;
+mod status;
 pub mod store;
 pub mod view;
+pub mod view_change;
 pub mod view_store;
 
+pub use heartbeat::HttpHeartbeats;
 use node::Node;
 use std::future::Future;
 use std::sync::Arc;
@@ -73,14 +80,6 @@ pub async fn run_with_limits(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|&s| s).await;
-        }
-    };
-    let background = tokio::spawn(anti_entropy::run(node.clone(), stopped()));
-    let http_heartbeats = tokio::spawn(heartbeat::run_http_fallback(node.clone(), stopped()));
     let udp_heartbeats = match listener
         .local_addr()
         .and_then(|addr| heartbeat::UdpHeartbeats::start(node.clone(), addr))
@@ -91,6 +90,11 @@ pub async fn run_with_limits(
             None
         }
     };
+    let mode = if udp_heartbeats.is_some() { HttpHeartbeats::Fallback } else { HttpHeartbeats::Only };
+    let background = tokio::spawn(run_background(node.clone(), mode, async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|&s| s).await;
+    }));
     let app = http::router(node);
     // Each connection holds a permit; a full server answers 503 instead of queueing forever.
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -98,6 +102,7 @@ pub async fn run_with_limits(
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
+            biased;
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -132,11 +137,30 @@ pub async fn run_with_limits(
     graceful.shutdown().await;
     let _ = stop_tx.send(true);
     let _ = background.await;
-    let _ = http_heartbeats.await;
     if let Some(h) = udp_heartbeats {
         tokio::task::spawn_blocking(move || h.stop()).await.ok();
     }
     Ok(())
+}
+
+/// Runs a node's background work — anti-entropy with view gossip, and heartbeats over the peer
+/// transport — until `shutdown` completes. [`run`] starts it beside the HTTP server; a simulated
+/// cluster runs it alone, calling nodes directly.
+pub async fn run_background(node: Arc<Node>, heartbeats: HttpHeartbeats, shutdown: impl Future<Output = ()> + Send) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|&s| s).await;
+        }
+    };
+    let repair = anti_entropy::run(node.clone(), stopped());
+    let beats = heartbeat::run_http(node, heartbeats, stopped());
+    let stop = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(repair, beats, stop);
 }
 
 /// Answers a connection over the limit with a 503 that says why, then closes it.

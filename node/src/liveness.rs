@@ -19,10 +19,12 @@
 //! [`Detector`] is the pure state machine (time is passed in); [`Liveness`] shares it between
 //! tasks and lets a call in flight give up on its peer the moment the peer is declared dead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock: real time in production, virtual (and deterministic) under a paused runtime.
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Why a peer is considered dead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,12 +110,13 @@ pub struct Transition {
 #[derive(Clone, Debug)]
 pub struct Detector {
     config: DetectorConfig,
-    peers: HashMap<String, Track>,
+    /// Ordered, so a tick reports (and wakes) in the same order on every run.
+    peers: BTreeMap<String, Track>,
 }
 
 impl Detector {
     pub fn new(config: DetectorConfig) -> Self {
-        Detector { config, peers: HashMap::new() }
+        Detector { config, peers: BTreeMap::new() }
     }
 
     pub fn config(&self) -> &DetectorConfig {

@@ -2,7 +2,7 @@
 //!
 //! Handles are cheap clones of atomics registered once at start-up; updating one never takes a lock.
 
-use crate::replication::ReplicaOutcome;
+use crate::ops::ReplicaOutcome;
 use crate::store::{CommitCounts, StoreStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

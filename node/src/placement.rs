@@ -40,6 +40,8 @@ const _: () = assert!(SLOT_COUNT.is_power_of_two() && SLOT_COUNT <= 1 << 16);
 pub struct SlotTable {
     owner: Vec<PartitionId>,
     partitions: u32,
+    /// Per partition, the slots it owns, ascending (asked for on every anti-entropy round).
+    by_partition: Vec<Vec<Slot>>,
 }
 
 impl SlotTable {
@@ -69,7 +71,18 @@ impl SlotTable {
                 owner[slot as usize] = partition as PartitionId;
             }
         }
-        SlotTable { owner, partitions }
+        let by_partition = owned.into_iter().map(|slots| slots.into_iter().collect()).collect();
+        SlotTable { owner, partitions, by_partition }
+    }
+
+    /// The table for `partitions` partitions, built once per process and shared (every view with
+    /// that many partitions has the same table, and building one is not free).
+    pub fn shared(partitions: u32) -> std::sync::Arc<SlotTable> {
+        static TABLES: std::sync::Mutex<std::collections::BTreeMap<u32, std::sync::Arc<SlotTable>>> =
+            std::sync::Mutex::new(std::collections::BTreeMap::new());
+        let partitions = partitions.max(1);
+        let mut tables = TABLES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tables.entry(partitions).or_insert_with(|| std::sync::Arc::new(SlotTable::new(partitions))).clone()
     }
 
     /// Number of partitions this table spreads slots over.
@@ -87,9 +100,9 @@ impl SlotTable {
         self.owner(slot_of(key))
     }
 
-    /// Every slot `partition` owns, ascending.
-    pub fn slots_of(&self, partition: PartitionId) -> Vec<Slot> {
-        (0..SLOT_COUNT).filter(|&s| self.owner[s] == partition).map(|s| s as Slot).collect()
+    /// Every slot `partition` owns, ascending (empty for an unknown partition).
+    pub fn slots_of(&self, partition: PartitionId) -> &[Slot] {
+        self.by_partition.get(partition as usize).map_or(&[], Vec::as_slice)
     }
 
     /// Slots whose owner differs between `self` and `other`, ascending.

@@ -22,7 +22,7 @@ pub struct View {
 impl View {
     /// Wraps a layout (as received from another node or read from disk).
     pub fn from_layout(layout: Layout) -> Self {
-        let table = Arc::new(SlotTable::new(layout.partitions.len().max(1) as u32));
+        let table = SlotTable::shared(layout.partitions.len().max(1) as u32);
         View { layout, table }
     }
 

@@ -18,20 +18,39 @@ pub struct ViewState {
     pub pending: Option<Layout>,
 }
 
-/// Reads and writes [`ViewState`] under a directory. `None` directory: nothing is persisted.
+/// Reads and writes [`ViewState`]: in a directory (a node's data directory), nowhere (`None`: kept
+/// in memory only), or in a shared cell that outlives the node (a simulated disk, so a simulated
+/// node restarts with the view it had).
 #[derive(Clone, Debug, Default)]
 pub struct ViewStore {
-    dir: Option<PathBuf>,
+    place: Place,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Place {
+    #[default]
+    Nowhere,
+    Dir(PathBuf),
+    Shared(std::sync::Arc<std::sync::Mutex<ViewState>>),
 }
 
 impl ViewStore {
     pub fn new(dir: Option<&Path>) -> Self {
-        ViewStore { dir: dir.map(Path::to_path_buf) }
+        ViewStore { place: dir.map_or(Place::Nowhere, |d| Place::Dir(d.to_path_buf())) }
+    }
+
+    /// A store in `cell`, which the caller keeps across restarts.
+    pub fn shared(cell: std::sync::Arc<std::sync::Mutex<ViewState>>) -> Self {
+        ViewStore { place: Place::Shared(cell) }
     }
 
     /// The saved state; default when nothing was saved yet.
     pub fn load(&self) -> std::io::Result<ViewState> {
-        let Some(dir) = &self.dir else { return Ok(ViewState::default()) };
+        let dir = match &self.place {
+            Place::Nowhere => return Ok(ViewState::default()),
+            Place::Shared(cell) => return Ok(cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()),
+            Place::Dir(dir) => dir,
+        };
         match std::fs::read(dir.join(FILE)) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ViewState::default()),
@@ -41,7 +60,14 @@ impl ViewStore {
 
     /// Replaces the saved state durably.
     pub fn save(&self, state: &ViewState) -> std::io::Result<()> {
-        let Some(dir) = &self.dir else { return Ok(()) };
+        let dir = match &self.place {
+            Place::Nowhere => return Ok(()),
+            Place::Shared(cell) => {
+                *cell.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = state.clone();
+                return Ok(());
+            }
+            Place::Dir(dir) => dir,
+        };
         std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!("{FILE}.tmp"));
         let mut f = std::fs::File::create(&tmp)?;

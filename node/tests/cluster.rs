@@ -345,7 +345,8 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
 /// forwarder waits that long (plus a clock margin) before sending it elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() {
-    use kvs_node::peers::{CoordinateRefusal, HttpPeers, KvOp, PeerRequest, PeerResponse, Peers};
+    use kvs_node::peers::{HttpPeers, PeerError, Peers};
+    use kvs_node::protocol::{KvOp, PeerRequest, Refusal};
     let c = Cluster::start(58, 2, 2, &[]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     let (_, old) = put(&c.http, &b, "x", "old", "").await;
@@ -367,13 +368,12 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
     let (status, new) = put(&c.http, &b, "x", "new", old["causal_payload"].as_str().unwrap()).await;
     assert_eq!(status, 200, "{new}");
     // A resumes after the forwarder would have failed over.
-    let failover =
-        Duration::from_micros(sent_at) + kvs_node::replication::FORWARDED_WRITE_EXPIRY + Duration::from_millis(100);
+    let failover = Duration::from_micros(sent_at) + kvs_node::ops::FORWARDED_WRITE_EXPIRY + Duration::from_millis(100);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     tokio::time::sleep(failover.saturating_sub(now)).await;
     c.nodes[0].resume();
     match answer.await.unwrap() {
-        Ok(PeerResponse::NotCoordinated(CoordinateRefusal::Expired { .. })) => {}
+        Err(PeerError::Refused { refusal: Refusal::Expired { .. }, .. }) => {}
         other => panic!("A must refuse the write that reached it too late, not perform it: {other:?}"),
     }
     let payload = new["causal_payload"].as_str().unwrap();

@@ -106,16 +106,8 @@ async fn t30_changing_k_keeps_every_key_on_every_replica() {
     write_keys(&c, "r", 300).await;
     let members = c.addrs();
     for k in [3, 1, 2] {
-        let resp = c
-            .http
-            .put(format!("http://{}/v1/admin/view", members[0]))
-            .json(&serde_json::json!({"members": members, "replication_factor": k}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let changed: Value = resp.json().await.unwrap();
-        assert_eq!(changed["layout"]["partitions"].as_array().unwrap().len(), 6 / k as usize, "{changed}");
+        let changed = common::change_view(&members[0], &members, k).await;
+        assert_eq!(changed.layout.partitions.len(), 6 / k as usize, "{changed:?}");
         assert_all_readable(&c, "r", 300).await;
         let st = status(&c.http, &members[0]).await;
         let mut total = 0;

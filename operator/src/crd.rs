@@ -171,8 +171,9 @@ pub struct KVStoreClusterStatus {
 pub struct RebalanceStatus {
     /// The epoch the cluster is moving to.
     pub epoch: i64,
-    /// The protocol step: `preparing`, `transferring`, `committing`, `pruning`, `done`.
-    pub phase: String,
+    /// The protocol step the driving node reports: `preparing`, `beginning`, `transferring`,
+    /// `committing`, `pruning`, then `done` or `failed` (`idle` before any change).
+    pub phase: kvs_api::RebalancePhase,
     /// Keys copied to their new owners so far.
     pub moved_keys: i64,
     /// Keys that have to move.

@@ -7,8 +7,7 @@
 
 use crate::controller::plan::{Pod, Step, plan};
 use crate::controller::validate::Validated;
-use kvs_api::{ClusterStatus, ViewRequest};
-use std::time::Duration;
+use kvs_api::ClusterStatus;
 
 /// Where node pods run.
 #[async_trait::async_trait]
@@ -82,42 +81,12 @@ pub trait NodeAdmin: Send + Sync + 'static {
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()>;
 }
 
-/// [`NodeAdmin`] over HTTP.
-pub struct Admin {
-    http: reqwest::Client,
-    /// The cluster token the nodes require on admin routes, if they have one.
-    token: Option<String>,
-}
-
-impl Default for Admin {
-    fn default() -> Self {
-        Admin::new(None)
-    }
-}
-
-impl Admin {
-    pub fn new(token: Option<String>) -> Self {
-        // View changes wait for data to move: allow them time.
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(600)).build().expect("a plain HTTP client builds");
-        Admin { http, token }
-    }
-
-    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.token {
-            Some(token) => req.header(kvs_api::HEADER_CLUSTER_TOKEN, token),
-            None => req,
-        }
-    }
-}
-
+/// [`NodeAdmin`] over the nodes' admin API.
 #[async_trait::async_trait]
-impl NodeAdmin for Admin {
+impl NodeAdmin for kvs_api::AdminClient {
     async fn status(&self, pods: &[Pod]) -> Option<ClusterStatus> {
         for p in pods.iter().filter(|p| p.ready) {
-            let req = self.http.get(format!("http://{}/v1/admin/status", p.address)).timeout(Duration::from_secs(5));
-            if let Ok(resp) = self.authorized(req).send().await
-                && let Ok(status) = resp.json::<ClusterStatus>().await
+            if let Ok(status) = kvs_api::AdminClient::status(self, &p.address).await
                 && status.layout.is_some()
             {
                 return Some(status);
@@ -127,13 +96,7 @@ impl NodeAdmin for Admin {
     }
 
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
-        let req =
-            self.http.put(format!("http://{primary}/v1/admin/view")).json(&ViewRequest { members, replication_factor });
-        let resp = self.authorized(req).send().await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            anyhow::bail!("{primary} answered {status}: {}", resp.text().await.unwrap_or_default());
-        }
+        kvs_api::AdminClient::change_view(self, primary, members, replication_factor).await?;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@
 use crate::controller::plan::{Pod, Step};
 use crate::controller::validate::{Validated, validate};
 use crate::crd::KVStoreCluster;
-use crate::driver::{Admin, Backend, NodeAdmin, ViewChangeTask, observe};
+use crate::driver::{Backend, NodeAdmin, ViewChangeTask, observe};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -238,7 +238,7 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
     if let Some(d) = &spec.degraded {
         println!("  degraded: {d}");
     }
-    let admin: std::sync::Arc<dyn NodeAdmin> = std::sync::Arc::new(Admin::default());
+    let admin: std::sync::Arc<dyn NodeAdmin> = std::sync::Arc::new(kvs_api::AdminClient::default());
     let mut seen_mtime = modified(&a.file);
     let mut last_line = String::new();
     let mut change: Option<ViewChangeTask> = None;

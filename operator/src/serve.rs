@@ -7,7 +7,7 @@
 //! standby that is waiting for the Lease is ready: it can take over at any moment).
 
 use crate::controller::{self, AdminFactory, Context};
-use crate::driver::{Admin, NodeAdmin};
+use crate::driver::NodeAdmin;
 use crate::metrics::Metrics;
 use anyhow::Context as _;
 use axum::Router;
@@ -165,7 +165,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.leader.store(true, Ordering::Relaxed);
     }
 
-    let admin_for: AdminFactory = Arc::new(|token| Arc::new(Admin::new(token)) as Arc<dyn NodeAdmin>);
+    let admin_for: AdminFactory = Arc::new(|token| Arc::new(kvs_api::AdminClient::new(token)) as Arc<dyn NodeAdmin>);
     let reporter = Reporter { controller: "kvs-operator".into(), instance: Some(identity) };
     let ctx = Arc::new(Context::new(client, reporter, metrics, admin_for));
     // The controller stops on a signal, or when the Lease is lost. The leadership receiver lives

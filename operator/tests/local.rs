@@ -53,26 +53,22 @@ fn addr(ordinal: u32) -> String {
 }
 
 /// Waits until node 0 reports a committed view with `members` nodes at `k` and no change pending.
-async fn wait_for_view(http: &reqwest::Client, members: usize, k: u32) -> serde_json::Value {
+async fn wait_for_view(members: usize, k: u32) -> kvs_api::ClusterStatus {
+    let admin = kvs_api::AdminClient::default();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = serde_json::Value::Null;
+    let mut last = None;
     while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("http://{}/v1/admin/status", addr(0))).send().await
-            && let Ok(s) = r.json::<serde_json::Value>().await
-        {
-            let layout = &s["layout"];
-            let n = layout["partitions"]
-                .as_array()
-                .map_or(0, |p| p.iter().map(|m| m.as_array().unwrap().len()).sum::<usize>())
-                + layout["proxies"].as_array().map_or(0, Vec::len);
-            if n == members && layout["replication_factor"] == k && s["pending_epoch"].is_null() {
+        if let Ok(s) = admin.status(&addr(0)).await {
+            let done = s.pending_epoch.is_none()
+                && s.layout.as_ref().is_some_and(|l| l.members().count() == members && l.replication_factor == k);
+            if done {
                 return s;
             }
-            last = s;
+            last = Some(s);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no view of {members} nodes at K={k} within 60 s; last status {last}");
+    panic!("no view of {members} nodes at K={k} within 60 s; last status {last:?}");
 }
 
 async fn assert_keys(http: &reqwest::Client, nodes: u32, n: usize) {
@@ -93,21 +89,21 @@ async fn local_mode_scales_changes_k_and_resumes() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     write_spec(&spec, 4, 2);
     let mut op = start(&spec, &data);
-    wait_for_view(&http, 4, 2).await;
+    wait_for_view(4, 2).await;
     for i in 0..100 {
         let r = http.put(format!("http://{}/v1/kv/k{i}", addr(i % 4))).body(format!("v{i}")).send().await.unwrap();
         assert!(r.status().is_success());
     }
     write_spec(&spec, 6, 2);
-    let st = wait_for_view(&http, 6, 2).await;
-    assert_eq!(st["layout"]["partitions"].as_array().unwrap().len(), 3);
+    let st = wait_for_view(6, 2).await;
+    assert_eq!(st.layout.unwrap().partitions.len(), 3);
     assert_keys(&http, 6, 100).await;
     write_spec(&spec, 6, 3);
-    let st = wait_for_view(&http, 6, 3).await;
-    assert_eq!(st["layout"]["partitions"].as_array().unwrap().len(), 2);
+    let st = wait_for_view(6, 3).await;
+    assert_eq!(st.layout.unwrap().partitions.len(), 2);
     assert_keys(&http, 6, 100).await;
     write_spec(&spec, 2, 2);
-    wait_for_view(&http, 2, 2).await;
+    wait_for_view(2, 2).await;
     // The leaving pods are stopped once their data has moved.
     let deadline = Instant::now() + Duration::from_secs(20);
     while http.get(format!("http://{}/healthz", addr(5))).send().await.is_ok() {
@@ -119,7 +115,7 @@ async fn local_mode_scales_changes_k_and_resumes() {
     interrupt(&mut op).await;
     assert!(http.get(format!("http://{}/healthz", addr(0))).send().await.is_err(), "nodes stopped with the operator");
     let mut op = start(&spec, &data);
-    wait_for_view(&http, 2, 2).await;
+    wait_for_view(2, 2).await;
     assert_keys(&http, 2, 100).await;
     interrupt(&mut op).await;
 }

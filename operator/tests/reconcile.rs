@@ -367,7 +367,7 @@ impl Scenario {
             partitions: vec![],
             rebalance: RebalanceProgress {
                 epoch: 6,
-                phase: "transferring".into(),
+                phase: kvs_api::RebalancePhase::Transferring,
                 moved_keys: 400,
                 total_keys: 1000,
                 ..Default::default()

@@ -170,7 +170,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
 
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut faults: BTreeMap<String, usize> = BTreeMap::new();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
+    let admin = kvs_api::AdminClient::default().with_change_timeout(Duration::from_secs(60));
     let partitions_possible = matches!(plan.network, Network::Namespaces { .. });
     let deadline = start + Duration::from_secs_f64(plan.seconds);
     let mut members: Vec<usize> = (0..plan.members).collect();
@@ -215,13 +215,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             }
             events.push((micros(start), format!("view change via {via} to {next:?} K={target_k} (paused {paused:?})")));
             let next_addrs: Vec<String> = next.iter().map(|i| addrs[*i].clone()).collect();
-            let body = serde_json::json!({"members": next_addrs, "replication_factor": target_k});
-            let ok = http
-                .put(format!("http://{}/v1/admin/view", addrs[via]))
-                .json(&body)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let ok = admin.change_view(&addrs[via], next_addrs.clone(), target_k).await.is_ok();
             if let Some(p) = paused {
                 cluster.resume(p);
             }
@@ -229,7 +223,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             if ok {
                 // Count only what happened: the view the change installed must have the target
                 // members and K.
-                let layout = check_view(&http, &addrs[via], &next_addrs, target_k).await?;
+                let layout = check_view(&admin, &addrs[via], &next_addrs, target_k).await?;
                 events.push((
                     micros(start),
                     format!(
@@ -283,7 +277,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
 
     // Healed: wait until every partition's replicas hold the same versions.
     let healed = Instant::now();
-    let convergence_ms = converge(&http, &addrs[members[0]], Duration::from_secs(30))
+    let convergence_ms = converge(&admin, &addrs[members[0]], Duration::from_secs(30))
         .await
         .then(|| healed.elapsed().as_secs_f64() * 1000.0);
 
@@ -392,8 +386,13 @@ fn write_history(
 
 /// Fails unless `via` reports a committed view with exactly `members` and replication factor `k`
 /// (so the nemesis never counts a change that did not happen).
-async fn check_view(http: &reqwest::Client, via: &str, members: &[String], k: u32) -> anyhow::Result<kvs_api::Layout> {
-    let status: kvs_api::ClusterStatus = http.get(format!("http://{via}/v1/admin/status")).send().await?.json().await?;
+async fn check_view(
+    admin: &kvs_api::AdminClient,
+    via: &str,
+    members: &[String],
+    k: u32,
+) -> anyhow::Result<kvs_api::Layout> {
+    let status = admin.status(via).await?;
     let layout = status.layout.ok_or_else(|| anyhow::anyhow!("{via} has no view after a successful change"))?;
     let mut have: Vec<&String> = layout.members().collect();
     have.sort();
@@ -409,11 +408,10 @@ async fn check_view(http: &reqwest::Client, via: &str, members: &[String], k: u3
 
 /// Polls cluster status until every partition's members report equal digests (true) or `limit`
 /// passes (false).
-async fn converge(http: &reqwest::Client, via: &str, limit: Duration) -> bool {
+async fn converge(admin: &kvs_api::AdminClient, via: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(resp) = http.get(format!("http://{via}/v1/admin/status")).send().await
-            && let Ok(status) = resp.json::<kvs_api::ClusterStatus>().await
+        if let Ok(status) = admin.status(via).await
             && status.pending_epoch.is_none()
             && status.partitions.iter().all(|p| p.digests.iter().all(|d| d.is_some() && *d == p.digests[0]))
         {

@@ -33,14 +33,8 @@ use std::time::Duration;
 const KEYS: usize = 1000;
 
 async fn node_status(address: &str, token: &str) -> Option<ClusterStatus> {
-    let resp = reqwest::Client::new()
-        .get(format!("http://{address}/v1/admin/status"))
-        .header(kvs_api::HEADER_CLUSTER_TOKEN, token)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    resp.json().await.ok()
+    let admin = kvs_api::AdminClient::new(Some(token.to_owned())).with_status_timeout(Duration::from_secs(2));
+    admin.status(address).await.ok()
 }
 
 #[tokio::test]

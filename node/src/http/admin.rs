@@ -6,29 +6,34 @@ use super::ApiError;
 use super::hw4::Params;
 use super::internal::authorize;
 use crate::node::Node;
-use crate::rebalance::ChangeError;
+use crate::view_change::ChangeError;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use kvs_api::{ClusterStatus, ViewChanged, ViewRequest};
-use serde_json::{Value, json};
+use kvs_api::{ADMIN_STATUS_PATH, ADMIN_VIEW_PATH, ClusterStatus, ViewChanged, ViewRequest, hw4};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Node>> {
     Router::new()
-        .route("/v1/admin/view", put(put_view))
-        .route("/v1/admin/status", get(status))
+        .route(ADMIN_VIEW_PATH, put(put_view))
+        .route(ADMIN_STATUS_PATH, get(status))
         .route("/kv-store/update_view", put(update_view))
 }
 
 impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> Self {
         let status = match &e {
-            ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ChangeError::Conflict(_) => StatusCode::CONFLICT,
-            ChangeError::NoView | ChangeError::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ChangeError::ZeroReplicationFactor | ChangeError::NoMembers | ChangeError::BadMember(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ChangeError::InProgress { .. } | ChangeError::Refused { .. } => StatusCode::CONFLICT,
+            ChangeError::NoView
+            | ChangeError::NoLiveMember
+            | ChangeError::SourcesFailed
+            | ChangeError::Stuck { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }
@@ -54,11 +59,7 @@ async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Jso
     Ok(Json(node.cluster_status().await))
 }
 
-async fn update_view(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    params: Params,
-) -> Result<Json<Value>, ApiError> {
+async fn update_view(State(node): State<Arc<Node>>, headers: HeaderMap, params: Params) -> Result<Response, ApiError> {
     authorize(&node, &headers)?;
     let kind = params
         .get("type")
@@ -88,10 +89,11 @@ async fn update_view(
     }
     let changed = node.change_view(members, k).await?;
     let number_of_partitions = changed.layout.partitions.len();
-    Ok(Json(if kind == "add" {
-        let id = changed.layout.partitions.iter().position(|p| p.contains(&target)).map_or(-1, |p| p as i64);
-        json!({"result": "success", "partition_id": id, "number_of_partitions": number_of_partitions})
+    let result = hw4::success();
+    Ok(if kind == "add" {
+        let partition_id = changed.layout.partitions.iter().position(|p| p.contains(&target)).map_or(-1, |p| p as i64);
+        Json(hw4::Added { result, partition_id, number_of_partitions }).into_response()
     } else {
-        json!({"result": "success", "number_of_partitions": number_of_partitions})
-    }))
+        Json(hw4::Removed { result, number_of_partitions }).into_response()
+    })
 }

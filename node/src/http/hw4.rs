@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use kvs_api::MAX_HW4_KEY_CHARS;
-use serde_json::{Value, json};
+use kvs_api::{MAX_HW4_KEY_CHARS, hw4};
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -106,13 +106,13 @@ async fn get_key(
     let c = node.read(&key, context.clone()).await?;
     let payload = super::context_after(context, &c);
     match c.record.as_ref().and_then(|r| r.value.as_ref().map(|v| (r, v))) {
-        Some((record, value)) => Ok(Json(json!({
-            "result": "success",
-            "value": String::from_utf8_lossy(value),
-            "partition_id": c.partition,
-            "causal_payload": payload,
-            "timestamp": record.version.ts,
-        }))
+        Some((record, value)) => Ok(Json(hw4::Get {
+            result: hw4::success(),
+            value: String::from_utf8_lossy(value).into_owned(),
+            partition_id: c.partition,
+            causal_payload: payload,
+            timestamp: record.version.ts,
+        })
         .into_response()),
         None => {
             let mut e = ApiError::new(StatusCode::NOT_FOUND, "key does not exist");
@@ -171,29 +171,32 @@ async fn write_answer(
     let c = node.write(key, value, context.clone(), min_copies).await?;
     let ts = c.record.as_ref().map_or(0, |r| r.version.ts);
     let status = if is_put && c.changed_liveness { StatusCode::CREATED } else { StatusCode::OK };
-    let body = json!({
-        "result": "success",
-        "partition_id": c.partition,
-        "causal_payload": super::context_after(context, &c),
-        "timestamp": ts,
-    });
+    let body = hw4::Write {
+        result: hw4::success(),
+        partition_id: c.partition,
+        causal_payload: super::context_after(context, &c),
+        timestamp: ts,
+    };
     let replicas = super::replicas_header(&c);
     Ok((status, replicas.into_iter().collect::<HeaderMap>(), Json(body)).into_response())
 }
 
-async fn get_partition_id(State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
+async fn get_partition_id(State(node): State<Arc<Node>>) -> Result<Json<hw4::PartitionId>, ApiError> {
     let view = node.require_view()?;
-    let id = view.partition_of_node(node.id()).map_or(-1, i64::from);
-    Ok(Json(json!({"result": "success", "partition_id": id})))
+    let partition_id = view.partition_of_node(node.id()).map_or(-1, i64::from);
+    Ok(Json(hw4::PartitionId { result: hw4::success(), partition_id }))
 }
 
-async fn get_all_partition_ids(State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
+async fn get_all_partition_ids(State(node): State<Arc<Node>>) -> Result<Json<hw4::PartitionIds>, ApiError> {
     let view = node.require_view()?;
-    let ids: Vec<u32> = (0..view.number_of_partitions()).collect();
-    Ok(Json(json!({"result": "success", "partition_id_list": ids})))
+    let partition_id_list: Vec<u32> = (0..view.number_of_partitions()).collect();
+    Ok(Json(hw4::PartitionIds { result: hw4::success(), partition_id_list }))
 }
 
-async fn get_partition_members(State(node): State<Arc<Node>>, params: Params) -> Result<Json<Value>, ApiError> {
+async fn get_partition_members(
+    State(node): State<Arc<Node>>,
+    params: Params,
+) -> Result<Json<hw4::PartitionMembers>, ApiError> {
     let view = node.require_view()?;
     let raw = params
         .get("partition_id")
@@ -211,5 +214,5 @@ async fn get_partition_members(State(node): State<Arc<Node>>, params: Params) ->
             format!("partition {id} does not exist; partition ids are 0 to {}", count.saturating_sub(1)),
         ));
     }
-    Ok(Json(json!({"result": "success", "partition_members": view.members(id)})))
+    Ok(Json(hw4::PartitionMembers { result: hw4::success(), partition_members: view.members(id).to_vec() }))
 }

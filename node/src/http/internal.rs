@@ -3,7 +3,8 @@
 
 use super::ApiError;
 use crate::node::Node;
-use crate::peers::{PeerRequest, RPC_PATH};
+use crate::peers::RPC_PATH;
+use crate::protocol::PeerRequest;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

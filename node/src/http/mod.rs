@@ -60,7 +60,7 @@ pub fn router(node: Arc<Node>) -> Router {
 
 /// The causal context to hand back: the client's, merged with what this answer depends on and
 /// the view epoch it was served under.
-pub(crate) fn context_after(mut context: crate::causal::VectorClock, c: &crate::peers::Coordinated) -> String {
+pub(crate) fn context_after(mut context: crate::causal::VectorClock, c: &crate::protocol::Coordinated) -> String {
     if let Some(r) = &c.record {
         context.merge(&r.clock);
     }
@@ -81,7 +81,7 @@ pub(crate) fn min_copies_from(headers: &axum::http::HeaderMap) -> Result<u32, Ap
 
 /// The `kvs-replicas: copies/replicas` header of a write's answer.
 pub(crate) fn replicas_header(
-    c: &crate::peers::Coordinated,
+    c: &crate::protocol::Coordinated,
 ) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
     let d = c.durability?;
     let value = axum::http::HeaderValue::from_str(&format!("{}/{}", d.copies, d.replicas))

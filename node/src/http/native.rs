@@ -4,7 +4,7 @@
 use super::ApiError;
 use crate::causal::VectorClock;
 use crate::node::Node;
-use crate::peers::Coordinated;
+use crate::protocol::Coordinated;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;

@@ -264,7 +264,13 @@ pub async fn update_view(http: &reqwest::Client, via: &str, kind: &str, ip_port:
     (status, resp.json().await.expect("JSON"))
 }
 
-/// `GET /v1/admin/status` from `node`.
-pub async fn status(http: &reqwest::Client, node: &str) -> Value {
-    http.get(format!("http://{node}/v1/admin/status")).send().await.expect("status").json().await.expect("JSON")
+/// The cluster status `node` reports (as JSON, for tests that poke at it).
+pub async fn status(_http: &reqwest::Client, node: &str) -> Value {
+    let status = kvs_api::AdminClient::default().status(node).await.expect("status");
+    serde_json::to_value(status).expect("status serializes")
+}
+
+/// Changes the whole view through `via`; panics unless it answers 200.
+pub async fn change_view(via: &str, members: &[String], k: u32) -> kvs_api::ViewChanged {
+    kvs_api::AdminClient::default().change_view(via, members.to_vec(), k).await.expect("view change")
 }

@@ -136,11 +136,11 @@ fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
 pub fn rebalance_status(r: &kvs_api::RebalanceProgress) -> RebalanceStatus {
     let progress = match (r.moved_keys.min(r.total_keys) * 100).checked_div(r.total_keys) {
         Some(pct) => format!("{} {pct}% ({}/{} keys)", r.phase, r.moved_keys, r.total_keys),
-        None => r.phase.clone(),
+        None => r.phase.to_string(),
     };
     RebalanceStatus {
         epoch: r.epoch as i64,
-        phase: r.phase.clone(),
+        phase: r.phase,
         moved_keys: r.moved_keys as i64,
         total_keys: r.total_keys as i64,
         progress,
@@ -170,7 +170,7 @@ mod tests {
             partitions: vec![],
             rebalance: RebalanceProgress {
                 epoch: 8,
-                phase: "transfer".into(),
+                phase: kvs_api::RebalancePhase::Transferring,
                 moved_keys: 250,
                 total_keys: 1000,
                 ..Default::default()
@@ -223,7 +223,7 @@ mod tests {
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
         assert_eq!(s.phase, "Rebalancing");
         assert_eq!(condition(&s, "Progressing").reason, "MovingData");
-        assert_eq!(s.rebalance.unwrap().progress, "transfer 25% (250/1000 keys)");
+        assert_eq!(s.rebalance.unwrap().progress, "transferring 25% (250/1000 keys)");
     }
 
     #[test]

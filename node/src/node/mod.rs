@@ -1,25 +1,30 @@
-//! The node: its state (view, store, clocks, peer health) and the entry points the HTTP layer
-//! calls. Request routing and replication live in `replication`, anti-entropy in `anti_entropy`;
-//! both are `impl Node` blocks over the state defined here.
+//! The node: its state (views, store, clocks, peer liveness, admission) and the few operations
+//! every layer above shares (calling a peer, applying replicated records). What the node *does*
+//! lives in `impl Node` blocks elsewhere, one concern each: `ops` (client operations),
+//! `view_change`, `anti_entropy`, `status`, `rpc` (answering peers).
 //!
 //! Invariants:
 //! - The view is swapped whole (`Arc<View>` behind a `std` lock held only to clone the `Arc`), so a
-//!   request works against one consistent view from start to finish.
+//!   request works against one consistent view from start to finish; view transitions go through
+//!   [`Node::views_for_update`] one at a time, and the view never moves to a lower epoch.
 //! - Every timestamp this node issues is above every timestamp it has stored or received.
 
-use crate::admission::{Admission, Overloaded};
-use crate::causal::{Hlc, VectorClock};
+mod error;
+
+pub use error::KvError;
+
+use crate::admission::Admission;
+use crate::causal::{Clock, Hlc, SystemClock};
 use crate::fence::WriteFence;
 use crate::freshness::Freshness;
 use crate::liveness::{Death, DetectorConfig, Liveness, PeerState};
 use crate::metrics::Metrics;
-use crate::peers::{CoordinateRefusal, Durability, PeerError, PeerRequest, PeerResponse, Peers};
-use crate::placement::PartitionId;
-use crate::rebalance::RebalanceState;
+use crate::peers::{PeerError, Peers};
+use crate::protocol::{PeerRequest, PeerResponse};
 use crate::store::{Store, StoreError};
 use crate::view::{NodeId, View};
+use crate::view_change::ChangeState;
 use crate::view_store::{ViewState, ViewStore};
-use bytes::Bytes;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -73,94 +78,15 @@ impl Settings {
     }
 }
 
-/// Why a key-value operation failed. The HTTP layer turns each into a status and message.
-#[derive(Debug, thiserror::Error)]
-pub enum KvError {
-    #[error("this node has no view yet: start it with VIEW, or add it to a cluster with update_view")]
-    NoView,
-    #[error("key value store is not available: no replica of partition {partition} answered")]
-    Unavailable { partition: PartitionId },
-    #[error("this node does not own partition {partition} in view {epoch}")]
-    NotOwner { partition: PartitionId, epoch: u64 },
-    #[error("this node is on view epoch {mine}, the sender on {theirs}")]
-    EpochMismatch { mine: u64, theirs: u64 },
-    #[error(
-        "this replica of partition {partition} has not received a write your causal context depends on, and the replicas that have it are unreachable from here; retry (another node may reach them)"
-    )]
-    CausalUnavailable { partition: PartitionId },
-    #[error("{peer} is on a newer view")]
-    StaleView { peer: String },
-    #[error(transparent)]
-    Overloaded(#[from] Overloaded),
-    #[error(
-        "only {alive} of the {replicas} replicas of partition {partition} are alive and kvs-min-replicas asks for {min_copies}; \
-         nothing was written: retry when a replica is back, or ask for fewer copies"
-    )]
-    TooFewReplicas { partition: PartitionId, alive: u32, replicas: u32, min_copies: u32 },
-    #[error(
-        "the write is durable on {} of the {} replicas of partition {partition}, fewer than kvs-min-replicas={min_copies}; \
-         it is not acknowledged but may still become visible (a replica that missed it catches up by anti-entropy)",
-        durability.copies, durability.replicas
-    )]
-    UnderReplicated { partition: PartitionId, durability: Durability, min_copies: u32 },
-    #[error(
-        "kvs-min-replicas is {min_copies} but partition {partition} has {replicas} replicas; ask for at most {replicas}"
-    )]
-    MinCopiesAboveReplicas { partition: PartitionId, replicas: u32, min_copies: u32 },
-    #[error("the forwarded write reached its owner {age_micros} µs after it was sent, too late to be performed safely")]
-    Expired { age_micros: u64 },
-    #[error("the owner's storage failed: {0}")]
-    RemoteStorage(String),
-    #[error(transparent)]
-    Storage(#[from] StoreError),
-}
-
-impl KvError {
-    /// The refusal an owner sends back for a forwarded operation.
-    pub(crate) fn to_refusal(&self) -> CoordinateRefusal {
-        match *self {
-            KvError::EpochMismatch { mine, theirs } => CoordinateRefusal::EpochMismatch { mine, theirs },
-            KvError::NotOwner { partition, epoch } => CoordinateRefusal::NotOwner { partition, epoch },
-            KvError::NoView => CoordinateRefusal::NoView,
-            KvError::CausalUnavailable { partition } | KvError::Unavailable { partition } => {
-                CoordinateRefusal::CausalUnavailable { partition }
-            }
-            KvError::TooFewReplicas { partition, alive, replicas, min_copies } => {
-                CoordinateRefusal::TooFewReplicas { partition, alive, replicas, min_copies }
-            }
-            KvError::UnderReplicated { partition, durability, min_copies } => {
-                CoordinateRefusal::UnderReplicated { partition, durability, min_copies }
-            }
-            KvError::MinCopiesAboveReplicas { partition, replicas, min_copies } => {
-                CoordinateRefusal::MinCopiesAboveReplicas { partition, replicas, min_copies }
-            }
-            KvError::Expired { age_micros } => CoordinateRefusal::Expired { age_micros },
-            KvError::StaleView { .. } | KvError::Overloaded(_) | KvError::RemoteStorage(_) | KvError::Storage(_) => {
-                CoordinateRefusal::Storage { detail: self.to_string() }
-            }
-        }
-    }
-
-    /// The error a forwarder reports for an owner's refusal.
-    pub(crate) fn from_refusal(refusal: CoordinateRefusal) -> Self {
-        match refusal {
-            CoordinateRefusal::EpochMismatch { mine, theirs } => KvError::EpochMismatch { mine, theirs },
-            CoordinateRefusal::NotOwner { partition, epoch } => KvError::NotOwner { partition, epoch },
-            CoordinateRefusal::NoView => KvError::NoView,
-            CoordinateRefusal::CausalUnavailable { partition } => KvError::CausalUnavailable { partition },
-            CoordinateRefusal::MinCopiesAboveReplicas { partition, replicas, min_copies } => {
-                KvError::MinCopiesAboveReplicas { partition, replicas, min_copies }
-            }
-            CoordinateRefusal::TooFewReplicas { partition, alive, replicas, min_copies } => {
-                KvError::TooFewReplicas { partition, alive, replicas, min_copies }
-            }
-            CoordinateRefusal::UnderReplicated { partition, durability, min_copies } => {
-                KvError::UnderReplicated { partition, durability, min_copies }
-            }
-            CoordinateRefusal::Expired { age_micros } => KvError::Expired { age_micros },
-            CoordinateRefusal::Storage { detail } => KvError::RemoteStorage(detail),
-        }
-    }
+/// Everything a node is made of besides its own state.
+pub struct Parts {
+    pub settings: Settings,
+    /// The view to start with when `view_store` holds none (a first start).
+    pub initial: Option<View>,
+    pub store: Arc<dyn Store>,
+    pub peers: Arc<dyn Peers>,
+    pub clock: Arc<dyn Clock>,
+    pub view_store: ViewStore,
 }
 
 /// The right to change a node's views, held by one transition at a time.
@@ -200,11 +126,13 @@ pub struct Node {
     /// Lets a view change wait for writes that started under the previous view.
     pub(crate) fence: WriteFence,
     /// View-change bookkeeping: promises, progress, the primary's lock.
-    pub(crate) rebalance: RebalanceState,
+    pub(crate) changes: ChangeState,
     /// What this node knows about holding every write it depends on (see `freshness`).
     pub(crate) freshness: Freshness,
     /// HLC time when the current view was installed (see `freshness`).
     view_installed_at: std::sync::atomic::AtomicU64,
+    /// Round-robin position of view gossip over the other members (see `anti_entropy`).
+    pub(crate) gossip_cursor: std::sync::atomic::AtomicUsize,
     /// This node itself, for background tasks it spawns.
     me: std::sync::Weak<Node>,
     pub(crate) store: Arc<dyn Store>,
@@ -216,6 +144,8 @@ pub struct Node {
     /// Peer names from the hosts file, if one is configured.
     hosts: Option<crate::hosts::HostsFileResolver>,
     pub(crate) hlc: Hlc,
+    /// Wall-clock time for timestamps and forwarded-write expiry (simulated in tests).
+    pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Metrics,
 }
 
@@ -223,12 +153,18 @@ impl Node {
     /// A node over `store` and `peers`. Starts with the view persisted in `settings.state_dir` if
     /// there is one (a restart), else with `initial` (from `VIEW`, a first start).
     pub fn new(settings: Settings, initial: Option<View>, store: Arc<dyn Store>, peers: Arc<dyn Peers>) -> Arc<Self> {
+        let view_store = ViewStore::new(settings.state_dir.as_deref());
+        Self::from_parts(Parts { settings, initial, store, peers, clock: Arc::new(SystemClock), view_store })
+    }
+
+    /// A node from all its parts (a simulated cluster gives it a simulated clock and disk).
+    pub fn from_parts(parts: Parts) -> Arc<Self> {
+        let Parts { settings, initial, store, peers, clock, view_store } = parts;
         let hlc = Hlc::starting_after(store.max_timestamp());
         let metrics = Metrics::default();
         let liveness = Liveness::new(settings.detector, metrics.peer_deaths.clone());
         let admission = Admission::new(settings.admission);
         let hosts = settings.hosts_file.clone().map(crate::hosts::HostsFileResolver::new);
-        let view_store = ViewStore::new(settings.state_dir.as_deref());
         let saved = view_store.load().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
             ViewState::default()
@@ -251,15 +187,17 @@ impl Node {
             view_store,
             view_transition: std::sync::Mutex::new(()),
             fence: WriteFence::default(),
-            rebalance: RebalanceState::default(),
+            changes: ChangeState::default(),
             freshness: Freshness::default(),
             view_installed_at: std::sync::atomic::AtomicU64::new(hlc.peek()),
+            gossip_cursor: std::sync::atomic::AtomicUsize::new(0),
             store,
             peers,
             liveness,
             admission,
             hosts,
             hlc,
+            clock,
             metrics,
         })
     }
@@ -324,6 +262,12 @@ impl Node {
         self.pending.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Whether this node replicates `key` under its view or the pending one.
+    pub(crate) fn owns_key(&self, key: &str) -> bool {
+        let owns = |v: &View| v.owners_of_key(key).iter().any(|o| o == self.id());
+        self.view().is_some_and(|v| owns(&v)) || self.pending().is_some_and(|p| owns(&p))
+    }
+
     /// Takes the right to change the view and the pending view. Every transition (begin, commit,
     /// adopting a newer view) decides from what it reads through the guard and writes through it,
     /// so two transitions can never interleave (one reading an old view, another installing a
@@ -367,89 +311,9 @@ impl Node {
         Ok(())
     }
 
-    /// Reads `key` with the client's causal context (a client operation: admitted first).
-    pub async fn read(&self, key: &str, context: VectorClock) -> Result<crate::peers::Coordinated, KvError> {
-        let _slot = self.admit().await?;
-        self.route(key, crate::peers::KvOp::Get, context, 0).await
-    }
-
-    /// Writes `value` (or a tombstone for `None`) under `key`, after the client's causal context
-    /// (a client operation: admitted first). With `min_copies` above 1 the write is refused
-    /// rather than acknowledged with fewer durable copies.
-    pub async fn write(
-        &self,
-        key: &str,
-        value: Option<Bytes>,
-        context: VectorClock,
-        min_copies: u32,
-    ) -> Result<crate::peers::Coordinated, KvError> {
-        let _slot = self.admit().await?;
-        let op = match value {
-            Some(v) => crate::peers::KvOp::Put(v),
-            None => crate::peers::KvOp::Delete,
-        };
-        self.route(key, op, context, min_copies).await
-    }
-
-    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, KvError> {
-        self.admission.admit().await.map_err(|e| {
-            self.metrics.overloaded.inc();
-            KvError::Overloaded(e)
-        })
-    }
-
     /// Client operations waiting for a slot and in progress on this node.
     pub fn load(&self) -> (i64, usize) {
         (self.admission.queued(), self.admission.in_flight())
-    }
-
-    /// Answers one RPC from another node.
-    pub async fn handle_rpc(&self, request: PeerRequest) -> PeerResponse {
-        let refused = |status: u16, e: &dyn std::fmt::Display| PeerResponse::Refused { status, msg: e.to_string() };
-        match request {
-            PeerRequest::Coordinate { key, op, context, view_epoch, min_copies, sent_at } => {
-                match self.coordinate(&key, op, context, view_epoch, min_copies, sent_at).await {
-                    Ok(c) => PeerResponse::Coordinated(c),
-                    Err(e) => PeerResponse::NotCoordinated(e.to_refusal()),
-                }
-            }
-            PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::Replicate { records, from, cap, pending } => {
-                let theirs: Vec<u64> =
-                    records.iter().filter(|(_, r)| r.version.writer == from).map(|(_, r)| r.version.ts).collect();
-                match self.apply_replicated(records).await {
-                    Ok(_) => {
-                        self.freshness.received(&from, &theirs, &crate::freshness::Announcement { cap, pending });
-                        PeerResponse::Replicated
-                    }
-                    Err(e) => refused(500, &e),
-                }
-            }
-            PeerRequest::Fetch { key } => match self.store.get(&key) {
-                Ok(r) => PeerResponse::Fetched(r),
-                Err(e) => refused(500, &e),
-            },
-            PeerRequest::DigestSummary { view_epoch, partition, summary } => {
-                self.answer_digest_summary(view_epoch, partition, summary)
-            }
-            PeerRequest::SyncSlots { view_epoch, slots, records } => {
-                match self.answer_sync(view_epoch, slots, records).await {
-                    Ok(r) => r,
-                    Err(e) => refused(500, &e),
-                }
-            }
-            PeerRequest::Hello => PeerResponse::Hello(Box::new(self.hello())),
-            PeerRequest::Prepare { layout, proposer } => self.answer_prepare(&layout, &proposer),
-            PeerRequest::Abort { epoch, proposer } => self.answer_abort(epoch, &proposer),
-            PeerRequest::Begin { proposer, layout } => self.answer_begin(&proposer, layout).await,
-            PeerRequest::Transfer { epoch, assignments } => self.answer_transfer(epoch, assignments).await,
-            PeerRequest::Commit { epoch } => self.answer_commit(epoch).await,
-            PeerRequest::Prune { epoch } => self.answer_prune(epoch).await,
-            PeerRequest::SlotDigests { slots } => {
-                let digests = self.store.digests();
-                PeerResponse::Digests(Some(slots.into_iter().map(|s| (s, digests.get(s))).collect()))
-            }
-        }
     }
 
     /// Calls `peer` unless it is dead, giving up as soon as the failure detector declares it dead,
@@ -486,6 +350,7 @@ impl Node {
                 PeerError::Timeout { .. }
                 | PeerError::Skipped { .. }
                 | PeerError::Dead { .. }
+                | PeerError::Rejected { .. }
                 | PeerError::Protocol { .. },
             ) => {}
         }

@@ -1,0 +1,93 @@
+//! A typed client for a node's admin API: cluster status and whole-view changes, with the cluster
+//! token handled inside. The only place outside the node's router that knows the admin routes.
+
+use crate::client::ClientError;
+use crate::{ClusterStatus, ErrorBody, HEADER_CLUSTER_TOKEN, ViewChanged, ViewRequest};
+use std::time::Duration;
+
+/// `GET`: the cluster as the node sees it ([`ClusterStatus`]).
+pub const ADMIN_STATUS_PATH: &str = "/v1/admin/status";
+/// `PUT`: change the whole membership and K ([`ViewRequest`] → [`ViewChanged`]).
+pub const ADMIN_VIEW_PATH: &str = "/v1/admin/view";
+
+/// How long a status probe may take by default (a node gathers it from every member).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a view change may take by default: it answers once the data has moved.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Talks to any node's admin API.
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    token: Option<String>,
+    status_timeout: Duration,
+    change_timeout: Duration,
+}
+
+impl Default for AdminClient {
+    fn default() -> Self {
+        AdminClient::new(None)
+    }
+}
+
+impl AdminClient {
+    /// A client sending `token` (the cluster token) when one is given.
+    pub fn new(token: Option<String>) -> Self {
+        let http = reqwest::Client::builder().build().expect("a plain HTTP client always builds");
+        AdminClient { http, token, status_timeout: STATUS_TIMEOUT, change_timeout: CHANGE_TIMEOUT }
+    }
+
+    /// Overrides how long a view change may take (default 600 s).
+    pub fn with_change_timeout(mut self, timeout: Duration) -> Self {
+        self.change_timeout = timeout;
+        self
+    }
+
+    /// Overrides how long a status probe may take (default 5 s).
+    pub fn with_status_timeout(mut self, timeout: Duration) -> Self {
+        self.status_timeout = timeout;
+        self
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => req.header(HEADER_CLUSTER_TOKEN, token),
+            None => req,
+        }
+    }
+
+    /// The cluster as `node` (`host:port`) sees it.
+    pub async fn status(&self, node: &str) -> Result<ClusterStatus, ClientError> {
+        let req = self.http.get(format!("http://{node}{ADMIN_STATUS_PATH}")).timeout(self.status_timeout);
+        answer(node, self.authorized(req).send().await).await
+    }
+
+    /// Asks `node` to change the cluster to exactly `members` at `replication_factor`; returns once
+    /// the data has moved.
+    pub async fn change_view(
+        &self,
+        node: &str,
+        members: Vec<String>,
+        replication_factor: u32,
+    ) -> Result<ViewChanged, ClientError> {
+        let body = ViewRequest { members, replication_factor };
+        let req = self.http.put(format!("http://{node}{ADMIN_VIEW_PATH}")).timeout(self.change_timeout).json(&body);
+        answer(node, self.authorized(req).send().await).await
+    }
+}
+
+/// Decodes a successful JSON answer, or the node's error.
+async fn answer<T: serde::de::DeserializeOwned>(
+    node: &str,
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<T, ClientError> {
+    let transport = |source| ClientError::Transport { node: node.to_owned(), source };
+    let resp = sent.map_err(transport)?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.map_err(transport)?;
+    if !(200..300).contains(&status) {
+        let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.msg).unwrap_or(text);
+        return Err(ClientError::Status { node: node.to_owned(), status, msg });
+    }
+    serde_json::from_str(&text).map_err(|e| ClientError::Protocol { node: node.to_owned(), detail: e.to_string() })
+}
