@@ -73,9 +73,7 @@ impl Client {
                 }
             });
             let answer = tokio::time::timeout(CLIENT_TIMEOUT, answer).await;
-            if std::env::var_os("KVS_SIM_DEBUG").is_some() {
-                eprintln!("{:?} client {} {kind:?} {key} via {node}: {answer:?}", self.start.elapsed(), self.id);
-            }
+            tracing::debug!(target: "kvs_sim::ops", invoke, client = self.id, ?kind, key, node, ?answer, "operation");
             let outcome = match answer {
                 Ok(Ok(Some(Ok(c)))) => {
                     context = context_after(context, &c);

@@ -176,8 +176,11 @@ impl Cluster {
 
     /// The value of a Prometheus metric line starting with `prefix` on `node`.
     pub async fn metric(&self, node: &str, prefix: &str) -> f64 {
-        let text =
-            self.http.get(format!("http://{node}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let running: Vec<_> = self.nodes.iter().map(|n| (n.addr.clone(), n.child.is_some())).collect();
+        let text = match self.http.get(format!("http://{node}/metrics")).send().await {
+            Ok(resp) => resp.text().await.expect("a metrics body"),
+            Err(e) => panic!("metrics from {node}: {e:?} (nodes, running: {running:?})"),
+        };
         text.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
