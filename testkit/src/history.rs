@@ -183,9 +183,9 @@ pub fn check_causal(history: &[Op]) -> Vec<Violation> {
                         });
                     }
                 }
-                if !producers.is_empty() {
+                if producers.iter().any(|w| w.acked()) || state.is_some() {
                     let entry = seen.entry(slot).or_insert((0, String::new()));
-                    if oldest_invoke > entry.0 {
+                    if oldest_invoke > entry.0 && newest_end.is_some_and(|e| e != u64::MAX) {
                         *entry = (oldest_invoke, format!("the write of {state:?} it read"));
                     }
                 }

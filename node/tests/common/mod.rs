@@ -176,17 +176,26 @@ impl Cluster {
 
     /// The value of a Prometheus metric line starting with `prefix` on `node`.
     pub async fn metric(&self, node: &str, prefix: &str) -> f64 {
+        metric_value(&self.metrics_text(node).await, prefix)
+    }
+
+    /// `node`'s whole Prometheus exposition.
+    pub async fn metrics_text(&self, node: &str) -> String {
         let running: Vec<_> = self.nodes.iter().map(|n| (n.addr.clone(), n.child.is_some())).collect();
-        let text = match self.http.get(format!("http://{node}/metrics")).send().await {
+        match self.http.get(format!("http://{node}/metrics")).send().await {
             Ok(resp) => resp.text().await.expect("a metrics body"),
             Err(e) => panic!("metrics from {node}: {e:?} (nodes, running: {running:?})"),
-        };
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        }
     }
+}
+
+/// The value of the first line of a Prometheus exposition that starts with `prefix` (0 if none).
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl Cluster {
