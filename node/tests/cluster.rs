@@ -25,7 +25,7 @@ async fn find_key_in(c: &Cluster, via: &str, want: i64, prefix: &str) -> String 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_put_get_through_every_node() {
-    let c = Cluster::start(10, 4, 2, &[]).await;
+    let c = Cluster::start(4, 2, &[]).await;
     let nodes = c.addrs();
     for i in 0..40 {
         let via = &nodes[i % 4];
@@ -49,7 +49,7 @@ async fn t10_put_get_through_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t20_partition_ids_are_consistent_across_routes() {
-    let c = Cluster::start(20, 5, 2, &[]).await;
+    let c = Cluster::start(5, 2, &[]).await;
     let nodes = c.addrs();
     let layout = c.partitions(&nodes[0]).await;
     assert_eq!(layout.len(), 2, "5 nodes, K=2 → floor(5/2) = 2 partitions");
@@ -89,7 +89,7 @@ const NO_WAITING_OUT: &[(&str, &str)] =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_whole_partition_down_answers_fast_503() {
-    let mut c = Cluster::start(30, 4, 2, NO_WAITING_OUT).await;
+    let mut c = Cluster::start(4, 2, NO_WAITING_OUT).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     let (down, up) = (layout[0].clone(), layout[1].clone());
     let key0 = find_key_in(&c, &up[0], 0, "a").await;
@@ -112,7 +112,7 @@ async fn t30_whole_partition_down_answers_fast_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t40_one_replica_down_reads_and_writes_succeed() {
-    let mut c = Cluster::start(40, 4, 2, NO_WAITING_OUT).await;
+    let mut c = Cluster::start(4, 2, NO_WAITING_OUT).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     for i in 0..20 {
         put(&c.http, &c.addrs()[i % 4], &format!("k{i}"), "before", "").await;
@@ -147,7 +147,7 @@ async fn t40_one_replica_down_reads_and_writes_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_causal_read_on_a_replica_that_missed_the_write() {
     // Anti-entropy slowed to a crawl so only the causal path can make the read fresh.
-    let c = Cluster::start(50, 2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
+    let c = Cluster::start(2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
     // The first write waits for B until A's failure detector declares B dead (it is delivered
@@ -164,7 +164,7 @@ async fn t50_causal_read_on_a_replica_that_missed_the_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_ten_clients_hundred_concurrent_puts_over_five_keys() {
-    let c = Cluster::start(60, 4, 2, &[]).await;
+    let c = Cluster::start(4, 2, &[]).await;
     let nodes = c.addrs();
     let mut tasks = Vec::new();
     for client in 0..10 {
@@ -218,7 +218,7 @@ async fn t60_ten_clients_hundred_concurrent_puts_over_five_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t70_kill_dash_nine_and_restart_keeps_acknowledged_writes() {
-    let mut c = Cluster::start(70, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     let nodes = c.addrs();
     for i in 0..100 {
         let (status, _) = put(&c.http, &nodes[i % 4], &format!("d{i}"), &format!("v{i}"), "").await;
@@ -246,7 +246,7 @@ async fn t70_kill_dash_nine_and_restart_keeps_acknowledged_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t80_paused_replica_converges_through_anti_entropy() {
-    let c = Cluster::start(80, 2, 2, &[]).await;
+    let c = Cluster::start(2, 2, &[]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
     for i in 0..50 {
@@ -273,7 +273,7 @@ async fn t80_paused_replica_converges_through_anti_entropy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t90_python_requests_client_works_unchanged() {
-    let c = Cluster::start(90, 4, 2, &[]).await;
+    let c = Cluster::start(4, 2, &[]).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hw4_client.py");
     let out = std::process::Command::new("python3").arg(script).args(c.addrs()).output().expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -284,14 +284,20 @@ async fn t90_python_requests_client_works_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
-    // B paused: A's PUT waits out the replication timeout (~250 ms), so it is in flight when A
-    // gets SIGTERM.
-    let mut c = Cluster::start(95, 2, 2, &[]).await;
+    // B paused: A's PUT waits for B until B is declared dead, so it is in flight when A gets
+    // SIGTERM.
+    let mut c = Cluster::start(2, 2, &[]).await;
     let a = c.addrs()[0].clone();
     c.nodes[1].pause();
     let (http, node) = (c.http.clone(), a.clone());
     let in_flight = tokio::spawn(async move { put(&http, &node, "last_words", "kept", "").await });
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    // SIGTERM only once A holds the write (B's silence keeps it there until B is judged dead).
+    let mut polls = 0;
+    while c.metric(&a, "kvs_requests_in_flight ").await < 1.0 {
+        polls += 1;
+        assert!(polls < 1000, "the PUT never reached {a}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = c.nodes[0].terminate(Duration::from_secs(10));
     let (code, body) = in_flight.await.unwrap();
     assert_eq!(code, 201, "the in-flight write completed: {body}");
@@ -307,7 +313,7 @@ async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
 /// instead of refusing, so a client read an older value than its own acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
-    let c = Cluster::start(56, 2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
+    let c = Cluster::start(2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
     // "mid" reaches B once it resumes; "new" is never sent to it (A holds B dead by then).
@@ -347,7 +353,7 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
 async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() {
     use kvs_node::peers::{HttpPeers, PeerError, Peers};
     use kvs_node::protocol::{KvOp, PeerRequest, Refusal};
-    let c = Cluster::start(58, 2, 2, &[]).await;
+    let c = Cluster::start(2, 2, &[]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     let (_, old) = put(&c.http, &b, "x", "old", "").await;
     // A stops; a forwarder's write of "x" reaches its socket and waits there (in the chaos run:
@@ -387,7 +393,7 @@ async fn t58_regression_a_held_up_forwarded_write_never_overwrites_newer_ones() 
 /// holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t64_min_replicas_refuses_rather_than_acknowledge_fewer_copies() {
-    let mut c = Cluster::start(64, 2, 2, NO_WAITING_OUT).await;
+    let mut c = Cluster::start(2, 2, NO_WAITING_OUT).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     let http = c.http.clone();
     let write = |key: &str, min: Option<&str>| {
@@ -427,7 +433,7 @@ async fn t64_min_replicas_refuses_rather_than_acknowledge_fewer_copies() {
 /// refused with 503, `Retry-After` and a message naming the limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t66_overload_is_refused_with_retry_after_naming_the_limit() {
-    let c = Cluster::start(66, 2, 2, &[("KVS_MAX_IN_FLIGHT_REQUESTS", "1"), ("KVS_QUEUE_TIMEOUT_MS", "1")]).await;
+    let c = Cluster::start(2, 2, &[("KVS_MAX_IN_FLIGHT_REQUESTS", "1"), ("KVS_QUEUE_TIMEOUT_MS", "1")]).await;
     let a = c.addrs()[0].clone();
     // B stopped: a write through A holds A's only slot until A declares B dead.
     c.nodes[1].pause();
@@ -451,7 +457,7 @@ async fn t66_overload_is_refused_with_retry_after_naming_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t97_slow_and_greedy_clients_do_not_starve_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::start(97, 1, 1, &[("KVS_MAX_CONNECTIONS", "50"), ("KVS_HEADER_TIMEOUT_MS", "5000")]).await;
+    let c = Cluster::start(1, 1, &[("KVS_MAX_CONNECTIONS", "50"), ("KVS_HEADER_TIMEOUT_MS", "5000")]).await;
     let node = c.addrs()[0].clone();
     // Slowloris: 40 connections that never finish their headers.
     let mut slow = Vec::new();

@@ -91,8 +91,8 @@ async fn total(c: &Cluster, nodes: &[String], prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_a_thousand_connections_all_succeed_with_every_copy_then_a_dead_node_costs_no_deadline() {
-    common::raise_open_files_limit();
-    let mut c = Cluster::start(210, 4, 2, &[]).await;
+    kvs_testkit::process::raise_open_files_limit();
+    let mut c = Cluster::start(4, 2, &[]).await;
     let nodes = c.addrs();
     // Peers that were not listening yet when a node first pinged them were (rightly) declared
     // dead while the cluster started; count only what happens under load.

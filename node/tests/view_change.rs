@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Cluster, addr, get, put, status, update_view};
+use common::{Cluster, get, put, status, update_view};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,12 +55,11 @@ async fn agreed_layout(c: &Cluster) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_add_two_then_remove_three_one_of_them_killed() {
-    let mut c = Cluster::start(110, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     write_keys(&c, "k", 500).await;
     let first = c.addrs()[0].clone();
     for (i, want) in [(4, 2), (5, 3), (6, 3)] {
-        let new = addr(110, i);
-        c.spawn_joiner(&new, 2).await;
+        let new = c.spawn_joiner(i, 2).await;
         let (status, body) = update_view(&c.http, &first, "add", &new).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["number_of_partitions"], want, "{} nodes at K=2: {body}", i + 1);
@@ -87,7 +86,7 @@ async fn t10_add_two_then_remove_three_one_of_them_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t20_removing_a_whole_partition_member_by_member_loses_nothing() {
-    let mut c = Cluster::start(120, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     write_keys(&c, "p", 300).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     let via = layout[1][0].clone();
@@ -102,7 +101,7 @@ async fn t20_removing_a_whole_partition_member_by_member_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_changing_k_keeps_every_key_on_every_replica() {
-    let c = Cluster::start(130, 6, 2, &[]).await;
+    let c = Cluster::start(6, 2, &[]).await;
     write_keys(&c, "r", 300).await;
     let members = c.addrs();
     for k in [3, 1, 2] {
@@ -126,7 +125,7 @@ async fn t30_changing_k_keeps_every_key_on_every_replica() {
 /// One writer per key set, sequential per key, so "the last acknowledged value" is well defined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t40_writes_during_add_and_remove_are_never_lost() {
-    let mut c = Cluster::start(140, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4 {
@@ -152,8 +151,7 @@ async fn t40_writes_during_add_and_remove_are_never_lost() {
     }
     let first = c.addrs()[0].clone();
     for i in [4, 5] {
-        let new = addr(140, i);
-        c.spawn_joiner(&new, 2).await;
+        let new = c.spawn_joiner(i, 2).await;
         assert_eq!(update_view(&c.http, &first, "add", &new).await.0, 200);
     }
     let gone = c.addrs()[2].clone();
@@ -180,11 +178,10 @@ async fn t40_writes_during_add_and_remove_are_never_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_two_concurrent_view_changes_never_share_an_epoch() {
-    let mut c = Cluster::start(150, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     write_keys(&c, "c", 100).await;
-    let (x, y) = (addr(150, 4), addr(150, 5));
-    c.spawn_joiner(&x, 2).await;
-    c.spawn_joiner(&y, 2).await;
+    let x = c.spawn_joiner(4, 2).await;
+    let y = c.spawn_joiner(5, 2).await;
     let nodes = c.addrs();
     let (a, b) = tokio::join!(update_view(&c.http, &nodes[0], "add", &x), update_view(&c.http, &nodes[3], "add", &y));
     let statuses = [a.0, b.0];
@@ -211,9 +208,8 @@ async fn t50_two_concurrent_view_changes_never_share_an_epoch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t60_a_retried_view_change_is_idempotent() {
-    let mut c = Cluster::start(160, 4, 2, &[]).await;
-    let x = addr(160, 4);
-    c.spawn_joiner(&x, 2).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
+    let x = c.spawn_joiner(4, 2).await;
     let first = c.addrs()[0].clone();
     let (s1, b1) = update_view(&c.http, &first, "add", &x).await;
     let (s2, b2) = update_view(&c.http, &c.addrs()[2], "add", &x).await;
@@ -229,15 +225,14 @@ async fn t60_a_retried_view_change_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t70_view_change_while_a_replica_is_paused() {
-    let mut c = Cluster::start(170, 4, 2, &[]).await;
+    let mut c = Cluster::start(4, 2, &[]).await;
     write_keys(&c, "z", 300).await;
     let layout = c.partitions(&c.addrs()[0]).await;
     let paused = layout[1][1].clone();
     c.node(&paused).pause();
     let first = layout[0][0].clone();
     for i in [4, 5] {
-        let new = addr(170, i);
-        c.spawn_joiner(&new, 2).await;
+        let new = c.spawn_joiner(i, 2).await;
         let (status, body) = update_view(&c.http, &first, "add", &new).await;
         assert_eq!(status, 200, "{body}");
     }

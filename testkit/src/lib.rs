@@ -1,7 +1,17 @@
 //! Test support shared by kvstore's suites.
 //!
+//! - [`process`]: node processes (start from a command, signal, pause until stopped, stop
+//!   cleanly, kill, restart on the same data, wait until healthy), used by the node's cluster
+//!   tests, the fault-injection harness and the stand-in kubelet of `kvs-e2e`.
+//! - [`net`]: addresses that never collide between tests running side by side (a loopback `/24`
+//!   or a namespace-network id per test, leased through a file lock).
+//! - [`k8s_request`]: the attributes the Kubernetes API server derives from a request, for the test
+//!   doubles that stand in for parts of it.
 //! - [`history`]: operation histories and the checker that judges them (no lost acknowledged
 //!   write, no causal read going back in time), used by the real-process fault-injection runs
 //!   (`kvs-e2e`) and the deterministic simulator (`kvs-sim`).
 
 pub mod history;
+pub mod k8s_request;
+pub mod net;
+pub mod process;

@@ -171,7 +171,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut faults: BTreeMap<String, usize> = BTreeMap::new();
     let admin = kvs_api::AdminClient::default().with_change_timeout(Duration::from_secs(60));
-    let partitions_possible = matches!(plan.network, Network::Namespaces { .. });
+    let partitions_possible = plan.network == Network::Namespaces;
     let deadline = start + Duration::from_secs_f64(plan.seconds);
     let mut members: Vec<usize> = (0..plan.members).collect();
     let mut spares: Vec<usize> = (plan.members..plan.members + plan.spares).collect();
@@ -459,11 +459,4 @@ impl Summary {
         }
         out
     }
-}
-
-/// Loopback network numbers and namespace run ids handed out so parallel runs never share one.
-pub fn unique_id(base: u8) -> u8 {
-    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-    let pid = std::process::id() as u8;
-    base.wrapping_add(pid % 16).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 200 + 20
 }

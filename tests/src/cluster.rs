@@ -1,32 +1,58 @@
 //! Real `kvs-node` processes for fault-injection runs, on one of two networks:
 //!
-//! - **Loopback**: node `i` on `127.0.<net>.<i+1>:8080`. Faults: pause, crash/restart.
+//! - **Loopback**: node `i` on `127.0.<net>.<i+1>:8080`, `<net>` leased from `kvs_testkit::net` for
+//!   the cluster's life. Faults: pause, crash/restart.
 //! - **Namespaces** (root only): every node in its own network namespace, linked by a veth pair to
 //!   a bridge in a hub namespace; the test process reaches the bridge through one veth in its own
 //!   namespace. Addresses are `10.77.<run>.<i+1>` — a private range used only inside these
-//!   namespaces. Faults add **partition**: taking a node's link down on the bridge cuts it off
+//!   namespaces, `<run>` leased like a loopback net. Faults add **partition**: taking a node's link down on the bridge cuts it off
 //!   from every other node and from clients. Every namespace and link is removed on drop, also
 //!   when a test fails (and stale ones of an earlier run with the same id are removed first).
 
 use anyhow::{Context, bail};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use kvs_testkit::net::{Lease, LoopbackNet, NODE_PORT};
+use kvs_testkit::process::{NodeCommand, NodeProcess};
+use std::process::Command;
+use std::time::Duration;
 
-pub const PORT: u16 = 8080;
+pub use kvs_testkit::process::node_binary;
+
+/// How long a node gets to answer `/healthz` after a start.
+const START_WITHIN: Duration = Duration::from_secs(20);
 
 /// Where the nodes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Network {
-    Loopback { net: u8 },
-    Namespaces { run: u8 },
+    Loopback,
+    Namespaces,
 }
 
-impl Network {
-    fn addr(self, i: usize) -> String {
+/// The addresses a cluster was given: a loopback `/24`, or a namespace-network id (`10.77.<run>.x`
+/// inside the namespaces, and the run's namespace and link names), leased for the cluster's life.
+enum Addresses {
+    Loopback(LoopbackNet),
+    Namespaces(Lease),
+}
+
+impl Addresses {
+    fn take(network: Network) -> Addresses {
+        match network {
+            Network::Loopback => Addresses::Loopback(LoopbackNet::take()),
+            Network::Namespaces => Addresses::Namespaces(Lease::take("netns")),
+        }
+    }
+
+    fn node(&self, i: usize) -> String {
         match self {
-            Network::Loopback { net } => format!("127.0.{net}.{}:{PORT}", i + 1),
-            Network::Namespaces { run } => format!("10.77.{run}.{}:{PORT}", i + 1),
+            Addresses::Loopback(net) => net.node(i),
+            Addresses::Namespaces(run) => format!("10.77.{}.{}:{NODE_PORT}", run.number(), i + 1),
+        }
+    }
+
+    fn run(&self) -> Option<u8> {
+        match self {
+            Addresses::Loopback(_) => None,
+            Addresses::Namespaces(run) => Some(run.number()),
         }
     }
 }
@@ -49,85 +75,27 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 pub struct NodeProc {
     pub addr: String,
     pub index: usize,
-    namespace: Option<String>,
-    child: Option<Child>,
+    process: NodeProcess,
     pub data_dir: tempfile::TempDir,
-    env: Vec<(String, String)>,
-    paused: bool,
 }
 
 impl NodeProc {
-    fn spawn(&mut self, bin: &Path) -> anyhow::Result<()> {
-        let mut cmd = match &self.namespace {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        cmd.env_clear()
-            .env("IPPORT", &self.addr)
-            .env("LISTEN", &self.addr)
-            .env("KVS_DATA_DIR", self.data_dir.path())
-            .env("RUST_LOG", std::env::var("KVS_TEST_LOG").unwrap_or_else(|_| "error".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().with_context(|| format!("starting {}", bin.display()))?);
-        Ok(())
-    }
-
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    fn signal(&self, sig: &str) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.paused = false;
+        self.process.pid().is_some()
     }
 }
 
 /// A cluster of node processes plus spare nodes (started without `VIEW`, for view changes).
 pub struct Cluster {
     pub network: Network,
+    addresses: Addresses,
     pub nodes: Vec<NodeProc>,
-    bin: PathBuf,
     hub: Option<String>,
-}
-
-/// The `kvs-node` binary: `KVS_NODE_BIN`, else the workspace's debug build (built if missing).
-pub fn node_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("KVS_NODE_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let bin = target.join("debug").join("kvs-node");
-    if !bin.exists() {
-        let ok = Command::new(env!("CARGO")).args(["build", "-p", "kvs-node"]).current_dir(&root).status()?.success();
-        if !ok {
-            bail!("building kvs-node failed");
-        }
-    }
-    Ok(bin)
 }
 
 impl Cluster {
     /// Starts `members` nodes forming a cluster at replication factor `k`, plus `spares` nodes
-    /// without a view. `extra_env` goes to every node.
+    /// without a view, on addresses of their own. `extra_env` goes to every node.
     pub async fn start(
         network: Network,
         members: usize,
@@ -136,32 +104,28 @@ impl Cluster {
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Cluster> {
         let bin = node_binary()?;
-        let mut cluster = Cluster { network, nodes: Vec::new(), bin, hub: None };
-        if let Network::Namespaces { run } = network {
+        let addresses = Addresses::take(network);
+        let mut cluster = Cluster { network, addresses, nodes: Vec::new(), hub: None };
+        if let Some(run) = cluster.addresses.run() {
             cluster.build_network(run, members + spares)?;
         }
-        let view: Vec<String> = (0..members).map(|i| network.addr(i)).collect();
+        let view: Vec<String> = (0..members).map(|i| cluster.addresses.node(i)).collect();
         for i in 0..members + spares {
-            let mut env = vec![("K".to_owned(), k.to_string())];
+            let addr = cluster.addresses.node(i);
+            let data_dir = tempfile::tempdir()?;
+            let mut command = NodeCommand::node(&bin, &addr, data_dir.path(), "error").env("K", k.to_string());
             if i < members {
-                env.push(("VIEW".to_owned(), view.join(",")));
+                command = command.env("VIEW", view.join(","));
             }
-            env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            let namespace = cluster.hub.as_ref().map(|_| node_namespace(network, i));
-            let mut node = NodeProc {
-                addr: network.addr(i),
-                index: i,
-                namespace,
-                child: None,
-                data_dir: tempfile::tempdir()?,
-                env,
-                paused: false,
-            };
-            node.spawn(&cluster.bin)?;
-            cluster.nodes.push(node);
+            for (k, v) in extra_env {
+                command = command.env(*k, *v);
+            }
+            command.namespace = cluster.addresses.run().map(|run| node_namespace(run, i));
+            let process = NodeProcess::start(command).with_context(|| format!("starting {}", bin.display()))?;
+            cluster.nodes.push(NodeProc { addr, index: i, process, data_dir });
         }
         for n in &cluster.nodes {
-            wait_healthy(&n.addr).await?;
+            kvs_testkit::process::wait_healthy(&n.addr, START_WITHIN).await?;
         }
         Ok(cluster)
     }
@@ -179,7 +143,7 @@ impl Cluster {
         ip(&["addr", "add", &format!("10.77.{run}.254/24"), "dev", &root_if])?;
         ip(&["link", "set", &root_if, "up"])?;
         for i in 0..nodes {
-            let ns = node_namespace(self.network, i);
+            let ns = node_namespace(run, i);
             let port = format!("p{i}");
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -195,47 +159,47 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
     }
 
+    /// The hub namespace's port of node `i` (namespaces only).
+    fn hub_port(&self, i: usize) -> anyhow::Result<(&str, String)> {
+        let hub = self.hub.as_deref().context("partitions need the namespace network")?;
+        Ok((hub, format!("p{i}")))
+    }
+
     /// Cuts node `i` off from everyone (namespaces only).
     pub fn isolate(&self, i: usize) -> anyhow::Result<()> {
-        let hub = self.hub.as_ref().context("partitions need the namespace network")?;
-        ip(&["-n", hub, "link", "set", &format!("p{i}"), "down"])
+        let (hub, port) = self.hub_port(i)?;
+        ip(&["-n", hub, "link", "set", &port, "down"])
     }
 
     /// Reconnects node `i`.
     pub fn heal(&self, i: usize) -> anyhow::Result<()> {
-        let hub = self.hub.as_ref().context("partitions need the namespace network")?;
-        ip(&["-n", hub, "link", "set", &format!("p{i}"), "up"])
+        let (hub, port) = self.hub_port(i)?;
+        ip(&["-n", hub, "link", "set", &port, "up"])
     }
 
+    /// SIGSTOP, returning once the process is stopped.
     pub fn pause(&mut self, i: usize) {
-        self.nodes[i].signal("STOP");
-        self.nodes[i].paused = true;
+        self.nodes[i].process.pause();
     }
 
     pub fn resume(&mut self, i: usize) {
-        self.nodes[i].signal("CONT");
-        self.nodes[i].paused = false;
+        self.nodes[i].process.resume();
     }
 
     /// SIGKILL: nothing is flushed.
     pub fn crash(&mut self, i: usize) {
-        self.nodes[i].kill();
+        self.nodes[i].process.kill();
     }
 
     /// Starts node `i` again with the same data directory.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
-        self.nodes[i].kill();
-        let bin = self.bin.clone();
-        self.nodes[i].spawn(&bin)?;
-        wait_healthy(&self.nodes[i].addr).await
+        self.nodes[i].process.restart()?;
+        kvs_testkit::process::wait_healthy(&self.nodes[i].addr, START_WITHIN).await
     }
 }
 
-fn node_namespace(network: Network, i: usize) -> String {
-    match network {
-        Network::Namespaces { run } => format!("kvs{run}n{i}"),
-        Network::Loopback { .. } => String::new(),
-    }
+fn node_namespace(run: u8, i: usize) -> String {
+    format!("kvs{run}n{i}")
 }
 
 /// Removes the namespaces and the root-side link of run `run` (ignoring what does not exist).
@@ -250,25 +214,10 @@ fn cleanup_network(run: u8, nodes: usize) {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            n.kill();
+            n.process.kill();
         }
-        if let Network::Namespaces { run } = self.network {
+        if let Some(run) = self.addresses.run() {
             cleanup_network(run, self.nodes.len() + 8);
         }
     }
-}
-
-/// Waits until `addr` answers `/healthz` (20 s at most).
-pub async fn wait_healthy(addr: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{addr} did not become healthy within 20 s")
 }

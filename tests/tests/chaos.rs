@@ -1,7 +1,7 @@
 //! Bounded fault-injection runs for CI, with fixed seeds. Each fails with the checker's findings.
 //! The namespace runs need root (CI has it); elsewhere they are skipped with a message.
 
-use kvs_e2e::chaos::{Plan, run, unique_id};
+use kvs_e2e::chaos::{Plan, run};
 use kvs_e2e::cluster::{Network, namespaces_available};
 
 async fn check(network: Network, seed: u64, seconds: f64) {
@@ -21,7 +21,7 @@ async fn check(network: Network, seed: u64, seconds: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_pauses_crashes_and_view_changes_seed_1() {
-    check(Network::Loopback { net: unique_id(100) }, 1, 12.0).await;
+    check(Network::Loopback, 1, 12.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,5 +30,5 @@ async fn namespaces_partitions_pauses_crashes_and_view_changes_seed_2() {
         eprintln!("SKIPPED: network namespaces need root and iproute2 (CI runs as root)");
         return;
     }
-    check(Network::Namespaces { run: unique_id(0) }, 2, 12.0).await;
+    check(Network::Namespaces, 2, 12.0).await;
 }

@@ -1,150 +1,106 @@
 //! Test harness: real `kvs-node` processes, each on its own loopback address `127.0.<net>.<i>:8080`
 //! with the HW4 environment (`K`, `VIEW`, `IPPORT`, `LISTEN`), as the course's script starts them.
-//! Every test picks its own `<net>` so tests run in parallel without sharing addresses.
+//! Every cluster leases its own `<net>` from `kvs_testkit::net`, so tests run in parallel (and
+//! beside other suites) without sharing addresses; processes are `kvs_testkit::process` ones.
 #![allow(dead_code)]
 
+use kvs_testkit::net::LoopbackNet;
+use kvs_testkit::process::{NodeCommand, NodeProcess};
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub const PORT: u16 = 8080;
+/// How long a node gets to answer `/healthz` after a start.
+const START_WITHIN: Duration = Duration::from_secs(20);
 
 /// One node process and the data directory it keeps across restarts.
 pub struct NodeProc {
     pub addr: String,
-    pub child: Option<Child>,
+    pub process: NodeProcess,
     pub data_dir: tempfile::TempDir,
-    env: Vec<(String, String)>,
 }
 
 impl NodeProc {
-    fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvs-node"));
-        cmd.env_clear()
-            .env("IPPORT", &self.addr)
-            .env("LISTEN", &self.addr)
-            .env("KVS_DATA_DIR", self.data_dir.path())
-            .env("RUST_LOG", std::env::var("KVS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
+    fn start(addr: &str, env: &[(String, String)]) -> NodeProc {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let mut command = NodeCommand::node(env!("CARGO_BIN_EXE_kvs-node"), addr, data_dir.path(), "warn");
+        for (k, v) in env {
+            command = command.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("kvs-node starts"));
+        let process = NodeProcess::start(command).expect("kvs-node starts");
+        NodeProc { addr: addr.to_owned(), process, data_dir }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("node is running").id()
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
     }
 
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let status =
-            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill runs");
-        assert!(status.success(), "kill -{sig} failed");
+        self.process.kill();
     }
 
     /// SIGTERM, then waits (up to `within`) for the process to exit; returns its exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        self.signal("TERM");
-        let mut child = self.child.take().expect("node is running");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait works") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{} did not exit within {within:?} of SIGTERM", self.addr);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let addr = &self.addr;
+        self.process.terminate(within).unwrap_or_else(|| panic!("{addr} did not exit within {within:?} of SIGTERM"))
     }
 
     /// SIGSTOP, returning once every thread of the process is stopped (signals are asynchronous).
     pub fn pause(&self) {
-        self.signal("STOP");
-        let stat = format!("/proc/{}/stat", self.pid());
-        for _ in 0..200 {
-            let state = std::fs::read_to_string(&stat).unwrap_or_default();
-            if state.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("{} did not stop", self.addr);
+        self.process.pause();
     }
 
     pub fn resume(&self) {
-        self.signal("CONT");
+        self.process.resume();
     }
 
+    /// Kills the process and starts it again on the same data directory.
     pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn();
+        self.process.restart().expect("kvs-node restarts");
         wait_healthy(&self.addr).await;
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
-        }
-        self.kill();
     }
 }
 
 /// A cluster of node processes.
 pub struct Cluster {
+    /// This cluster's addresses: node `i` is `net.node(i)`.
+    pub net: LoopbackNet,
     pub nodes: Vec<NodeProc>,
     pub http: reqwest::Client,
 }
 
-pub fn addr(net: u8, i: usize) -> String {
-    format!("127.0.{net}.{}:{PORT}", i + 1)
-}
-
 impl Cluster {
-    /// Starts `n` nodes with replication factor `k` on `127.0.<net>.1..=n`, plus `extra_env`.
-    pub async fn start(net: u8, n: usize, k: u32, extra_env: &[(&str, &str)]) -> Cluster {
-        let addrs: Vec<String> = (0..n).map(|i| addr(net, i)).collect();
+    /// Starts `n` nodes with replication factor `k` on a loopback net of their own, plus
+    /// `extra_env`.
+    pub async fn start(n: usize, k: u32, extra_env: &[(&str, &str)]) -> Cluster {
+        let net = LoopbackNet::take();
+        let addrs: Vec<String> = (0..n).map(|i| net.node(i)).collect();
         let view = addrs.join(",");
         let mut nodes = Vec::new();
         for a in &addrs {
             let mut env = vec![("K".to_owned(), k.to_string()), ("VIEW".to_owned(), view.clone())];
             env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-            let mut node =
-                NodeProc { addr: a.clone(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
-            node.spawn();
-            nodes.push(node);
+            nodes.push(NodeProc::start(a, &env));
         }
         for a in &addrs {
             wait_healthy(a).await;
         }
-        Cluster { nodes, http: client() }
+        Cluster { net, nodes, http: client() }
     }
 
-    /// Starts one more node at `addr` with `K` but without `VIEW`: it waits to be added.
-    pub async fn spawn_joiner(&mut self, addr: &str, k: u32) {
-        let env = vec![("K".to_owned(), k.to_string())];
-        let mut node =
-            NodeProc { addr: addr.to_owned(), child: None, data_dir: tempfile::tempdir().expect("tempdir"), env };
-        node.spawn();
-        wait_healthy(addr).await;
+    /// Starts node `i` of this cluster's net with `K` but without `VIEW`: it waits to be added.
+    /// Returns its address.
+    pub async fn spawn_joiner(&mut self, i: usize, k: u32) -> String {
+        let addr = self.net.node(i);
+        let node = NodeProc::start(&addr, &[("K".to_owned(), k.to_string())]);
+        wait_healthy(&addr).await;
         self.nodes.push(node);
+        addr
     }
 
-    /// Addresses of nodes whose process is running.
+    /// Addresses of nodes whose process was started and not killed or stopped since.
     pub fn running(&self) -> Vec<String> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.addr.clone()).collect()
+        self.nodes.iter().filter(|n| n.process.pid().is_some()).map(|n| n.addr.clone()).collect()
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -181,7 +137,7 @@ impl Cluster {
 
     /// `node`'s whole Prometheus exposition.
     pub async fn metrics_text(&self, node: &str) -> String {
-        let running: Vec<_> = self.nodes.iter().map(|n| (n.addr.clone(), n.child.is_some())).collect();
+        let running: Vec<_> = self.nodes.iter().map(|n| (n.addr.clone(), n.process.pid().is_some())).collect();
         match self.http.get(format!("http://{node}/metrics")).send().await {
             Ok(resp) => resp.text().await.expect("a metrics body"),
             Err(e) => panic!("metrics from {node}: {e:?} (nodes, running: {running:?})"),
@@ -212,29 +168,12 @@ impl Cluster {
     }
 }
 
-/// Raises this process's open-files limit to its hard limit (tests that open a thousand client
-/// connections need more than the usual soft limit of 1024).
-pub fn raise_open_files_limit() {
-    let (_, hard) = rlimit::Resource::NOFILE.get().expect("read RLIMIT_NOFILE");
-    rlimit::Resource::NOFILE.set(hard, hard).expect("raise RLIMIT_NOFILE to its hard limit");
-}
-
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 pub async fn wait_healthy(addr: &str) {
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().expect("client");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{addr} did not become healthy within 20 s");
+    kvs_testkit::process::wait_healthy(addr, START_WITHIN).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// One HW4 request: form-encoded body (even on GET, as the course's client does). Returns status

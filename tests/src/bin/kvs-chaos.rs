@@ -7,7 +7,7 @@
 //! injects pauses, crashes and view changes only.
 
 use clap::Parser;
-use kvs_e2e::chaos::{Plan, run, unique_id};
+use kvs_e2e::chaos::{Plan, run};
 use kvs_e2e::cluster::{Network, namespaces_available};
 
 #[derive(Parser, Debug)]
@@ -49,10 +49,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let network = if !a.loopback && namespaces_available() {
-        Network::Namespaces { run: unique_id(0) }
+        Network::Namespaces
     } else {
         eprintln!("kvs-chaos: network namespaces need root and iproute2; using loopback (no partitions)");
-        Network::Loopback { net: unique_id(100) }
+        Network::Loopback
     };
     let plan = Plan {
         network,
