@@ -1,10 +1,13 @@
 //! kvs-operator: the `KVStoreCluster` custom resource, its controller (Kubernetes) and the local
-//! mode (processes on this machine), which share one rebalance driver.
+//! mode (processes on this machine), which share one rebalance driver ([`rebalance`], which knows
+//! nothing of Kubernetes).
 
 pub mod controller;
 pub mod crd;
-pub mod driver;
 pub mod local;
 pub mod metrics;
 pub mod rbac;
+pub mod rebalance;
 pub mod serve;
+pub mod shutdown;
+pub mod telemetry;

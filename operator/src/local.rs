@@ -1,22 +1,24 @@
 //! Local mode (`kvs-operator local -f cluster.yaml`): a KVStoreCluster run on this machine without
 //! Kubernetes. Node "pods" are `kvs-node` processes on loopback addresses
 //! (`<address-base><ordinal+1>:8080`), each with its data under `<data-dir>/pod-<ordinal>`; the
-//! same planner and view-change driver as the controller move the data. The file is watched:
-//! edits to `replicas` or `replicationFactor` are applied with a progress display.
+//! same rebalance driver as the controller ([`crate::rebalance::Driver`]) moves the data, with
+//! [`LocalBackend`] as its backend. The file is watched: edits to `replicas` or `replicationFactor`
+//! are applied with a progress display (stdout; logs go to stderr).
 //!
 //! Like a StatefulSet: pods have stable ordinals and identities, scaling removes the highest
 //! ordinals, and a pod's data directory outlives the process (so running again resumes). Unlike
 //! one, a removed pod's data is deleted: the driver only removes pods after the view no longer
 //! contains them, so their data has already moved.
 
-use crate::controller::plan::{Pod, Step};
-use crate::controller::validate::{Validated, validate};
+use crate::controller::validate::validate;
 use crate::crd::KVStoreCluster;
-use crate::driver::{Backend, NodeAdmin, ViewChangeTask, observe};
+use crate::rebalance::{Action, Backend, Driver, FinishedViewChange, NodeAdmin, Pod, Step, StepReport, Target};
+use crate::shutdown::shutdown_signal;
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub struct LocalBackend {
@@ -29,20 +31,20 @@ pub struct LocalBackend {
 
 impl LocalBackend {
     /// Starts the pods of a cluster: the ones found under `data_dir` (a restart: each comes back
-    /// with its persisted view), or `spec.replicas` new ones forming the initial view.
-    pub fn start(node_bin: PathBuf, data_dir: PathBuf, address_base: String, spec: &Validated) -> anyhow::Result<Self> {
+    /// with its persisted view), or `target.replicas` new ones forming the initial view.
+    pub fn start(node_bin: PathBuf, data_dir: PathBuf, address_base: String, target: &Target) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&data_dir)?;
         let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
         let mut backend = LocalBackend { node_bin, data_dir, address_base, pods: BTreeMap::new(), http };
         let existing = backend.existing_ordinals()?;
         if existing.is_empty() {
-            let view: Vec<String> = (0..spec.replicas).map(|o| backend.identity(o)).collect();
-            for o in 0..spec.replicas {
-                backend.start_pod(o, spec, Some(&view.join(",")))?;
+            let view: Vec<String> = (0..target.replicas).map(|o| backend.identity(o)).collect();
+            for o in 0..target.replicas {
+                backend.start_pod(o, target, Some(&view.join(",")))?;
             }
         } else {
             for o in existing {
-                backend.start_pod(o, spec, None)?;
+                backend.start_pod(o, target, None)?;
             }
         }
         Ok(backend)
@@ -69,7 +71,7 @@ impl LocalBackend {
         self.data_dir.join(format!("pod-{ordinal}"))
     }
 
-    fn start_pod(&mut self, ordinal: u32, spec: &Validated, view: Option<&str>) -> anyhow::Result<()> {
+    fn start_pod(&mut self, ordinal: u32, target: &Target, view: Option<&str>) -> anyhow::Result<()> {
         let addr = self.identity(ordinal);
         let dir = self.pod_dir(ordinal);
         std::fs::create_dir_all(&dir)?;
@@ -77,7 +79,7 @@ impl LocalBackend {
         let mut cmd = Command::new(&self.node_bin);
         cmd.env("IPPORT", &addr)
             .env("LISTEN", &addr)
-            .env("K", spec.replication_factor.to_string())
+            .env("K", target.replication_factor.to_string())
             .env("KVS_DATA_DIR", &dir)
             .env("KVS_WORKER_THREADS", "1")
             .env_remove("VIEW")
@@ -132,11 +134,11 @@ impl Backend for LocalBackend {
         self.pods.keys().next_back().map_or(0, |o| o + 1)
     }
 
-    async fn set_replicas(&mut self, replicas: u32, spec: &Validated) -> anyhow::Result<()> {
+    async fn set_replicas(&mut self, replicas: u32, target: &Target) -> anyhow::Result<()> {
         let current = self.replicas();
         for o in current..replicas {
             // New pods join later through a view change: they start without VIEW.
-            self.start_pod(o, spec, None)?;
+            self.start_pod(o, target, None)?;
         }
         for o in (replicas..current).rev() {
             self.stop_pod(o);
@@ -194,12 +196,12 @@ pub struct LocalArgs {
     pub node_bin: Option<PathBuf>,
 }
 
-fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Validated)> {
+fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Target)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cluster: KVStoreCluster =
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
     let valid = validate(&cluster.spec).with_context(|| format!("{} has an invalid spec", path.display()))?;
-    Ok((cluster, valid))
+    Ok((cluster, valid.target))
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -227,24 +229,40 @@ fn describe(step: &Step, status: Option<&kvs_api::ClusterStatus>) -> String {
     format!("{view} — {action}")
 }
 
+/// The progress line of a step (`None`: nothing new to show).
+fn progress_line(report: &StepReport) -> Option<String> {
+    let obs = &report.observation;
+    match &report.action {
+        // Ours is moving data: show how far it got.
+        Action::AwaitViewChange { ours: true } => obs.status.as_ref().map(|s| {
+            let r = &s.rebalance;
+            format!("  rebalancing to epoch {}: {} — {}/{} keys moved", r.epoch, r.phase, r.moved_keys, r.total_keys)
+        }),
+        Action::AwaitViewChange { ours: false } => {
+            Some("a view change is under way on the nodes — waiting for it".to_owned())
+        }
+        _ => Some(describe(&obs.step, obs.status.as_ref())),
+    }
+}
+
 /// Runs the cluster described by `a.file` until Ctrl-C or SIGTERM.
 pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
-    let (cluster, mut spec) = load(&a.file)?;
+    let (cluster, mut target) = load(&a.file)?;
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "kvstore".into());
     let node_bin = a.node_bin.unwrap_or_else(default_node_binary);
     let data_dir = a.data_dir.join(&name);
-    let mut backend = LocalBackend::start(node_bin, data_dir.clone(), a.address_base, &spec)?;
+    let mut backend = LocalBackend::start(node_bin, data_dir.clone(), a.address_base, &target)?;
     println!("kvs-operator local: cluster {name:?}, data in {}, watching {}", data_dir.display(), a.file.display());
-    if let Some(d) = &spec.degraded {
+    if let Some(d) = target.degraded() {
         println!("  degraded: {d}");
     }
-    let admin: std::sync::Arc<dyn NodeAdmin> = std::sync::Arc::new(kvs_api::AdminClient::default());
+    let admin: Arc<dyn NodeAdmin> = Arc::new(kvs_api::AdminClient::default());
     let mut seen_mtime = modified(&a.file);
     let mut last_line = String::new();
-    let mut change: Option<ViewChangeTask> = None;
+    let mut driver = Driver::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     // Created once, before any work: a signal that arrives while a step runs is kept, not lost.
-    let stop = stop_signal();
+    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -257,74 +275,28 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
                 Ok((_, new)) => {
                     println!(
                         "spec changed: {} replicas, K={} (was {}, K={})",
-                        new.replicas, new.replication_factor, spec.replicas, spec.replication_factor
+                        new.replicas, new.replication_factor, target.replicas, target.replication_factor
                     );
-                    spec = new;
+                    target = new;
                 }
                 Err(e) => println!("ignoring the edit: {e:#}"),
             }
         }
-        if let Some(task) = &change {
-            // A view change is moving data: show its progress, plan again when it is done.
-            if !task.is_finished() {
-                let pods = backend.pods().await.unwrap_or_default();
-                if let Some(r) = admin.status(&pods).await.map(|s| s.rebalance) {
-                    let line = format!(
-                        "  rebalancing to epoch {}: {} — {}/{} keys moved",
-                        r.epoch, r.phase, r.moved_keys, r.total_keys
-                    );
-                    if line != last_line {
-                        println!("{line}");
-                        last_line = line;
-                    }
-                }
-                continue;
-            }
-            // Finished, so awaiting it returns at once.
-            if let Some(task) = change.take()
-                && let Err(e) = task.outcome().await
-            {
-                println!("view change failed (will retry): {e:#}");
-            }
+        let report = driver.step(&mut backend, &admin, &target).await?;
+        if let Some(FinishedViewChange { outcome: Err(e), .. }) = &report.finished {
+            println!("view change failed (will retry): {e:#}");
         }
-        let obs = observe(&mut backend, admin.as_ref(), &spec).await?;
-        let line = if obs.changing {
-            "a view change is under way on the nodes — waiting for it".to_owned()
-        } else {
-            describe(&obs.step, obs.status.as_ref())
-        };
-        if line != last_line {
+        if let Some(line) = progress_line(&report)
+            && line != last_line
+        {
             println!("{line}");
             last_line = line;
         }
-        if obs.changing {
-            continue;
-        }
-        match obs.step {
-            Step::ScaleStatefulSet { replicas } => {
-                if let Err(e) = backend.set_replicas(replicas, &spec).await {
-                    println!("scaling failed: {e:#}");
-                }
-            }
-            Step::ChangeView { primary, members, replication_factor } => {
-                change = Some(ViewChangeTask::start(admin.clone(), primary, members, replication_factor));
-            }
-            Step::WaitForPods { .. } | Step::Done => {}
+        if let Action::ScaleFailed { error, .. } = &report.action {
+            println!("scaling failed: {error:#}");
         }
     }
     println!("stopping the nodes (data kept in {})", data_dir.display());
     backend.stop_all();
     Ok(())
-}
-
-/// Completes on Ctrl-C (SIGINT) or SIGTERM.
-async fn stop_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

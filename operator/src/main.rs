@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 use kvs_operator::local::{LocalArgs, run_local};
 use kvs_operator::serve::{RunArgs, run};
+use kvs_operator::telemetry::{LogFormat, init_logging};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvs-operator", version, about = "Operator for kvstore clusters")]
@@ -24,13 +25,13 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().cmd {
-        Cmd::Run(a) => run(a).await,
+        Cmd::Run(a) => {
+            init_logging(a.log_format, "info,kube=warn");
+            run(a).await
+        }
         Cmd::Local(a) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-                )
-                .init();
+            // Quiet unless asked (RUST_LOG): the progress lines are the local mode's output.
+            init_logging(LogFormat::Text, "warn");
             run_local(a).await
         }
     }

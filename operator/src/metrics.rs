@@ -1,5 +1,6 @@
 //! The operator's Prometheus metrics (served on `/metrics`): reconciliations by result, their
-//! duration, view changes by result, and each cluster's rebalance progress and phase.
+//! duration, view changes by result, each cluster's rebalance progress and phase, and whether this
+//! replica is the leader.
 //!
 //! Handles are clones of atomics, registered once; updating one never takes a lock.
 
@@ -36,6 +37,9 @@ pub struct Metrics {
     pub rebalancing: Family<ClusterLabels, Gauge>,
     /// Ready node pods per cluster.
     pub ready_replicas: Family<ClusterLabels, Gauge>,
+    /// 1 while this replica holds the leader Lease (or runs without leader election); `/readyz`
+    /// reports its role from it.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,6 +67,8 @@ impl Default for Metrics {
         let rebalancing =
             gauge(&mut registry, "rebalancing", "1 while a cluster's pods or data are moving towards its spec");
         let ready_replicas = gauge(&mut registry, "ready_replicas", "Ready node pods");
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         Metrics {
             registry,
             reconciles,
@@ -72,6 +78,7 @@ impl Default for Metrics {
             rebalance_total_keys,
             rebalancing,
             ready_replicas,
+            leader,
         }
     }
 }

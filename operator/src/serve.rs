@@ -7,8 +7,10 @@
 //! standby that is waiting for the Lease is ready: it can take over at any moment).
 
 use crate::controller::{self, AdminFactory, Context};
-use crate::driver::NodeAdmin;
 use crate::metrics::Metrics;
+use crate::rebalance::NodeAdmin;
+use crate::shutdown::shutdown_signal;
+use crate::telemetry::LogFormat;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
@@ -46,31 +48,15 @@ pub struct RunArgs {
     /// Seconds a leader holds the Lease without renewing it.
     #[arg(long, env = "KVS_OPERATOR_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
-    /// Log format (level from `RUST_LOG`, default `info`).
+    /// Log format (level from `RUST_LOG`, default `info,kube=warn`).
     #[arg(long, env = "KVS_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-/// What the HTTP endpoints report.
+/// What `/readyz` reports (whether this replica leads is the `leader` gauge of [`Metrics`]).
 #[derive(Default)]
 pub struct Health {
     ready: AtomicBool,
-    leader: AtomicBool,
 }
 
 struct AppState {
@@ -91,25 +77,17 @@ async fn readyz(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     if !s.health.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not connected to the Kubernetes API yet".to_owned());
     }
-    let role = if s.health.leader.load(Ordering::Relaxed) { "leader" } else { "standby" };
+    let role = if s.metrics.leader.get() > 0 { "leader" } else { "standby" };
     (StatusCode::OK, format!("ready ({role})"))
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> impl IntoResponse {
-    let leader = i64::from(s.health.leader.load(Ordering::Relaxed));
-    let mut text = s.metrics.render();
-    // The exposition ends with "# EOF"; put the leader gauge before it.
-    if let Some(stripped) = text.strip_suffix("# EOF\n") {
-        text = format!(
-            "{stripped}# HELP kvs_operator_leader 1 while this replica holds the leader Lease.\n# TYPE kvs_operator_leader gauge\nkvs_operator_leader {leader}\n# EOF\n"
-        );
-    }
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
 }
 
-/// Runs the controller process until SIGTERM/Ctrl-C (Ok) or a lost Lease (Err).
+/// Runs the controller process until SIGTERM/Ctrl-C (Ok) or a lost Lease (Err). Logging is the
+/// caller's to set up ([`crate::telemetry::init_logging`]).
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.http_address)
@@ -159,22 +137,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         tracing::info!(lease = %args.lease_name, "became the leader");
-        health.leader.store(true, Ordering::Relaxed);
+        metrics.leader.set(1);
         lease = Some((leading, task));
     } else {
-        health.leader.store(true, Ordering::Relaxed);
+        metrics.leader.set(1);
     }
 
     let admin_for: AdminFactory = Arc::new(|token| Arc::new(kvs_api::AdminClient::new(token)) as Arc<dyn NodeAdmin>);
     let reporter = Reporter { controller: "kvs-operator".into(), instance: Some(identity) };
-    let ctx = Arc::new(Context::new(client, reporter, metrics, admin_for));
+    let ctx = Arc::new(Context::new(client, reporter, metrics.clone(), admin_for));
     // The controller stops on a signal, or when the Lease is lost. The leadership receiver lives
     // inside that future only: once the controller has stopped (and dropped it), the lease task
     // sees its channel closed and releases the Lease, so a successor need not wait for it to expire.
     let (mut leading, task) = lease.map_or((None, None), |(l, t)| (Some(l), Some(t)));
     let lost = Arc::new(AtomicBool::new(false));
     let stop = {
-        let (mut stopping, lost, health) = (stop_rx.clone(), lost.clone(), health.clone());
+        let (mut stopping, lost, metrics) = (stop_rx.clone(), lost.clone(), metrics.clone());
         async move {
             let lease_lost = async {
                 match leading.as_mut() {
@@ -187,7 +165,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = stopping.wait_for(|s| *s) => {}
                 _ = lease_lost => {
-                    health.leader.store(false, Ordering::Relaxed);
+                    metrics.leader.set(0);
                     lost.store(true, Ordering::Relaxed);
                     tracing::error!("lost the leader Lease: stopping");
                 }
@@ -210,21 +188,6 @@ fn default_identity() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "kvs-operator".into());
     format!("{host}-{}", std::process::id())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[cfg(test)]
@@ -250,11 +213,15 @@ mod tests {
         assert_eq!(get_text(app.clone(), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         health.ready.store(true, Ordering::Relaxed);
         assert_eq!(get_text(app.clone(), "/readyz").await, (StatusCode::OK, "ready (standby)".into()));
-        health.leader.store(true, Ordering::Relaxed);
+        let (_, text) = get_text(app.clone(), "/metrics").await;
+        assert!(text.contains("\nkvs_operator_leader 0\n"), "{text}");
+        metrics.leader.set(1);
+        assert_eq!(get_text(app.clone(), "/readyz").await, (StatusCode::OK, "ready (leader)".into()));
         metrics.count_reconcile(true);
         let (status, text) = get_text(app, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
-        assert!(text.contains("kvs_operator_leader 1\n# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE kvs_operator_leader gauge\nkvs_operator_leader 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains(r#"kvs_operator_reconciliations_total{result="ok"} 1"#), "{text}");
     }
 }

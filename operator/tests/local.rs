@@ -3,11 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+use kvs_testkit::net::LoopbackNet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BASE: &str = "127.0.41.";
 
 fn node_bin() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
@@ -35,30 +34,32 @@ fn write_spec(path: &Path, replicas: u32, k: u32) {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-fn start(spec: &Path, data: &Path) -> Child {
+fn start(net: &LoopbackNet, spec: &Path, data: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kvs-operator"))
         .args(["local", "-f"])
         .arg(spec)
         .arg("--data-dir")
         .arg(data)
-        .args(["--address-base", BASE])
+        .arg("--address-base")
+        .arg(net.prefix())
         .env("KVS_NODE_BIN", node_bin())
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
 }
 
-fn addr(ordinal: u32) -> String {
-    format!("{BASE}{}:8080", ordinal + 1)
+/// Where the operator runs pod `ordinal`: `<address-base><ordinal+1>:8080`.
+fn addr(net: &LoopbackNet, ordinal: u32) -> String {
+    format!("{}{}:8080", net.prefix(), ordinal + 1)
 }
 
 /// Waits until node 0 reports a committed view with `members` nodes at `k` and no change pending.
-async fn wait_for_view(members: usize, k: u32) -> kvs_api::ClusterStatus {
+async fn wait_for_view(net: &LoopbackNet, members: usize, k: u32) -> kvs_api::ClusterStatus {
     let admin = kvs_api::AdminClient::default();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Ok(s) = admin.status(&addr(0)).await {
+        if let Ok(s) = admin.status(&addr(net, 0)).await {
             let done = s.pending_epoch.is_none()
                 && s.layout.as_ref().is_some_and(|l| l.members().count() == members && l.replication_factor == k);
             if done {
@@ -71,11 +72,11 @@ async fn wait_for_view(members: usize, k: u32) -> kvs_api::ClusterStatus {
     panic!("no view of {members} nodes at K={k} within 60 s; last status {last:?}");
 }
 
-async fn assert_keys(http: &reqwest::Client, nodes: u32, n: usize) {
+async fn assert_keys(net: &LoopbackNet, http: &reqwest::Client, nodes: u32, n: usize) {
     for o in 0..nodes {
         for i in 0..n {
-            let r = http.get(format!("http://{}/v1/kv/k{i}", addr(o))).send().await.unwrap();
-            assert_eq!(r.status(), 200, "k{i} via {}", addr(o));
+            let r = http.get(format!("http://{}/v1/kv/k{i}", addr(net, o))).send().await.unwrap();
+            assert_eq!(r.status(), 200, "k{i} via {}", addr(net, o));
             assert_eq!(r.text().await.unwrap(), format!("v{i}"));
         }
     }
@@ -83,40 +84,46 @@ async fn assert_keys(http: &reqwest::Client, nodes: u32, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_scales_changes_k_and_resumes() {
+    // This test's own loopback /24, held until the end: no other test's nodes can answer here.
+    let net = LoopbackNet::take();
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("cluster.yaml");
     let data = dir.path().join("data");
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     write_spec(&spec, 4, 2);
-    let mut op = start(&spec, &data);
-    wait_for_view(4, 2).await;
+    let mut op = start(&net, &spec, &data);
+    wait_for_view(&net, 4, 2).await;
     for i in 0..100 {
-        let r = http.put(format!("http://{}/v1/kv/k{i}", addr(i % 4))).body(format!("v{i}")).send().await.unwrap();
+        let r =
+            http.put(format!("http://{}/v1/kv/k{i}", addr(&net, i % 4))).body(format!("v{i}")).send().await.unwrap();
         assert!(r.status().is_success());
     }
     write_spec(&spec, 6, 2);
-    let st = wait_for_view(6, 2).await;
+    let st = wait_for_view(&net, 6, 2).await;
     assert_eq!(st.layout.unwrap().partitions.len(), 3);
-    assert_keys(&http, 6, 100).await;
+    assert_keys(&net, &http, 6, 100).await;
     write_spec(&spec, 6, 3);
-    let st = wait_for_view(6, 3).await;
+    let st = wait_for_view(&net, 6, 3).await;
     assert_eq!(st.layout.unwrap().partitions.len(), 2);
-    assert_keys(&http, 6, 100).await;
+    assert_keys(&net, &http, 6, 100).await;
     write_spec(&spec, 2, 2);
-    wait_for_view(2, 2).await;
+    wait_for_view(&net, 2, 2).await;
     // The leaving pods are stopped once their data has moved.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while http.get(format!("http://{}/healthz", addr(5))).send().await.is_ok() {
+    while http.get(format!("http://{}/healthz", addr(&net, 5))).send().await.is_ok() {
         assert!(Instant::now() < deadline, "pod 5 still running after scale-in");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_keys(&http, 2, 100).await;
+    assert_keys(&net, &http, 2, 100).await;
     // Ctrl-C stops everything cleanly; running again resumes with the data.
     interrupt(&mut op).await;
-    assert!(http.get(format!("http://{}/healthz", addr(0))).send().await.is_err(), "nodes stopped with the operator");
-    let mut op = start(&spec, &data);
-    wait_for_view(2, 2).await;
-    assert_keys(&http, 2, 100).await;
+    assert!(
+        http.get(format!("http://{}/healthz", addr(&net, 0))).send().await.is_err(),
+        "nodes stopped with the operator"
+    );
+    let mut op = start(&net, &spec, &data);
+    wait_for_view(&net, 2, 2).await;
+    assert_keys(&net, &http, 2, 100).await;
     interrupt(&mut op).await;
 }
 

@@ -2,8 +2,15 @@
 //! nodes: a new cluster, scaling out and in, an operator restarted in the middle of a rebalance,
 //! an invalid spec, deletion. The mock keeps objects in memory and applies patches the way the API
 //! server does (server-side apply as a merge, JSON merge patch, JSON patch), so scenarios assert
-//! on the resulting objects rather than on the exact order of requests. Every request is also
-//! checked against the operator's RBAC rules (`kvs_operator::rbac`).
+//! on the resulting objects rather than on the exact order of requests. Requests are classified by
+//! the shared parser of `kvs_testkit::k8s_request`, and every one is checked against the
+//! operator's RBAC rules (`kvs_operator::rbac`).
+//!
+//! Simplified on purpose: server-side apply merges the applied fields into the object (the
+//! operator is the only manager of its children), except on the `status` subresource, where an
+//! apply replaces the whole status — the operator applies its complete status, and a field it
+//! omits (a finished rebalance) must disappear, as it does on a real API server once no manager
+//! owns it. Writes to a subresource change only that part of the object.
 
 #![allow(clippy::unwrap_used)] // a test harness: a failed unwrap is a failed test
 
@@ -14,11 +21,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::{Client, client::Body};
 use kvs_api::{ClusterStatus, Layout, RebalanceProgress};
-use kvs_operator::controller::plan::Pod;
 use kvs_operator::controller::{Context, FINALIZER, reconcile};
 use kvs_operator::crd::{KVStoreCluster, KVStoreClusterSpec};
-use kvs_operator::driver::NodeAdmin;
 use kvs_operator::metrics::Metrics;
+use kvs_operator::rebalance::{NodeAdmin, Pod};
+use kvs_testkit::k8s_request::{self, Attributes};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -29,8 +36,9 @@ const NS: &str = "prod";
 /// One request the operator made.
 #[derive(Clone, Debug)]
 struct Call {
-    verb: &'static str,
+    verb: String,
     group: String,
+    /// As RBAC names it: `resource` or `resource/subresource`.
     resource: String,
 }
 
@@ -41,58 +49,6 @@ struct FakeApi {
     calls: Mutex<Vec<Call>>,
     /// Reasons of the Events created (the mock does not keep Events as objects).
     event_reasons: Mutex<Vec<String>>,
-}
-
-struct Target {
-    group: String,
-    resource: String,
-    namespace: String,
-    name: Option<String>,
-    subresource: Option<String>,
-}
-
-fn parse_path(path: &str) -> Target {
-    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = match seg[0] {
-        "api" => (String::new(), &seg[2..]),
-        _ => (seg[1].to_owned(), &seg[3..]),
-    };
-    let (namespace, rest) = match rest {
-        ["namespaces", ns, rest @ ..] => (ns.to_string(), rest),
-        rest => (String::new(), rest),
-    };
-    Target {
-        group,
-        resource: rest[0].to_owned(),
-        namespace,
-        name: rest.get(1).map(|s| s.to_string()),
-        subresource: rest.get(2).map(|s| s.to_string()),
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-fn label_selector(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("labelSelector="))
-        .flat_map(|sel| percent_decode(sel).split(',').map(str::to_owned).collect::<Vec<_>>())
-        .filter_map(|term| term.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
 }
 
 fn status_response(code: u16, reason: &str) -> Response<Body> {
@@ -139,30 +95,25 @@ impl FakeApi {
         let method = req.method().clone();
         let content_type =
             req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        let query = req.uri().query().unwrap_or_default().to_owned();
-        let t = parse_path(req.uri().path());
+        let query = req.uri().query().map(str::to_owned);
+        let t = match k8s_request::classify(method.as_str(), req.uri().path(), query.as_deref()) {
+            k8s_request::Request::Resource(attributes) => attributes,
+            other => panic!("the operator made a non-resource request: {other:?}"),
+        };
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let body: Value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap() };
-        let verb = match (method.as_str(), &t.name) {
-            ("GET", None) if query.contains("watch=true") => "watch",
-            ("GET", None) => "list",
-            ("GET", Some(_)) => "get",
-            ("POST", _) => "create",
-            ("PATCH", _) => "patch",
-            ("PUT", _) => "update",
-            ("DELETE", _) => "delete",
-            _ => "unknown",
-        };
-        let resource = match &t.subresource {
-            Some(sub) => format!("{}/{sub}", t.resource),
-            None => t.resource.clone(),
-        };
-        self.calls.lock().unwrap().push(Call { verb, group: t.group.clone(), resource });
+        self.calls.lock().unwrap().push(Call {
+            verb: t.verb.clone(),
+            group: t.group.clone(),
+            resource: t.rbac_resource(),
+        });
+        let Attributes { verb, group, resource, subresource, namespace, name } = t;
+        let namespace = namespace.unwrap_or_default();
         let mut objects = self.objects.lock().unwrap();
-        match verb {
+        match verb.as_str() {
             "list" => {
-                let wanted = label_selector(&query);
-                let prefix = format!("{}/{}/{}/", t.group, t.resource, t.namespace);
+                let wanted = k8s_request::label_selector(query.as_deref());
+                let prefix = format!("{group}/{resource}/{namespace}/");
                 let items: Vec<Value> = objects
                     .iter()
                     .filter(|(k, _)| k.starts_with(&prefix))
@@ -171,18 +122,18 @@ impl FakeApi {
                     .collect();
                 ok(&json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}))
             }
-            "get" => match objects.get(&Self::key(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap())) {
+            "get" => match objects.get(&Self::key(&group, &resource, &namespace, name.as_deref().unwrap())) {
                 Some(o) => ok(o),
                 None => status_response(404, "NotFound"),
             },
             "create" => {
                 let mut object = body;
-                if t.resource == "events" {
+                if resource == "events" {
                     self.event_reasons.lock().unwrap().push(object["reason"].as_str().unwrap_or_default().to_owned());
                     return ok(&object);
                 }
                 let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-                let key = Self::key(&t.group, &t.resource, &t.namespace, &name);
+                let key = Self::key(&group, &resource, &namespace, &name);
                 if objects.contains_key(&key) {
                     return status_response(409, "AlreadyExists");
                 }
@@ -203,12 +154,29 @@ impl FakeApi {
                 ok(&object)
             }
             "patch" => {
-                if t.resource == "events" {
+                if resource == "events" {
                     return ok(&body);
                 }
-                let key = Self::key(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap());
+                let key = Self::key(&group, &resource, &namespace, name.as_deref().unwrap());
+                let applying = content_type == "application/apply-patch+yaml";
+                // The API server refuses an apply without the object's type and name.
+                if applying
+                    && (!body["apiVersion"].is_string()
+                        || !body["kind"].is_string()
+                        || body["metadata"]["name"].as_str() != name.as_deref())
+                {
+                    return status_response(400, "BadRequest");
+                }
                 let existing = objects.get(&key).cloned();
                 let patched = match (content_type.as_str(), existing) {
+                    // A subresource belongs to an existing object, and a write to it changes only it.
+                    (_, None) if subresource.is_some() => return status_response(404, "NotFound"),
+                    (_, Some(mut o)) if applying && subresource.as_deref() == Some("status") => {
+                        // The whole status is applied: what it leaves out is no longer there.
+                        o["status"] = body.get("status").cloned().unwrap_or(Value::Null);
+                        o
+                    }
+                    (other, _) if subresource.is_some() => panic!("unexpected {other} patch of {subresource:?}"),
                     ("application/apply-patch+yaml", existing) => {
                         let mut o = existing.unwrap_or(json!({}));
                         merge_applied(&mut o, &body);
@@ -235,12 +203,10 @@ impl FakeApi {
                 objects.insert(key, patched.clone());
                 ok(&patched)
             }
-            "delete" => {
-                match objects.remove(&Self::key(&t.group, &t.resource, &t.namespace, t.name.as_deref().unwrap())) {
-                    Some(o) => ok(&o),
-                    None => status_response(404, "NotFound"),
-                }
-            }
+            "delete" => match objects.remove(&Self::key(&group, &resource, &namespace, name.as_deref().unwrap())) {
+                Some(o) => ok(&o),
+                None => status_response(404, "NotFound"),
+            },
             other => panic!("unexpected {other} request"),
         }
     }
@@ -395,14 +361,14 @@ impl Scenario {
     }
 
     /// The requests that wrote Events (the mock does not keep Events).
-    fn event_writes(&self) -> Vec<&'static str> {
-        self.api.calls().iter().filter(|c| c.resource == "events").map(|c| c.verb).collect()
+    fn event_writes(&self) -> Vec<String> {
+        self.api.calls().into_iter().filter(|c| c.resource == "events").map(|c| c.verb).collect()
     }
 
     fn assert_rbac_covers_every_call(&self) {
         for c in self.api.calls() {
             assert!(
-                kvs_operator::rbac::allows(&c.group, &c.resource, c.verb),
+                kvs_operator::rbac::allows(&c.group, &c.resource, &c.verb),
                 "the operator made a call its RBAC rules do not allow: {c:?} — add it to operator/src/rbac.rs (and the chart)"
             );
         }
@@ -529,7 +495,7 @@ async fn an_operator_restarted_mid_rebalance_waits_for_the_change_under_way() {
     s.nodes_report(6, 2, None);
     s.reconcile().await;
     assert_eq!(s.status()["phase"], "Running");
-    assert!(s.status().get("rebalance").is_none_or(Value::is_null));
+    assert!(s.status().get("rebalance").is_none(), "the finished rebalance is gone: {}", s.status());
     s.assert_rbac_covers_every_call();
 }
 

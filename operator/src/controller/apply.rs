@@ -1,20 +1,21 @@
-//! The Kubernetes side effects of a reconcile: server-side apply of the built children, the
-//! cluster token Secret, reading the node pods, and deleting the children on cleanup. Also the
-//! Kubernetes [`Backend`] of the shared rebalance driver (the StatefulSet is its "pods").
+//! The Kubernetes side effects of a reconcile: server-side apply of the built children and of the
+//! status, the cluster token Secret, reading the node pods, and deleting the children on cleanup.
+//! Also the Kubernetes [`Backend`] of the shared rebalance driver (the StatefulSet is its "pods").
 //!
 //! Every write is a server-side apply with the field manager [`MANAGER`] (forced: the operator owns
-//! these fields), so re-applying the same objects is a no-op and a restarted operator converges.
+//! these fields), so re-applying the same objects is a no-op and a restarted operator converges;
+//! a field the operator stops setting (a finished rebalance in the status) is removed by the API
+//! server, as the manager no longer claims it.
 
 use super::build::{self, InitialView, PORT};
-use super::plan::Pod;
-use super::validate::Validated;
-use crate::crd::KVStoreCluster;
-use crate::driver::Backend;
+use super::validate::ValidCluster;
+use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
+use crate::rebalance::{Backend, Pod, Target};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod as KubePod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -33,11 +34,29 @@ where
     api.patch(&object.name_any(), &apply_params(), &Patch::Apply(object)).await
 }
 
+/// Writes a cluster's status: a server-side apply of the status subresource carrying the whole
+/// status, so what it leaves out (a finished rebalance) disappears.
+/// (An invalid cluster has a status too: this needs only its name.)
+pub async fn apply_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &KVStoreClusterStatus,
+) -> kube::Result<()> {
+    let api: Api<KVStoreCluster> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": KVStoreCluster::api_version(&()),
+        "kind": KVStoreCluster::kind(&()),
+        "metadata": { "name": name },
+        "status": status,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
 /// One cluster's children, as the operator sees them in the API.
 pub struct KubeBackend {
-    cluster: KVStoreCluster,
-    name: String,
-    namespace: String,
+    cluster: ValidCluster,
     statefulsets: Api<StatefulSet>,
     pods: Api<KubePod>,
     /// The view the pod template carries (read back from the StatefulSet; see `build`).
@@ -49,23 +68,24 @@ pub struct KubeBackend {
 impl KubeBackend {
     /// Applies the Services, the PodDisruptionBudget and the StatefulSet (at its current size,
     /// or the spec's if it does not exist yet) for `cluster`.
-    pub async fn apply_children(client: &Client, cluster: &KVStoreCluster, spec: &Validated) -> kube::Result<Self> {
-        let name = cluster.name_any();
-        let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
-        let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    pub async fn apply_children(client: &Client, cluster: &ValidCluster) -> kube::Result<Self> {
+        let namespace = &cluster.namespace;
+        let services: Api<Service> = Api::namespaced(client.clone(), namespace);
         apply(&services, &build::headless_service(cluster)).await?;
         apply(&services, &build::client_service(cluster)).await?;
-        let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+        let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), namespace);
         apply(&budgets, &build::disruption_budget(cluster)).await?;
-        let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
-        let existing = statefulsets.get_opt(&name).await?;
+        let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+        let existing = statefulsets.get_opt(&cluster.name).await?;
         let initial =
-            existing.as_ref().and_then(InitialView::of).unwrap_or_else(|| InitialView::for_new_cluster(cluster, spec));
-        let replicas =
-            existing.as_ref().and_then(|s| s.spec.as_ref()?.replicas).map_or(spec.replicas, |r| r.max(0) as u32);
+            existing.as_ref().and_then(InitialView::of).unwrap_or_else(|| InitialView::for_new_cluster(cluster));
+        let replicas = existing
+            .as_ref()
+            .and_then(|s| s.spec.as_ref()?.replicas)
+            .map_or(cluster.spec.target.replicas, |r| r.max(0) as u32);
         apply(&statefulsets, &build::stateful_set(cluster, replicas, &initial)).await?;
-        let pods = Api::namespaced(client.clone(), &namespace);
-        Ok(KubeBackend { cluster: cluster.clone(), name, namespace, statefulsets, pods, initial, replicas })
+        let pods = Api::namespaced(client.clone(), namespace);
+        Ok(KubeBackend { cluster: cluster.clone(), statefulsets, pods, initial, replicas })
     }
 }
 
@@ -75,16 +95,16 @@ impl Backend for KubeBackend {
         self.replicas
     }
 
-    async fn set_replicas(&mut self, replicas: u32, _spec: &Validated) -> anyhow::Result<()> {
+    async fn set_replicas(&mut self, replicas: u32, _target: &Target) -> anyhow::Result<()> {
         apply(&self.statefulsets, &build::stateful_set(&self.cluster, replicas, &self.initial)).await?;
         self.replicas = replicas;
         Ok(())
     }
 
     async fn pods(&mut self) -> anyhow::Result<Vec<Pod>> {
-        let selector = build::selector_string(&self.name);
-        let list = self.pods.list(&ListParams::default().labels(&selector)).await?;
-        let mut out: Vec<Pod> = list.items.iter().filter_map(|p| node_pod(&self.name, &self.namespace, p)).collect();
+        let (name, namespace) = (&self.cluster.name, &self.cluster.namespace);
+        let list = self.pods.list(&ListParams::default().labels(&build::selector_string(name))).await?;
+        let mut out: Vec<Pod> = list.items.iter().filter_map(|p| node_pod(name, namespace, p)).collect();
         out.sort_by_key(|p| p.ordinal);
         Ok(out)
     }
@@ -106,10 +126,9 @@ pub fn node_pod(cluster: &str, namespace: &str, pod: &KubePod) -> Option<Pod> {
 
 /// The cluster token: read from its Secret, which is created with a fresh random token the first
 /// time (and never overwritten, so nodes and operator always agree).
-pub async fn ensure_token(client: &Client, cluster: &KVStoreCluster) -> kube::Result<String> {
-    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let name = build::token_secret_name(&cluster.name_any());
+pub async fn ensure_token(client: &Client, cluster: &ValidCluster) -> kube::Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &cluster.namespace);
+    let name = build::token_secret_name(&cluster.name);
     if let Some(secret) = secrets.get_opt(&name).await?
         && let Some(token) = read_token(&secret)
     {
@@ -140,18 +159,17 @@ fn new_token() -> String {
 
 /// Deletes a cluster's children (owner references let a real cluster's garbage collector do the
 /// same; deleting explicitly also works where none runs). Volumes (PVCs) are kept: deleting a
-/// cluster never deletes its data.
-pub async fn delete_children(client: &Client, cluster: &KVStoreCluster) -> kube::Result<()> {
-    let name = cluster.name_any();
-    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+/// cluster never deletes its data. Needs only the cluster's name: a cluster with an invalid spec is
+/// cleaned up too.
+pub async fn delete_children(client: &Client, namespace: &str, name: &str) -> kube::Result<()> {
     let dp = DeleteParams::background();
-    ignore_missing(Api::<StatefulSet>::namespaced(client.clone(), &namespace).delete(&name, &dp).await)?;
-    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-    ignore_missing(services.delete(&name, &dp).await)?;
-    ignore_missing(services.delete(&build::headless_name(&name), &dp).await)?;
-    ignore_missing(Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace).delete(&name, &dp).await)?;
+    ignore_missing(Api::<StatefulSet>::namespaced(client.clone(), namespace).delete(name, &dp).await)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    ignore_missing(services.delete(name, &dp).await)?;
+    ignore_missing(services.delete(&build::headless_name(name), &dp).await)?;
+    ignore_missing(Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace).delete(name, &dp).await)?;
     ignore_missing(
-        Api::<Secret>::namespaced(client.clone(), &namespace).delete(&build::token_secret_name(&name), &dp).await,
+        Api::<Secret>::namespaced(client.clone(), namespace).delete(&build::token_secret_name(name), &dp).await,
     )?;
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! The children of a `KVStoreCluster`, built as plain objects (pure: no client): the StatefulSet of
-//! node pods, the headless Service that gives them stable names, the client Service and the
-//! PodDisruptionBudget. "Where is the StatefulSet built?" has one answer: here.
+//! The children of a `KVStoreCluster`, built as plain objects (pure: no client) from the validated
+//! cluster ([`ValidCluster`], never the raw spec): the StatefulSet of node pods, the headless
+//! Service that gives them stable names, the client Service, the PodDisruptionBudget and the token
+//! Secret. "Where is the StatefulSet built?" has one answer: here.
 //!
 //! Node identity: pod `<cluster>-<ordinal>` serves as
 //! `<cluster>-<ordinal>.<cluster>-nodes.<namespace>.svc.cluster.local:8080` (the headless
@@ -15,8 +16,7 @@
 //! Without cluster DNS (a test control plane) the same identities work when something provides the
 //! name → address mapping: the node's `KVS_HOSTS_FILE` (see `kvs_node::hosts`).
 
-use super::validate::Validated;
-use crate::crd::KVStoreCluster;
+use super::validate::ValidCluster;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
@@ -26,9 +26,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
 use std::collections::BTreeMap;
 
 /// The port every node serves on.
@@ -55,14 +54,6 @@ fn selector_labels(cluster: &str) -> BTreeMap<String, String> {
     labels(cluster).into_iter().filter(|(k, _)| k != "app.kubernetes.io/managed-by").collect()
 }
 
-fn name_of(c: &KVStoreCluster) -> String {
-    c.metadata.name.clone().unwrap_or_default()
-}
-
-fn namespace_of(c: &KVStoreCluster) -> String {
-    c.metadata.namespace.clone().unwrap_or_else(|| "default".into())
-}
-
 /// Name of the headless Service (stable pod names).
 pub fn headless_name(cluster: &str) -> String {
     format!("{cluster}-nodes")
@@ -77,9 +68,9 @@ pub fn token_secret_name(cluster: &str) -> String {
 pub const TOKEN_KEY: &str = "token";
 
 /// The Secret with the cluster token (created once; the token is never rotated by the operator).
-pub fn token_secret(c: &KVStoreCluster, token: &str) -> Secret {
+pub fn token_secret(c: &ValidCluster, token: &str) -> Secret {
     Secret {
-        metadata: meta(c, token_secret_name(&name_of(c))),
+        metadata: meta(c, token_secret_name(&c.name)),
         string_data: Some(BTreeMap::from([(TOKEN_KEY.to_owned(), token.to_owned())])),
         type_: Some("Opaque".into()),
         ..Default::default()
@@ -95,9 +86,10 @@ pub struct InitialView {
 
 impl InitialView {
     /// A new cluster's first view: every pod of the spec, at the spec's K.
-    pub fn for_new_cluster(c: &KVStoreCluster, spec: &Validated) -> Self {
-        let members = (0..spec.replicas).map(|o| identity(&name_of(c), &namespace_of(c), o)).collect();
-        InitialView { members, replication_factor: spec.replication_factor }
+    pub fn for_new_cluster(c: &ValidCluster) -> Self {
+        let target = c.spec.target;
+        let members = (0..target.replicas).map(|o| identity(&c.name, &c.namespace, o)).collect();
+        InitialView { members, replication_factor: target.replication_factor }
     }
 
     /// The initial view an existing StatefulSet was built with (`None` if it has no such env).
@@ -120,12 +112,12 @@ pub fn identity(cluster: &str, namespace: &str, ordinal: u32) -> String {
     format!("{cluster}-{ordinal}.{}.{namespace}.svc.cluster.local:{PORT}", headless_name(cluster))
 }
 
-fn meta(c: &KVStoreCluster, name: String) -> ObjectMeta {
+fn meta(c: &ValidCluster, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
-        namespace: Some(namespace_of(c)),
-        labels: Some(labels(&name_of(c))),
-        owner_references: c.controller_owner_ref(&()).map(|r: OwnerReference| vec![r]),
+        namespace: Some(c.namespace.clone()),
+        labels: Some(labels(&c.name)),
+        owner_references: c.owner.clone().map(|r| vec![r]),
         ..Default::default()
     }
 }
@@ -141,13 +133,13 @@ fn port() -> ServicePort {
 
 /// Headless Service: gives every pod a stable DNS name, ready or not (nodes must reach a pod that
 /// is joining before it is a member).
-pub fn headless_service(c: &KVStoreCluster) -> Service {
+pub fn headless_service(c: &ValidCluster) -> Service {
     Service {
-        metadata: meta(c, headless_name(&name_of(c))),
+        metadata: meta(c, headless_name(&c.name)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
-            selector: Some(selector_labels(&name_of(c))),
+            selector: Some(selector_labels(&c.name)),
             ports: Some(vec![port()]),
             ..Default::default()
         }),
@@ -156,11 +148,11 @@ pub fn headless_service(c: &KVStoreCluster) -> Service {
 }
 
 /// Client Service: any node answers any request.
-pub fn client_service(c: &KVStoreCluster) -> Service {
+pub fn client_service(c: &ValidCluster) -> Service {
     Service {
-        metadata: meta(c, name_of(c)),
+        metadata: meta(c, c.name.clone()),
         spec: Some(ServiceSpec {
-            selector: Some(selector_labels(&name_of(c))),
+            selector: Some(selector_labels(&c.name)),
             ports: Some(vec![port()]),
             ..Default::default()
         }),
@@ -169,12 +161,12 @@ pub fn client_service(c: &KVStoreCluster) -> Service {
 }
 
 /// At most one node pod voluntarily disrupted at a time.
-pub fn disruption_budget(c: &KVStoreCluster) -> PodDisruptionBudget {
+pub fn disruption_budget(c: &ValidCluster) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: meta(c, name_of(c)),
+        metadata: meta(c, c.name.clone()),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector_labels(&name_of(c))), ..Default::default() }),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&c.name)), ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()
@@ -217,9 +209,8 @@ fn probe(path: &str) -> Probe {
 
 /// The StatefulSet of node pods with `replicas` pods; `initial` is the first view (the pods listed
 /// in it start as members; later ones wait to be added).
-pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) -> StatefulSet {
-    let name = name_of(c);
-    let ns = namespace_of(c);
+pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> StatefulSet {
+    let (name, ns, spec) = (&c.name, &c.namespace, &c.spec);
     let mut env_vars = vec![
         EnvVar {
             name: "POD_NAME".into(),
@@ -229,7 +220,7 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
             }),
             ..Default::default()
         },
-        env("IPPORT", format!("$(POD_NAME).{}.{ns}.svc.cluster.local:{PORT}", headless_name(&name))),
+        env("IPPORT", format!("$(POD_NAME).{}.{ns}.svc.cluster.local:{PORT}", headless_name(name))),
         env("LISTEN", format!("0.0.0.0:{PORT}")),
         env("K", initial.replication_factor.to_string()),
         env("VIEW", initial.members.join(",")),
@@ -238,7 +229,7 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
             name: "KVS_CLUSTER_TOKEN".into(),
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
-                    name: token_secret_name(&name),
+                    name: token_secret_name(name),
                     key: TOKEN_KEY.into(),
                     optional: None,
                 }),
@@ -247,14 +238,14 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
             ..Default::default()
         },
     ];
-    if let Some(max) = c.spec.max_value_bytes {
+    if let Some(max) = spec.max_value_bytes {
         env_vars.push(env("KVS_MAX_VALUE_BYTES", max.to_string()));
     }
     let container = Container {
         name: "kvs-node".into(),
-        image: Some(c.spec.image.clone()),
-        image_pull_policy: c.spec.image_pull_policy.clone(),
-        resources: c.spec.resources.clone(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        resources: spec.resources.clone(),
         ports: Some(vec![
             ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() },
             // The failure detector's heartbeats: UDP on the same port, between nodes only.
@@ -286,9 +277,9 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         metadata: ObjectMeta { name: Some("data".into()), ..Default::default() },
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: c.spec.storage.storage_class_name.clone(),
+            storage_class_name: spec.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(c.spec.storage.size.clone()))])),
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(spec.storage_size.clone()))])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -299,16 +290,16 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
         metadata: meta(c, name.clone()),
         spec: Some(StatefulSetSpec {
             replicas: Some(replicas as i32),
-            service_name: Some(headless_name(&name)),
+            service_name: Some(headless_name(name)),
             pod_management_policy: Some("Parallel".into()),
-            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            selector: LabelSelector { match_labels: Some(selector_labels(name)), ..Default::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(&name)), ..Default::default() }),
+                metadata: Some(ObjectMeta { labels: Some(labels(name)), ..Default::default() }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    node_selector: c.spec.node_selector.clone(),
-                    tolerations: c.spec.tolerations.clone(),
-                    affinity: Some(c.spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name))),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(name))),
                     // The node image's non-root user; fsGroup makes the data volume writable to it.
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -333,24 +324,23 @@ pub fn stateful_set(c: &KVStoreCluster, replicas: u32, initial: &InitialView) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::validate::validate;
-    use crate::crd::KVStoreClusterSpec;
+    use crate::controller::validate::validate_cluster;
+    use crate::crd::{KVStoreCluster, KVStoreClusterSpec};
 
-    fn cluster() -> KVStoreCluster {
+    fn cluster() -> ValidCluster {
         let mut c = KVStoreCluster::new(
             "demo",
             KVStoreClusterSpec { image: "kvs:1".into(), max_value_bytes: Some(2048), ..KVStoreClusterSpec::new(4, 2) },
         );
         c.metadata.namespace = Some("prod".into());
         c.metadata.uid = Some("uid-1".into());
-        c
+        validate_cluster(&c).unwrap()
     }
 
     #[test]
     fn statefulset_runs_nodes_with_stable_identities_and_volumes() {
         let c = cluster();
-        let v = validate(&c.spec).unwrap();
-        let initial = InitialView::for_new_cluster(&c, &v);
+        let initial = InitialView::for_new_cluster(&c);
         let view: Vec<String> = (0..4).map(|o| identity("demo", "prod", o)).collect();
         assert_eq!(initial.members, view);
         let sts = stateful_set(&c, 4, &initial);
@@ -406,6 +396,29 @@ mod tests {
             (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
             ("KVStoreCluster", "uid-1", Some(true))
         );
+    }
+
+    #[test]
+    fn the_pod_template_takes_the_validated_spec() {
+        let mut c = cluster();
+        c.spec.image_pull_policy = Some("Never".into());
+        c.spec.node_selector = Some(BTreeMap::from([("disk".to_owned(), "ssd".to_owned())]));
+        c.spec.affinity = Some(Affinity::default());
+        c.spec.storage_class_name = Some("fast".into());
+        c.spec.storage_size = "5Gi".into();
+        let sts = stateful_set(&c, 4, &InitialView::for_new_cluster(&c));
+        let spec = sts.spec.unwrap();
+        let pod = spec.template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            (container.image.as_deref(), container.image_pull_policy.as_deref()),
+            (Some("kvs:1"), Some("Never"))
+        );
+        assert_eq!(pod.node_selector, c.spec.node_selector);
+        assert_eq!(pod.affinity, Some(Affinity::default()), "a given affinity replaces the default spread");
+        let claim = spec.volume_claim_templates.unwrap().remove(0).spec.unwrap();
+        assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(claim.resources.unwrap().requests.unwrap()["storage"].0, "5Gi");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The `KVStoreCluster` controller: a reconcile pipeline `validate → build → apply → rebalance →
-//! status`. The pure steps ([`validate`], [`build`], [`plan`], [`status`]) are unit-tested without
-//! a cluster; [`apply`] is the Kubernetes I/O; this module wires them into a kube-rs `Controller`.
+//! status`. The pure steps ([`validate`], [`build`], [`status`], and the planner in
+//! [`crate::rebalance`]) are unit-tested without a cluster; [`apply`] is the Kubernetes I/O; the
+//! rebalance step is the shared [`Driver`] with the StatefulSet as its backend; this module wires
+//! them into a kube-rs `Controller` and turns each step's report into Events, status and metrics.
 //!
 //! Invariants:
 //! - **The truth is read, not remembered.** Every reconcile observes the StatefulSet, the pods and
@@ -8,32 +10,30 @@
 //!   restarted at any point (even mid-rebalance) observes again and finishes or safely redoes the
 //!   step; a view change found running on the nodes is waited for, never posted twice.
 //! - **Data moves before pods go.** Scale-in posts the smaller view first; the StatefulSet shrinks
-//!   only once the view no longer contains the leaving pods (see [`plan`]).
-//! - **One view change per cluster at a time**, tracked in [`Context`]; it runs in the background
-//!   while reconciles keep publishing its progress to the status.
+//!   only once the view no longer contains the leaving pods (see [`crate::rebalance::plan()`]).
+//! - **One view change per cluster at a time**, tracked by the cluster's [`Driver`] in
+//!   [`Context`]; it runs in the background while reconciles keep publishing its progress to the
+//!   status.
 
 pub mod apply;
 pub mod build;
-pub mod plan;
 pub mod status;
 pub mod validate;
 
 use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
-use crate::driver::{Backend, NodeAdmin, ViewChangeTask, observe};
 use crate::metrics::Metrics;
+use crate::rebalance::{self, Driver, NodeAdmin, Pod, Step, StepError, Target};
 use apply::KubeBackend;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod as KubePod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use plan::Step;
 use status::{Activity, Observed};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,8 +51,10 @@ const IDLE_REQUEUE: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("observing the cluster: {0:#}")]
-    Observe(anyhow::Error),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error("setting the StatefulSet to {replicas} pods: {error:#}")]
+    Scale { replicas: u32, error: anyhow::Error },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("KVStoreCluster {0} has no namespace")]
@@ -68,9 +70,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub admin_for: AdminFactory,
-    /// View changes running in the background, by `namespace/name`. `std` lock: never held
-    /// across `.await`.
-    changes: Mutex<HashMap<String, ViewChangeTask>>,
+    /// Each cluster's rebalance driver (the view change it has in flight), by `namespace/name`.
+    /// `std` lock: never held across `.await` (a reconcile takes its driver out for the step).
+    drivers: Mutex<HashMap<String, Driver>>,
     /// Consecutive failed reconciles, by `namespace/name` (for backoff).
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -78,7 +80,7 @@ pub struct Context {
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, admin_for: AdminFactory) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
-        Context { client, recorder, metrics, admin_for, changes: Mutex::default(), failures: Mutex::default() }
+        Context { client, recorder, metrics, admin_for, drivers: Mutex::default(), failures: Mutex::default() }
     }
 }
 
@@ -138,8 +140,8 @@ async fn publish(ctx: &Context, cluster: &KVStoreCluster, type_: EventType, reas
 
 async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {
     let generation = cluster.metadata.generation.unwrap_or_default();
-    let spec = match validate::validate(&cluster.spec) {
-        Ok(spec) => spec,
+    let valid = match validate::validate_cluster(cluster) {
+        Ok(valid) => valid,
         Err(invalid) => {
             let already_said =
                 cluster.status.as_ref().is_some_and(|s| s.phase == "Failed" && s.observed_generation == generation);
@@ -152,83 +154,53 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
             return Ok(Action::await_change());
         }
     };
-    let token = apply::ensure_token(&ctx.client, cluster).await?;
+    let token = apply::ensure_token(&ctx.client, &valid).await?;
     let admin = (ctx.admin_for)(Some(token));
-    let mut backend = KubeBackend::apply_children(&ctx.client, cluster, &spec).await?;
-    let sts_before = backend.replicas();
+    let mut backend = KubeBackend::apply_children(&ctx.client, &valid).await?;
 
-    // A view change this operator started: still running, or finished since the last look.
-    let (running, finished) = {
-        let mut changes = lock(&ctx.changes);
-        match changes.get(&key(cluster)) {
-            Some(task) if !task.is_finished() => (true, None),
-            Some(_) => (false, changes.remove(&key(cluster))),
-            None => (false, None),
-        }
-    };
-    if let Some(task) = finished {
-        let description = task.description.clone();
-        let outcome = task.outcome().await;
-        ctx.metrics.count_view_change(outcome.is_ok());
-        match outcome {
+    // The cluster's driver is taken out for the step (the lock is not held across `.await`) and
+    // put back whatever the outcome: it holds the view change in flight. The controller never
+    // reconciles one object twice at once, so nobody else wants it meanwhile.
+    let mut driver = lock(&ctx.drivers).remove(&key(cluster)).unwrap_or_default();
+    let stepped = driver.step(&mut backend, &admin, &valid.spec.target).await;
+    lock(&ctx.drivers).insert(key(cluster), driver);
+    let report = stepped.map_err(Error::Step)?;
+
+    if let Some(finished) = report.finished {
+        ctx.metrics.count_view_change(finished.outcome.is_ok());
+        let description = finished.description;
+        match finished.outcome {
             Ok(()) => {
-                publish(
-                    ctx,
-                    cluster,
-                    EventType::Normal,
-                    "ViewChanged",
-                    format!("data moved to a view of {description}"),
-                )
-                .await
+                let note = format!("data moved to a view of {description}");
+                publish(ctx, cluster, EventType::Normal, "ViewChanged", note).await
             }
             Err(e) => {
-                publish(
-                    ctx,
-                    cluster,
-                    EventType::Warning,
-                    "ViewChangeFailed",
-                    format!("view change to {description} failed: {e:#}"),
-                )
-                .await
+                let note = format!("view change to {description} failed: {e:#}");
+                publish(ctx, cluster, EventType::Warning, "ViewChangeFailed", note).await
             }
         }
     }
-
-    let observation = observe(&mut backend, admin.as_ref(), &spec).await.map_err(Error::Observe)?;
-    let activity = if running || observation.changing {
-        Activity::MovingData
-    } else {
-        match &observation.step {
-            Step::ScaleStatefulSet { replicas } => {
-                backend.set_replicas(*replicas, &spec).await.map_err(Error::Observe)?;
-                let verb = if *replicas > sts_before { "adding pods" } else { "removing pods whose data has moved" };
-                publish(
-                    ctx,
-                    cluster,
-                    EventType::Normal,
-                    "Scaling",
-                    format!("StatefulSet {sts_before} → {replicas} pods ({verb})"),
-                )
-                .await;
-            }
-            Step::ChangeView { primary, members, replication_factor } => {
-                let task = ViewChangeTask::start(admin.clone(), primary.clone(), members.clone(), *replication_factor);
-                publish(
-                    ctx,
-                    cluster,
-                    EventType::Normal,
-                    "ViewChange",
-                    format!("moving data to a view of {}", task.description),
-                )
-                .await;
-                tracing::info!(cluster = %key(cluster), view = %task.description, "posting a view change");
-                lock(&ctx.changes).insert(key(cluster), task);
-            }
-            Step::WaitForPods { .. } | Step::Done => {}
-        }
-        Activity::Step(observation.step.clone())
+    let observation = report.observation;
+    let activity = match &report.action {
+        rebalance::Action::AwaitViewChange { .. } => Activity::MovingData,
+        _ => Activity::Step(observation.step.clone()),
     };
-    write_status(cluster, ctx, &activity, Some(&spec), &observation.pods, observation.status.as_ref()).await?;
+    match report.action {
+        rebalance::Action::Scaled { from, to } => {
+            let verb = if to > from { "adding pods" } else { "removing pods whose data has moved" };
+            let note = format!("StatefulSet {from} → {to} pods ({verb})");
+            publish(ctx, cluster, EventType::Normal, "Scaling", note).await;
+        }
+        rebalance::Action::ScaleFailed { to, error, .. } => return Err(Error::Scale { replicas: to, error }),
+        rebalance::Action::ViewChangeStarted { description } => {
+            let note = format!("moving data to a view of {description}");
+            publish(ctx, cluster, EventType::Normal, "ViewChange", note).await;
+            tracing::info!(cluster = %key(cluster), view = %description, "posting a view change");
+        }
+        rebalance::Action::AwaitViewChange { .. } | rebalance::Action::Nothing => {}
+    }
+    write_status(cluster, ctx, &activity, Some(&valid.spec.target), &observation.pods, observation.status.as_ref())
+        .await?;
     Ok(match activity {
         Activity::Step(Step::Done) => Action::requeue(IDLE_REQUEUE),
         _ => Action::requeue(BUSY_REQUEUE),
@@ -240,14 +212,14 @@ async fn write_status(
     cluster: &KVStoreCluster,
     ctx: &Context,
     activity: &Activity,
-    spec: Option<&validate::Validated>,
-    pods: &[plan::Pod],
+    target: Option<&Target>,
+    pods: &[Pod],
     nodes: Option<&kvs_api::ClusterStatus>,
 ) -> Result<(), Error> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let new: KVStoreClusterStatus = status::status(&Observed {
         generation: cluster.metadata.generation.unwrap_or_default(),
-        spec,
+        target,
         activity,
         pods,
         nodes,
@@ -259,21 +231,16 @@ async fn write_status(
     if cluster.status.as_ref() == Some(&new) {
         return Ok(());
     }
-    let api: Api<KVStoreCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
-    let mut patch = serde_json::json!({ "status": new });
-    if new.rebalance.is_none() {
-        // A merge patch keeps fields it does not mention: clear a finished rebalance explicitly.
-        patch["status"]["rebalance"] = serde_json::Value::Null;
-    }
-    api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    apply::apply_status(&ctx.client, &cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new).await?;
     Ok(())
 }
 
 async fn cleanup(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {
-    if let Some(task) = lock(&ctx.changes).remove(&key(cluster)) {
-        task.abandon();
+    if let Some(driver) = lock(&ctx.drivers).remove(&key(cluster)) {
+        driver.abandon();
     }
-    apply::delete_children(&ctx.client, cluster).await?;
+    let namespace = cluster.namespace().unwrap_or_else(|| "default".into());
+    apply::delete_children(&ctx.client, &namespace, &cluster.name_any()).await?;
     ctx.metrics.forget_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any());
     publish(
         ctx,

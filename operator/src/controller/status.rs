@@ -2,9 +2,8 @@
 //! one reconcile observed. Conditions keep their `lastTransitionTime` while their status stays the
 //! same, so `kubectl describe` shows when a cluster really became (un)available.
 
-use super::plan::{Pod, Step};
-use super::validate::Validated;
 use crate::crd::{Condition, KVStoreClusterStatus, RebalanceStatus};
+use crate::rebalance::{Pod, Step, Target};
 use kvs_api::ClusterStatus;
 
 /// What the controller is doing about the spec.
@@ -21,7 +20,8 @@ pub enum Activity {
 /// Everything one reconcile observed.
 pub struct Observed<'a> {
     pub generation: i64,
-    pub spec: Option<&'a Validated>,
+    /// What the spec asks for (`None` when it is invalid).
+    pub target: Option<&'a Target>,
     pub activity: &'a Activity,
     pub pods: &'a [Pod],
     pub nodes: Option<&'a ClusterStatus>,
@@ -75,9 +75,9 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     };
     let not_ready: Vec<&str> =
         layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
-    let degraded = match (o.activity, o.spec.and_then(|s| s.degraded.as_ref())) {
+    let degraded = match (o.activity, o.target.and_then(Target::degraded)) {
         (Activity::Invalid(msg), _) => cond("Degraded", true, "InvalidSpec", msg.clone()),
-        (_, Some(msg)) => cond("Degraded", true, "TooFewReplicas", msg.clone()),
+        (_, Some(msg)) => cond("Degraded", true, "TooFewReplicas", msg),
         _ if !not_ready.is_empty() => {
             cond("Degraded", true, "MembersNotReady", format!("members not ready: {}", not_ready.join(", ")))
         }
@@ -182,11 +182,11 @@ mod tests {
         activity: &'a Activity,
         pods: &'a [Pod],
         nodes: Option<&'a ClusterStatus>,
-        spec: &'a Validated,
+        target: &'a Target,
     ) -> Observed<'a> {
         Observed {
             generation: 3,
-            spec: Some(spec),
+            target: Some(target),
             activity,
             pods,
             nodes,
@@ -200,7 +200,7 @@ mod tests {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
-    const SPEC: Validated = Validated { replicas: 5, replication_factor: 2, degraded: None };
+    const SPEC: Target = Target { replicas: 5, replication_factor: 2 };
 
     #[test]
     fn a_cluster_in_sync_is_running_and_available() {
@@ -244,10 +244,11 @@ mod tests {
         let invalid = Activity::Invalid("spec.storage.size \"lots\" is not a Kubernetes quantity".into());
         let s = status(&observe(&invalid, &ps, None, &SPEC));
         assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Failed", "InvalidSpec"));
-        let small = Validated { replicas: 1, replication_factor: 3, degraded: Some("scale up to at least 3".into()) };
+        let small = Target { replicas: 1, replication_factor: 3 };
         let ns = nodes(1, 1, false);
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &small));
         assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Degraded", "TooFewReplicas"));
+        assert!(condition(&s, "Degraded").message.contains("scale up to at least 3"));
         let s = status(&observe(&Activity::Step(Step::Done), &pods(0, 0), None, &SPEC));
         assert_eq!(s.phase, "Pending");
     }

@@ -1,18 +1,48 @@
-//! Spec validation (pure). The schema already enforces `replicas >= 1` and
-//! `replicationFactor >= 1`; this adds what a schema cannot say, and turns
-//! "fewer replicas than the replication factor" into a degraded-but-running state rather than an
-//! error, as the node itself does.
+//! Spec validation (pure): a `KVStoreCluster` in, everything the later steps need out. The schema
+//! already enforces `replicas >= 1` and `replicationFactor >= 1`; this adds what a schema cannot
+//! say, and turns "fewer replicas than the replication factor" into a degraded-but-running state
+//! rather than an error, as the node itself does.
+//!
+//! The results ([`Validated`], [`ValidCluster`]) are self-contained: `build` and the local mode
+//! read only them, never the raw spec again, so nothing unchecked reaches a child object. The part
+//! the rebalance core needs is its kube-free [`Target`].
 
-use crate::crd::KVStoreClusterSpec;
+use crate::crd::{KVStoreCluster, KVStoreClusterSpec};
+use crate::rebalance::Target;
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
 
-/// A spec the controller can act on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A spec the operator can act on.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Validated {
-    pub replicas: u32,
-    pub replication_factor: u32,
-    /// `replicas < replicationFactor`: one partition holding every node, each key on fewer than
-    /// `replicationFactor` nodes.
-    pub degraded: Option<String>,
+    /// Nodes and replicas per partition (both at least 1). Fewer nodes than replicas per partition
+    /// is valid but degraded ([`Target::degraded`]).
+    pub target: Target,
+    /// The node container image (not blank).
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling constraints; `None` means the default spread over machines.
+    pub affinity: Option<Affinity>,
+    /// Each node's volume size, a Kubernetes quantity.
+    pub storage_size: String,
+    pub storage_class_name: Option<String>,
+    pub max_value_bytes: Option<i64>,
+}
+
+/// A cluster the controller can act on: where it lives, who owns its children, and its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidCluster {
+    pub name: String,
+    pub namespace: String,
+    /// The controller reference every child carries (`None` for a cluster the API server has not
+    /// given a uid, which only happens outside Kubernetes).
+    pub owner: Option<OwnerReference>,
+    pub spec: Validated,
 }
 
 /// Why a spec cannot be acted on (the controller waits for the spec to change).
@@ -30,25 +60,39 @@ pub enum Invalid {
 
 /// Checks a spec.
 pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
-    if spec.replicas < 1 {
-        return Err(Invalid::Replicas(spec.replicas));
-    }
-    if spec.replication_factor < 1 {
-        return Err(Invalid::ReplicationFactor(spec.replication_factor));
-    }
+    let replicas = u32::try_from(spec.replicas).ok().filter(|&r| r >= 1).ok_or(Invalid::Replicas(spec.replicas))?;
+    let replication_factor = u32::try_from(spec.replication_factor)
+        .ok()
+        .filter(|&k| k >= 1)
+        .ok_or(Invalid::ReplicationFactor(spec.replication_factor))?;
     if spec.image.trim().is_empty() {
         return Err(Invalid::Image);
     }
     if !is_quantity(&spec.storage.size) {
         return Err(Invalid::StorageSize(spec.storage.size.clone()));
     }
-    let degraded = (spec.replicas < spec.replication_factor).then(|| {
-        format!(
-            "{} replicas cannot hold {} copies of each key: running as one partition of {} (scale up to at least {})",
-            spec.replicas, spec.replication_factor, spec.replicas, spec.replication_factor
-        )
-    });
-    Ok(Validated { replicas: spec.replicas as u32, replication_factor: spec.replication_factor as u32, degraded })
+    Ok(Validated {
+        target: Target { replicas, replication_factor },
+        image: spec.image.clone(),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        resources: spec.resources.clone(),
+        node_selector: spec.node_selector.clone(),
+        tolerations: spec.tolerations.clone(),
+        affinity: spec.affinity.clone(),
+        storage_size: spec.storage.size.clone(),
+        storage_class_name: spec.storage.storage_class_name.clone(),
+        max_value_bytes: spec.max_value_bytes,
+    })
+}
+
+/// Checks a cluster (its spec; its name and namespace come from the API server).
+pub fn validate_cluster(cluster: &KVStoreCluster) -> Result<ValidCluster, Invalid> {
+    Ok(ValidCluster {
+        name: cluster.name_any(),
+        namespace: cluster.namespace().unwrap_or_else(|| "default".into()),
+        owner: cluster.controller_owner_ref(&()),
+        spec: validate(&cluster.spec)?,
+    })
 }
 
 /// A plain Kubernetes quantity: digits (with an optional fraction) and an optional binary or
@@ -71,9 +115,35 @@ mod tests {
 
     #[test]
     fn accepts_good_specs_and_marks_degraded_ones() {
-        assert_eq!(validate(&spec(4, 2)).unwrap(), Validated { replicas: 4, replication_factor: 2, degraded: None });
+        let v = validate(&spec(4, 2)).unwrap();
+        assert_eq!((v.target, v.target.degraded()), (Target { replicas: 4, replication_factor: 2 }, None));
         let d = validate(&spec(1, 3)).unwrap();
-        assert!(d.degraded.unwrap().contains("scale up to at least 3"));
+        assert!(d.target.degraded().unwrap().contains("scale up to at least 3"));
+    }
+
+    #[test]
+    fn carries_everything_build_needs() {
+        let mut s = spec(3, 1);
+        s.image_pull_policy = Some("Never".into());
+        s.node_selector = Some(BTreeMap::from([("disk".to_owned(), "ssd".to_owned())]));
+        s.storage.size = "5Gi".into();
+        s.storage.storage_class_name = Some("fast".into());
+        s.max_value_bytes = Some(4096);
+        let v = validate(&s).unwrap();
+        assert_eq!((v.image.as_str(), v.image_pull_policy.as_deref()), ("img", Some("Never")));
+        assert_eq!(v.node_selector, s.node_selector);
+        assert_eq!((v.storage_size.as_str(), v.storage_class_name.as_deref()), ("5Gi", Some("fast")));
+        assert_eq!(v.max_value_bytes, Some(4096));
+        let mut c = KVStoreCluster::new("demo", s);
+        c.metadata.namespace = Some("prod".into());
+        c.metadata.uid = Some("uid-1".into());
+        let vc = validate_cluster(&c).unwrap();
+        assert_eq!((vc.name.as_str(), vc.namespace.as_str()), ("demo", "prod"));
+        assert_eq!(
+            vc.owner.map(|o| (o.kind, o.uid, o.controller)),
+            Some(("KVStoreCluster".into(), "uid-1".into(), Some(true)))
+        );
+        assert_eq!(vc.spec, v);
     }
 
     #[test]

@@ -1,16 +1,38 @@
-//! The rebalance planner (pure): from the spec, the StatefulSet's size, which pods are ready and
-//! the view the nodes report, decide the one next step. Re-planning from observations at every
-//! reconcile is what makes the operator crash-safe and lets a spec changed mid-rebalance converge
-//! to the newest spec.
+//! The rebalance planner (pure): from the [`Target`], the number of pods the backend runs, which
+//! pods are ready and the view the nodes report, decide the one next [`Step`]. Re-planning from
+//! observations at every step is what makes the operator crash-safe and lets a spec changed
+//! mid-rebalance converge to the newest spec.
 //!
 //! Order of operations, so data always moves before pods go away:
-//! - **scale out**: grow the StatefulSet, wait until the new pods are ready, then post the new
-//!   membership to the primary node;
+//! - **scale out**: add pods, wait until the new pods are ready, then post the new membership to
+//!   the primary node;
 //! - **scale in**: post the smaller membership first (the nodes move the data off the leaving
-//!   members), and only once the view no longer contains them shrink the StatefulSet — the highest
-//!   ordinals go, which are exactly the members removed.
+//!   members), and only once the view no longer contains them remove pods — the highest ordinals
+//!   go, which are exactly the members removed.
 
 use kvs_api::Layout;
+
+/// What a cluster should become: `replicas` nodes cut into partitions of `replication_factor`.
+/// Validation guarantees both are at least 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub replicas: u32,
+    pub replication_factor: u32,
+}
+
+impl Target {
+    /// `replicas < replicationFactor`: the nodes run as one partition holding every node, each key
+    /// on fewer than `replicationFactor` nodes (as the node itself does) — why, and what fixes it.
+    pub fn degraded(&self) -> Option<String> {
+        let Target { replicas, replication_factor } = *self;
+        (replicas < replication_factor).then(|| {
+            format!(
+                "{replicas} replicas cannot hold {replication_factor} copies of each key: running as one partition of \
+                 {replicas} (scale up to at least {replication_factor})"
+            )
+        })
+    }
+}
 
 /// One pod as the planner sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +49,7 @@ pub struct Pod {
 /// The next thing to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Set the StatefulSet's replicas.
+    /// Set the number of pods the backend runs (the StatefulSet's replicas in Kubernetes).
     ScaleStatefulSet { replicas: u32 },
     /// Wait for these ordinals to become ready.
     WaitForPods { ordinals: Vec<u32> },
@@ -38,7 +60,8 @@ pub enum Step {
     Done,
 }
 
-/// Plans the next step towards `replicas` nodes at `replication_factor`.
+/// Plans the next step towards `replicas` nodes at `replication_factor`, given that the backend is
+/// set to run `sts_replicas` pods.
 pub fn plan(replicas: u32, replication_factor: u32, sts_replicas: u32, pods: &[Pod], view: Option<&Layout>) -> Step {
     let identity = |ordinal: u32| pods.iter().find(|p| p.ordinal == ordinal);
     let desired: Vec<u32> = (0..replicas).collect();
