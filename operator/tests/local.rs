@@ -4,26 +4,9 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use kvs_testkit::net::LoopbackNet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use kvs_testkit::process::{NodeCommand, NodeProcess, Signal, node_binary};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn node_bin() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let bin = target.join("debug").join("kvs-node");
-    if !bin.exists() {
-        assert!(
-            Command::new(env!("CARGO"))
-                .args(["build", "-p", "kvs-node"])
-                .current_dir(&root)
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-    bin
-}
 
 fn write_spec(path: &Path, replicas: u32, k: u32) {
     let yaml = format!(
@@ -34,18 +17,15 @@ fn write_spec(path: &Path, replicas: u32, k: u32) {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-fn start(net: &LoopbackNet, spec: &Path, data: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kvs-operator"))
-        .args(["local", "-f"])
-        .arg(spec)
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--address-base")
-        .arg(net.prefix())
-        .env("KVS_NODE_BIN", node_bin())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
+fn start(net: &LoopbackNet, spec: &Path, data: &Path) -> NodeProcess {
+    let mut command = NodeCommand::new(env!("CARGO_BIN_EXE_kvs-operator"))
+        .env("KVS_NODE_BIN", node_binary().unwrap().display().to_string());
+    command.args = ["local", "-f", &spec.display().to_string(), "--data-dir", &data.display().to_string()]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(["--address-base".to_owned(), net.prefix()])
+        .collect();
+    NodeProcess::start(command).unwrap()
 }
 
 /// Where the operator runs pod `ordinal`: `<address-base><ordinal+1>:8080`.
@@ -128,11 +108,11 @@ async fn local_mode_scales_changes_k_and_resumes() {
 }
 
 /// Ctrl-C, then wait (20 s at most) for the operator to stop its nodes and exit successfully.
-async fn interrupt(op: &mut Child) {
-    Command::new("kill").arg("-INT").arg(op.id().to_string()).status().unwrap();
+async fn interrupt(op: &mut NodeProcess) {
+    op.signal(Signal::INT);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(status) = op.try_wait().unwrap() {
+        if let Some(status) = op.try_exit() {
             assert!(status.success(), "operator exited with {status}");
             return;
         }

@@ -12,10 +12,13 @@
 //! - Nothing here sleeps while holding a lock or blocks an async runtime except the explicitly
 //!   blocking [`NodeProcess::terminate`] and [`NodeProcess::pause`] (bounded, and documented).
 
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::{Pid, kill_process};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// The signals [`NodeProcess::signal`] sends (`Signal::INT`, `Signal::TERM`, ...).
+pub use rustix::process::Signal;
 
 /// How a node process is started: the program, its arguments and environment (nothing else is
 /// inherited, except `PATH`), optionally inside a network namespace, with output to a log file or
