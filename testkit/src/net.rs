@@ -83,9 +83,10 @@ impl LoopbackNet {
         Ipv4Addr::new(127, 0, self.octet(), host)
     }
 
-    /// The address of node `i` (0-based): `127.0.<octet>.<i+1>:8080`.
+    /// The address of node `i` (0-based): `127.0.<octet>.<i+1>:8080` (`.254` is left to
+    /// [`LoopbackNet::service`]).
     pub fn node(&self, i: usize) -> String {
-        let host = u8::try_from(i + 1).ok().filter(|h| *h < 255).expect("at most 254 nodes per net");
+        let host = u8::try_from(i + 1).ok().filter(|h| *h < 254).expect("at most 253 nodes per net");
         format!("{}:{NODE_PORT}", self.ip(host))
     }
 

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 /// The signals [`NodeProcess::signal`] sends (`Signal::INT`, `Signal::TERM`, ...).
 pub use rustix::process::Signal;
 
-/// How a node process is started: the program, its arguments and environment (nothing else is
-/// inherited, except `PATH`), optionally inside a network namespace, with output to a log file or
-/// discarded.
+/// How a node process is started: the program, its arguments and environment (by default nothing
+/// else is inherited but `PATH`, so a test controls exactly what a node sees), optionally inside a
+/// network namespace, with output to a log file or discarded.
 #[derive(Clone, Debug)]
 pub struct NodeCommand {
     pub program: PathBuf,
@@ -32,11 +32,20 @@ pub struct NodeCommand {
     pub namespace: Option<String>,
     /// Append stdout and stderr here; `None` discards stdout and passes stderr through.
     pub log: Option<PathBuf>,
+    /// Start from this process's whole environment (for tools that read e.g. `KUBECONFIG`).
+    pub inherit_env: bool,
 }
 
 impl NodeCommand {
     pub fn new(program: impl Into<PathBuf>) -> Self {
-        NodeCommand { program: program.into(), args: Vec::new(), env: Vec::new(), namespace: None, log: None }
+        NodeCommand {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            namespace: None,
+            log: None,
+            inherit_env: false,
+        }
     }
 
     /// Adds (or replaces) an environment variable.
@@ -66,9 +75,12 @@ impl NodeCommand {
             }
             None => Command::new(&self.program),
         };
-        cmd.args(&self.args).env_clear().stdin(Stdio::null());
-        if let Ok(path) = std::env::var("PATH") {
-            cmd.env("PATH", path);
+        cmd.args(&self.args).stdin(Stdio::null());
+        if !self.inherit_env {
+            cmd.env_clear();
+            if let Ok(path) = std::env::var("PATH") {
+                cmd.env("PATH", path);
+            }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         match &self.log {

@@ -7,98 +7,39 @@
 //! of the granted permissions were used.
 //!
 //! What it simulates, and how far:
-//! - the request attributes the server derives from a URL ([`target`]): verb (`get`, `list`,
-//!   `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`), API group, resource and
-//!   subresource, namespace, and name (also a `metadata.name` field selector on a list or watch);
-//! - RBAC's rule matching ([`rule_allows`]): API groups, resources, verbs, resource names, `*`;
-//!   a RoleBinding grants only in its namespace, a ClusterRoleBinding everywhere;
+//! - the request attributes the server derives from a URL: verb, API group, resource and
+//!   subresource, namespace and name, derived by `kvs_testkit::k8s_request::classify` (the parser
+//!   the operator's mocked API server uses too);
+//! - RBAC's rule matching ([`rule_allows`]): API groups, resources (`resource/subresource` as RBAC
+//!   names them, and `*/subresource`), verbs, resource names, `*`; a RoleBinding grants only in its
+//!   namespace, a ClusterRoleBinding everywhere;
 //! - the bindings are read once, when the proxy starts (install the chart first); discovery and
 //!   health paths are open to everyone, as the default `system:discovery` and
 //!   `system:public-info-viewer` roles make them. Aggregated ClusterRoles, impersonation and
 //!   non-resource URL rules are not modelled.
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, StatusCode};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject};
 use kube::Client;
 use kube::api::{Api, ListParams};
+pub use kvs_testkit::k8s_request::{Attributes, Request};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-/// What a request asks to do, as the authorizer sees it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
-    Resource(Attributes),
-    /// A path that names no resource (`/api`, `/version`, ...).
-    NonResource {
-        verb: String,
-        path: String,
-    },
-}
-
-/// The attributes of a resource request.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Attributes {
-    pub verb: String,
-    /// `""` is the core group.
-    pub group: String,
-    /// The resource, with `/subresource` when there is one (`kvstoreclusters/status`).
-    pub resource: String,
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-}
-
-/// Derives a request's attributes from its method, path and query, as the API server does.
-pub fn target(method: &Method, path: &str, query: Option<&str>) -> Target {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    let (group, rest) = match segments.as_slice() {
-        ["api", _version, rest @ ..] => ("", rest),
-        ["apis", group, _version, rest @ ..] => (*group, rest),
-        _ => return Target::NonResource { verb: method.as_str().to_ascii_lowercase(), path: path.to_owned() },
-    };
-    let (namespace, rest) = match rest {
-        // `/namespaces/NAME` is the namespace object itself; longer paths are inside it.
-        ["namespaces", ns, inner @ ..] if !inner.is_empty() => (Some((*ns).to_owned()), inner),
-        _ => (None, rest),
-    };
-    let (resource, mut name) = match rest {
-        [] => return Target::NonResource { verb: method.as_str().to_ascii_lowercase(), path: path.to_owned() },
-        [resource] => ((*resource).to_owned(), None),
-        [resource, name] => ((*resource).to_owned(), Some((*name).to_owned())),
-        [resource, name, sub, ..] => (format!("{resource}/{sub}"), Some((*name).to_owned())),
-    };
-    let params: Vec<(String, String)> = query.and_then(|q| serde_urlencoded::from_str(q).ok()).unwrap_or_default();
-    let watching = params.iter().any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
-    let verb = match *method {
-        Method::GET | Method::HEAD if name.is_some() => "get",
-        Method::GET | Method::HEAD if watching => "watch",
-        Method::GET | Method::HEAD => "list",
-        Method::POST => "create",
-        Method::PUT => "update",
-        Method::PATCH => "patch",
-        Method::DELETE if name.is_some() => "delete",
-        Method::DELETE => "deletecollection",
-        _ => "unknown",
-    };
-    if matches!(verb, "list" | "watch") {
-        // A list or watch of one object by name is authorized as that object.
-        let selectors = params.iter().filter(|(k, _)| k == "fieldSelector").flat_map(|(_, v)| v.split(','));
-        name = selectors.filter_map(|s| s.strip_prefix("metadata.name=")).map(str::to_owned).next();
-    }
-    Target::Resource(Attributes { verb: verb.into(), group: group.into(), resource, namespace, name })
-}
 
 /// Whether one RBAC rule allows a resource request.
 pub fn rule_allows(rule: &PolicyRule, a: &Attributes) -> bool {
     let has = |list: &Option<Vec<String>>, value: &str| {
         list.as_ref().is_some_and(|l| l.iter().any(|x| x == "*" || x == value))
     };
-    let subresource = a.resource.split_once('/').map(|(_, s)| s);
+    let resource = a.rbac_resource();
     let resource_matches = rule.resources.as_ref().is_some_and(|rs| {
-        rs.iter().any(|r| r == "*" || *r == a.resource || subresource.is_some_and(|s| *r == format!("*/{s}")))
+        rs.iter().any(|r| {
+            r == "*" || *r == resource || a.subresource.as_ref().is_some_and(|s| r.strip_prefix("*/") == Some(s))
+        })
     });
     let name_matches = match (&rule.resource_names, &a.name) {
         (None, _) => true,
@@ -123,13 +64,13 @@ pub struct Grant {
 /// Paths every authenticated user may read (the default discovery and health roles).
 const OPEN_PATHS: &[&str] = &["/api", "/apis", "/version", "/healthz", "/livez", "/readyz", "/openapi"];
 
-/// Whether `grants` allow `target`.
-pub fn authorize(grants: &[Grant], target: &Target) -> bool {
-    match target {
-        Target::NonResource { verb, path } => {
+/// Whether `grants` allow `request`.
+pub fn authorize(grants: &[Grant], request: &Request) -> bool {
+    match request {
+        Request::NonResource { verb, path } => {
             verb == "get" && OPEN_PATHS.iter().any(|p| path == p || path.starts_with(&format!("{p}/")))
         }
-        Target::Resource(a) => grants
+        Request::Resource(a) => grants
             .iter()
             .filter(|g| g.namespace.is_none() || g.namespace == a.namespace)
             .any(|g| g.rules.iter().any(|r| rule_allows(r, a))),
@@ -196,7 +137,7 @@ pub async fn grants_of(client: &Client, namespace: &str, account: &str) -> kube:
 /// One request and what the authorizer said.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
-    pub target: Target,
+    pub request: Request,
     pub allowed: bool,
 }
 
@@ -314,20 +255,20 @@ fn drop_hop_headers(headers: &mut HeaderMap) {
     }
 }
 
-async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let (mut parts, body) = request.into_parts();
-    let target = target(&parts.method, parts.uri.path(), parts.uri.query());
-    let allowed = authorize(&shared.grants, &target);
+async fn forward(State(shared): State<Arc<Shared>>, incoming: axum::extract::Request) -> Response {
+    let (mut parts, body) = incoming.into_parts();
+    let request = kvs_testkit::k8s_request::classify(parts.method.as_str(), parts.uri.path(), parts.uri.query());
+    let allowed = authorize(&shared.grants, &request);
     shared
         .decisions
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(Decision { target: target.clone(), allowed });
+        .push(Decision { request: request.clone(), allowed });
     let request_line = format!("{} {}", parts.method, parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     if !allowed {
-        eprintln!("RBAC stand-in: denied {} {target:?}", shared.user);
+        eprintln!("RBAC stand-in: denied {} {request:?}", shared.user);
         shared.log(format_args!("{request_line} -> 403 (denied by RBAC)"));
-        return forbidden(&shared.user, &target);
+        return forbidden(&shared.user, &request);
     }
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
@@ -358,20 +299,17 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
 }
 
 /// The API server's answer to a request RBAC does not allow.
-fn forbidden(user: &str, target: &Target) -> Response {
-    let message = match target {
-        Target::Resource(a) => {
-            let what = match a.resource.split_once('/') {
-                Some((r, s)) => format!("resource \"{r}/{s}\""),
-                None => format!("resource \"{}\"", a.resource),
-            };
+fn forbidden(user: &str, request: &Request) -> Response {
+    let message = match request {
+        Request::Resource(a) => {
+            let what = format!("resource \"{}\"", a.rbac_resource());
             let scope = a
                 .namespace
                 .as_ref()
                 .map_or_else(|| "at the cluster scope".to_owned(), |ns| format!("in the namespace \"{ns}\""));
             format!("User \"{user}\" cannot {} {what} in API group \"{}\" {scope}", a.verb, a.group)
         }
-        Target::NonResource { verb, path } => format!("User \"{user}\" cannot {verb} path \"{path}\""),
+        Request::NonResource { verb, path } => format!("User \"{user}\" cannot {verb} path \"{path}\""),
     };
     let status = serde_json::json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -383,10 +321,11 @@ fn forbidden(user: &str, target: &Target) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvs_testkit::k8s_request::classify;
 
-    fn attrs(method: Method, path: &str, query: Option<&str>) -> Attributes {
-        match target(&method, path, query) {
-            Target::Resource(a) => a,
+    fn attrs(method: &str, path: &str, query: Option<&str>) -> Attributes {
+        match classify(method, path, query) {
+            Request::Resource(a) => a,
             other => panic!("{path} is a resource request, not {other:?}"),
         }
     }
@@ -402,47 +341,21 @@ mod tests {
     }
 
     #[test]
-    fn urls_give_the_attributes_the_api_server_derives() {
-        let a = attrs(Method::GET, "/apis/apps/v1/namespaces/prod/statefulsets", Some("watch=true&timeoutSeconds=290"));
-        assert_eq!(
-            (a.verb.as_str(), a.group.as_str(), a.resource.as_str(), a.namespace.as_deref()),
-            ("watch", "apps", "statefulsets", Some("prod"))
-        );
-        let a = attrs(Method::GET, "/api/v1/pods", Some("labelSelector=a%3Db"));
-        assert_eq!((a.verb.as_str(), a.group.as_str(), a.namespace), ("list", "", None));
-        let a = attrs(Method::PATCH, "/apis/kvstore.dev/v1alpha1/namespaces/prod/kvstoreclusters/demo/status", None);
-        assert_eq!(
-            (a.verb.as_str(), a.resource.as_str(), a.name.as_deref()),
-            ("patch", "kvstoreclusters/status", Some("demo"))
-        );
-        let a = attrs(Method::DELETE, "/api/v1/namespaces/prod/secrets", None);
-        assert_eq!(a.verb, "deletecollection");
-        let a = attrs(Method::GET, "/api/v1/namespaces/prod", None);
-        assert_eq!((a.resource.as_str(), a.name.as_deref(), a.namespace), ("namespaces", Some("prod"), None));
-        let a = attrs(
-            Method::GET,
-            "/apis/coordination.k8s.io/v1/namespaces/p/leases",
-            Some("fieldSelector=metadata.name%3Dop&watch=1"),
-        );
-        assert_eq!((a.verb.as_str(), a.name.as_deref()), ("watch", Some("op")));
-        assert!(matches!(target(&Method::GET, "/apis/apps/v1", None), Target::NonResource { .. }));
-        assert!(matches!(target(&Method::GET, "/version", None), Target::NonResource { .. }));
-    }
-
-    #[test]
     fn rules_match_like_rbac() {
-        let get_pods = attrs(Method::GET, "/api/v1/namespaces/p/pods/x", None);
+        let get_pods = attrs("GET", "/api/v1/namespaces/p/pods/x", None);
         assert!(rule_allows(&rule(&[""], &["pods"], &["get"]), &get_pods));
         assert!(rule_allows(&rule(&["*"], &["*"], &["*"]), &get_pods));
         assert!(!rule_allows(&rule(&["apps"], &["pods"], &["get"]), &get_pods), "wrong group");
         assert!(!rule_allows(&rule(&[""], &["pods"], &["list"]), &get_pods), "wrong verb");
-        let status = attrs(Method::PATCH, "/api/v1/namespaces/p/pods/x/status", None);
+        let status = attrs("PATCH", "/api/v1/namespaces/p/pods/x/status", None);
         assert!(!rule_allows(&rule(&[""], &["pods"], &["patch"]), &status), "a subresource is granted separately");
         assert!(rule_allows(&rule(&[""], &["pods/status"], &["patch"]), &status));
         assert!(rule_allows(&rule(&[""], &["*/status"], &["patch"]), &status));
+        assert!(!rule_allows(&rule(&[""], &["*/scale"], &["patch"]), &status), "another subresource");
+        assert!(!rule_allows(&rule(&[""], &["*/status"], &["get"]), &get_pods), "*/status is no resource");
         let named = PolicyRule { resource_names: Some(vec!["y".into()]), ..rule(&[""], &["pods"], &["get"]) };
         assert!(!rule_allows(&named, &get_pods), "another name");
-        let create = attrs(Method::POST, "/api/v1/namespaces/p/pods", None);
+        let create = attrs("POST", "/api/v1/namespaces/p/pods", None);
         assert!(
             !rule_allows(&PolicyRule { verbs: vec!["create".into()], ..named }, &create),
             "resourceNames never allow create"
@@ -450,15 +363,31 @@ mod tests {
     }
 
     #[test]
+    fn a_watch_by_name_is_authorized_as_that_object() {
+        // The operator's lease manager watches its one Lease; a rule naming it must cover that.
+        let watch = attrs(
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/p/leases",
+            Some("fieldSelector=metadata.name%3Dop&watch=1"),
+        );
+        let lease = |name: &str| PolicyRule {
+            resource_names: Some(vec![name.into()]),
+            ..rule(&["coordination.k8s.io"], &["leases"], &["watch"])
+        };
+        assert!(rule_allows(&lease("op"), &watch));
+        assert!(!rule_allows(&lease("other"), &watch));
+    }
+
+    #[test]
     fn a_role_binding_grants_only_in_its_namespace() {
         let grants = [Grant { namespace: Some("a".into()), rules: vec![rule(&[""], &["pods"], &["list"])] }];
-        assert!(authorize(&grants, &target(&Method::GET, "/api/v1/namespaces/a/pods", None)));
-        assert!(!authorize(&grants, &target(&Method::GET, "/api/v1/namespaces/b/pods", None)));
-        assert!(
-            !authorize(&grants, &target(&Method::GET, "/api/v1/pods", None)),
-            "all namespaces needs a ClusterRoleBinding"
-        );
-        assert!(authorize(&grants, &target(&Method::GET, "/apis", None)), "discovery is open");
-        assert!(!authorize(&grants, &target(&Method::GET, "/metrics", None)));
+        let get = |path: &str| classify("GET", path, None);
+        assert!(authorize(&grants, &get("/api/v1/namespaces/a/pods")));
+        assert!(!authorize(&grants, &get("/api/v1/namespaces/b/pods")));
+        assert!(!authorize(&grants, &get("/api/v1/pods")), "all namespaces needs a ClusterRoleBinding");
+        assert!(authorize(&grants, &get("/apis")), "discovery is open");
+        assert!(authorize(&grants, &get("/apis/apps/v1")), "discovery is open");
+        assert!(!authorize(&grants, &get("/metrics")));
+        assert!(!authorize(&grants, &classify("POST", "/version", None)), "open paths are open to reads only");
     }
 }

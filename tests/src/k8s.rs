@@ -86,9 +86,9 @@ pub fn kubectl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The `kvs-node` binary the stand-in kubelet runs (see [`crate::cluster::node_binary`]).
+/// The `kvs-node` binary the stand-in kubelet runs (see [`kvs_testkit::process::node_binary`]).
 pub fn node_binary() -> PathBuf {
-    crate::cluster::node_binary().unwrap_or_else(|e| panic!("finding the kvs-node binary: {e:#}"))
+    kvs_testkit::process::node_binary().unwrap_or_else(|e| panic!("finding the kvs-node binary: {e:#}"))
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, and returns that; panics after `timeout`

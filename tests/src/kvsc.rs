@@ -6,9 +6,10 @@ use crate::k8s::{eventually, kubectl, pod_ready};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kvs_api::KvClient;
+use kvs_testkit::process::{NodeCommand, NodeProcess};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 /// Time one step (scale, rebalance) may take.
@@ -36,29 +37,22 @@ pub fn operator_binary() -> PathBuf {
 }
 
 /// A `kvs-operator` process (standing in for the operator's Deployment); killed on drop.
-pub struct OperatorProcess(Child);
-
-impl OperatorProcess {
-    /// Starts `kvs-operator` with `args` and `env`, logging to `log`.
-    pub fn start(args: &[String], env: &[(String, String)], log: &Path) -> Self {
-        let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let stderr = log.try_clone().expect("a file handle clones");
-        let child = Command::new(operator_binary())
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting kvs-operator: {e}"));
-        OperatorProcess(child)
-    }
+pub struct OperatorProcess {
+    /// Held for its drop, which kills the operator.
+    _process: NodeProcess,
 }
 
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl OperatorProcess {
+    /// Starts `kvs-operator` with `args` and `env` on top of this process's environment (it reads
+    /// `KUBECONFIG`), logging to `log`; killed on drop.
+    pub fn start(args: &[String], env: &[(String, String)], log: &Path) -> Self {
+        let mut command = NodeCommand::new(operator_binary());
+        command.args = args.to_vec();
+        command.env = env.to_vec();
+        command.inherit_env = true;
+        command.log = Some(log.to_owned());
+        let process = NodeProcess::start(command).unwrap_or_else(|e| panic!("starting kvs-operator: {e}"));
+        OperatorProcess { _process: process }
     }
 }
 

@@ -18,10 +18,11 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::Client;
 use kube::api::Api;
-use kvs_e2e::authorizer::{RbacProxy, Target};
+use kvs_e2e::authorizer::{RbacProxy, Request};
 use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
 use kvs_e2e::kvsc::{OperatorProcess, STEP, assert_keys, pod_addresses, wait_running, workspace_root, write_keys};
+use kvs_testkit::net::LoopbackNet;
 use std::collections::BTreeSet;
 use std::process::Command;
 
@@ -93,16 +94,17 @@ fn assert_least_privilege(authorizer: &RbacProxy) {
     const NOT_ALWAYS_USED: &[(&str, &str, &str, &str)] =
         &[("events.k8s.io", "events", "patch", "kube's Recorder patches an Event only when the same one repeats")];
     let decisions = authorizer.decisions();
-    let denied: Vec<&Target> = decisions.iter().filter(|d| !d.allowed).map(|d| &d.target).collect();
+    let denied: Vec<&Request> = decisions.iter().filter(|d| !d.allowed).map(|d| &d.request).collect();
     assert!(
         denied.is_empty(),
         "the chart's RBAC denied the operator (add to operator/src/rbac.rs and the chart): {denied:#?}"
     );
     let used: BTreeSet<(String, String, String)> = decisions
         .iter()
-        .filter_map(|d| match &d.target {
-            Target::Resource(a) => Some((a.group.clone(), a.resource.clone(), a.verb.clone())),
-            Target::NonResource { .. } => None,
+        .filter_map(|d| match &d.request {
+            // As RBAC names it (`kvstoreclusters/status`), to compare with what the chart grants.
+            Request::Resource(a) => Some((a.group.clone(), a.rbac_resource(), a.verb.clone())),
+            Request::NonResource { .. } => None,
         })
         .collect();
     let unused: Vec<_> = authorizer
@@ -139,7 +141,9 @@ async fn helm_install_then_create_scale_and_uninstall() {
     assert!(!role.rules.unwrap().is_empty());
 
     // The operator runs as its Deployment says; the node pods run under the stand-in kubelet.
-    let http = "127.0.0.1:18281";
+    // The operator's HTTP endpoint and the pods' addresses, on a loopback net of this test's own.
+    let net = LoopbackNet::take();
+    let http = &net.service(8081);
     let (args, mut env, account) = operator_from_deployment(&client, &ns, release, http).await;
     assert_eq!(args, ["run"]);
     // With the permissions the chart binds to its ServiceAccount, and no others.
@@ -152,8 +156,7 @@ async fn helm_install_then_create_scale_and_uninstall() {
     })
     .await;
     assert_eq!(ready, "ready (leader)");
-    let opts =
-        KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.64.".into() };
+    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };
     let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 

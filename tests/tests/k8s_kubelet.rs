@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use kvs_api::KvClient;
 use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary, pod_ready};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
+use kvs_testkit::net::LoopbackNet;
 use serde_json::json;
 use std::time::Duration;
 
@@ -73,8 +74,9 @@ async fn create_token(client: &Client, ns: &str) {
         .expect("creating the Secret");
 }
 
-async fn start_kubelet(client: &Client, ns: &str, root: &std::path::Path, prefix: &str) -> StandInKubelet {
-    let opts = KubeletOptions { node_bin: node_binary(), root: root.to_path_buf(), address_prefix: prefix.into() };
+/// A kubelet whose Pods get addresses on `net`, a loopback `/24` the test holds to its end.
+async fn start_kubelet(client: &Client, ns: &str, root: &std::path::Path, net: &LoopbackNet) -> StandInKubelet {
+    let opts = KubeletOptions { node_bin: node_binary(), root: root.to_path_buf(), address_prefix: net.prefix() };
     StandInKubelet::start(client.clone(), ns, opts).await.expect("starting the stand-in kubelet")
 }
 
@@ -99,7 +101,8 @@ async fn t10_statefulset_pods_run_scale_crash_and_go() {
     let ns_guard = fresh_namespace(&client, "kubelet-t10").await;
     let ns = ns_guard.name();
     let root = tempfile::tempdir().expect("a temporary directory");
-    let kubelet = start_kubelet(&client, ns, root.path(), "127.0.61.").await;
+    let net = LoopbackNet::take();
+    let kubelet = start_kubelet(&client, ns, root.path(), &net).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
 
@@ -110,7 +113,7 @@ async fn t10_statefulset_pods_run_scale_crash_and_go() {
     let mut ips = Vec::new();
     for name in ["demo-0", "demo-1"] {
         let (ip, _) = eventually(&format!("{name} Ready"), WAIT, || ready_pod(&pods, name)).await;
-        assert!(ip.starts_with("127.0.61."), "{name} got {ip}");
+        assert!(ip.starts_with(&net.prefix()), "{name} got {ip}");
         assert_eq!(kubelet.pod_address(name).as_deref(), Some(ip.as_str()));
         assert!(healthz(&ip).await, "GET http://{ip}:8080/healthz");
         ips.push(ip);
@@ -168,7 +171,7 @@ async fn t10_statefulset_pods_run_scale_crash_and_go() {
     .await;
 
     // A crash: restarted with the same IP, Ready again.
-    kubelet.kill_pod("demo-0").expect("killing demo-0");
+    kubelet.kill_pod("demo-0").await.expect("killing demo-0");
     let (ip, restarts) = eventually("demo-0 restarted and Ready", WAIT, || async {
         ready_pod(&pods, "demo-0").await.filter(|(_, restarts)| *restarts >= 1)
     })
@@ -191,7 +194,8 @@ async fn t20_pod_waits_for_its_secret_and_a_deleted_pod_keeps_its_data() {
     let ns_guard = fresh_namespace(&client, "kubelet-t20").await;
     let ns = ns_guard.name();
     let root = tempfile::tempdir().expect("a temporary directory");
-    let kubelet = start_kubelet(&client, ns, root.path(), "127.0.62.").await;
+    let net = LoopbackNet::take();
+    let kubelet = start_kubelet(&client, ns, root.path(), &net).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
 
@@ -236,7 +240,8 @@ async fn t30_foreground_deletion_waits_for_the_pods() {
     let ns_guard = fresh_namespace(&client, "kubelet-t30").await;
     let ns = ns_guard.name();
     let root = tempfile::tempdir().expect("a temporary directory");
-    let kubelet = start_kubelet(&client, ns, root.path(), "127.0.63.").await;
+    let net = LoopbackNet::take();
+    let kubelet = start_kubelet(&client, ns, root.path(), &net).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     create_token(&client, ns).await;

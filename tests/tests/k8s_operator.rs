@@ -25,6 +25,7 @@ use kvs_e2e::kvsc::{
     OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, pod_incarnation, wait_pod_back, wait_running,
     workspace_root, write_keys,
 };
+use kvs_testkit::net::LoopbackNet;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,11 +48,13 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
     let crd = workspace_root().join("crds/kvstorecluster.yaml");
     kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
     kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
-    let opts =
-        KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: "127.0.63.".into() };
+    // The pods' addresses and the operator's HTTP endpoint, on a loopback net of this test's own.
+    let net = LoopbackNet::take();
+    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };
     let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
+    let http = net.service(8081);
     let args: Vec<String> =
-        ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", "127.0.0.1:18181"]
+        ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", &http]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -85,7 +88,7 @@ async fn operator_runs_scales_and_rebalances_a_cluster() {
 
     // A killed pod comes back (same identity, same data) and the cluster is whole again.
     let before = pod_incarnation(&pods, "demo-1").await.unwrap();
-    kubelet.kill_pod("demo-1").unwrap();
+    kubelet.kill_pod("demo-1").await.unwrap();
     wait_pod_back(&pods, "demo-1", &before).await;
     wait_running(&ns, "demo", 4, 2, "the restarted pod rejoins").await;
     assert_keys(&pods, "demo", KEYS, "after a pod restart").await;
@@ -235,7 +238,8 @@ async fn two_operators_elect_one_leader_and_the_standby_takes_over() {
         .collect();
         OperatorProcess::start(&args, &[], &root.path().join(format!("{identity}.log")))
     };
-    let (http_a, http_b) = ("127.0.0.1:18191", "127.0.0.1:18192");
+    let net = LoopbackNet::take();
+    let (http_a, http_b) = (&net.service(8081), &net.service(8082));
     let a = start("a", http_a);
     eventually("a leads", STEP, || async { role(http_a).await.filter(|r| r.contains("leader")) }).await;
     let _b = start("b", http_b);
