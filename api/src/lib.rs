@@ -174,6 +174,70 @@ impl std::fmt::Display for RebalancePhase {
     }
 }
 
+/// A `KVStoreCluster`'s phase (`status.phase`), as the operator reports it and `kubectl get`
+/// shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum ClusterPhase {
+    /// No node reports a view yet.
+    #[default]
+    Pending,
+    /// The cluster matches its spec and every member is ready.
+    Running,
+    /// Pods or data are moving towards the spec.
+    Rebalancing,
+    /// Serving, but with fewer copies or ready members than asked.
+    Degraded,
+    /// The spec cannot be acted on (the Degraded condition says what to fix).
+    Failed,
+}
+
+impl ClusterPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterPhase::Pending => "Pending",
+            ClusterPhase::Running => "Running",
+            ClusterPhase::Rebalancing => "Rebalancing",
+            ClusterPhase::Degraded => "Degraded",
+            ClusterPhase::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ClusterPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The conditions of a `KVStoreCluster` (`status.conditions[].type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum ConditionType {
+    /// Every partition has a ready replica.
+    Available,
+    /// Something is moving towards the spec.
+    Progressing,
+    /// Fewer copies or ready members than asked, or a spec that cannot be acted on.
+    Degraded,
+}
+
+/// A condition's status, as Kubernetes spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum ConditionStatus {
+    True,
+    False,
+    #[default]
+    Unknown,
+}
+
+impl From<bool> for ConditionStatus {
+    fn from(holds: bool) -> Self {
+        if holds { ConditionStatus::True } else { ConditionStatus::False }
+    }
+}
+
 /// Progress of a view change (data movement), as one node or the whole cluster sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebalanceProgress {
@@ -235,5 +299,10 @@ mod tests {
             assert_eq!(serde_json::to_string(&phase).unwrap(), format!("\"{phase}\""));
             assert_eq!(serde_json::from_str::<RebalancePhase>(&format!("\"{phase}\"")).unwrap(), phase);
         }
+        for phase in [ClusterPhase::Pending, ClusterPhase::Running, ClusterPhase::Rebalancing, ClusterPhase::Failed] {
+            assert_eq!(serde_json::to_string(&phase).unwrap(), format!("\"{phase}\""));
+        }
+        assert_eq!(serde_json::to_string(&ConditionStatus::from(true)).unwrap(), "\"True\"");
+        assert_eq!(serde_json::to_string(&ConditionType::Progressing).unwrap(), "\"Progressing\"");
     }
 }

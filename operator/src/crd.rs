@@ -138,7 +138,7 @@ pub struct KVStoreClusterStatus {
     /// moving towards the spec), `Degraded` (serving, but with fewer copies or pods than asked) or
     /// `Failed` (the spec cannot be acted on; see the Degraded condition).
     #[serde(default)]
-    pub phase: String,
+    pub phase: kvs_api::ClusterPhase,
     /// `Available`, `Progressing` and `Degraded`, each with a reason and a message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -183,14 +183,14 @@ pub struct RebalanceStatus {
 }
 
 /// One aspect of the cluster's state (the usual Kubernetes condition shape).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// `Available`, `Progressing` or `Degraded`.
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: kvs_api::ConditionType,
     /// `True`, `False` or `Unknown`.
-    pub status: String,
+    pub status: kvs_api::ConditionStatus,
     /// Machine-readable cause in CamelCase.
     pub reason: String,
     /// What is going on, for people.

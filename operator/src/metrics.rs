@@ -105,7 +105,7 @@ impl Metrics {
         let (moved, total) = status.rebalance.as_ref().map_or((0, 0), |r| (r.moved_keys, r.total_keys));
         self.rebalance_moved_keys.get_or_create(&labels).set(moved);
         self.rebalance_total_keys.get_or_create(&labels).set(total);
-        self.rebalancing.get_or_create(&labels).set(i64::from(status.phase == "Rebalancing"));
+        self.rebalancing.get_or_create(&labels).set(i64::from(status.phase == kvs_api::ClusterPhase::Rebalancing));
         self.ready_replicas.get_or_create(&labels).set(i64::from(status.ready_replicas));
     }
 
@@ -131,7 +131,7 @@ mod tests {
         m.count_reconcile(false);
         m.count_view_change(true);
         let status = KVStoreClusterStatus {
-            phase: "Rebalancing".into(),
+            phase: kvs_api::ClusterPhase::Rebalancing,
             ready_replicas: 4,
             rebalance: Some(RebalanceStatus { moved_keys: 10, total_keys: 40, ..Default::default() }),
             ..Default::default()

@@ -143,8 +143,10 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
     let valid = match validate::validate_cluster(cluster) {
         Ok(valid) => valid,
         Err(invalid) => {
-            let already_said =
-                cluster.status.as_ref().is_some_and(|s| s.phase == "Failed" && s.observed_generation == generation);
+            let already_said = cluster
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == kvs_api::ClusterPhase::Failed && s.observed_generation == generation);
             if !already_said {
                 publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }

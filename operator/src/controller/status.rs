@@ -4,7 +4,7 @@
 
 use crate::crd::{Condition, KVStoreClusterStatus, RebalanceStatus};
 use crate::rebalance::{Pod, Step, Target};
-use kvs_api::ClusterStatus;
+use kvs_api::{ClusterPhase, ClusterStatus, ConditionStatus, ConditionType};
 
 /// What the controller is doing about the spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,13 +39,16 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     let moving = matches!(o.activity, Activity::MovingData) || o.nodes.is_some_and(|n| n.pending_epoch.is_some());
 
     let available = match layout {
-        None => cond("Available", false, "NoView", "no node reports a view yet".into()),
+        None => cond(ConditionType::Available, false, "NoView", "no node reports a view yet".into()),
         Some(l) => match l.partitions.iter().position(|members| !members.iter().any(|m| ready(m))) {
-            Some(p) => {
-                cond("Available", false, "PartitionUnavailable", format!("no replica of partition {p} is ready"))
-            }
+            Some(p) => cond(
+                ConditionType::Available,
+                false,
+                "PartitionUnavailable",
+                format!("no replica of partition {p} is ready"),
+            ),
             None => cond(
-                "Available",
+                ConditionType::Available,
                 true,
                 "AllPartitionsServing",
                 format!("{} partitions, each with a ready replica", l.partitions.len()),
@@ -53,47 +56,56 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         },
     };
     let progressing = match o.activity {
-        Activity::Invalid(msg) => cond("Progressing", false, "InvalidSpec", msg.clone()),
-        _ if moving => {
-            cond("Progressing", true, "MovingData", "a view change is moving keys to their new owners".into())
-        }
+        Activity::Invalid(msg) => cond(ConditionType::Progressing, false, "InvalidSpec", msg.clone()),
+        _ if moving => cond(
+            ConditionType::Progressing,
+            true,
+            "MovingData",
+            "a view change is moving keys to their new owners".into(),
+        ),
         Activity::Step(Step::ScaleStatefulSet { replicas }) => {
-            cond("Progressing", true, "ScalingPods", format!("setting the StatefulSet to {replicas} pods"))
+            cond(ConditionType::Progressing, true, "ScalingPods", format!("setting the StatefulSet to {replicas} pods"))
         }
-        Activity::Step(Step::WaitForPods { ordinals }) => {
-            cond("Progressing", true, "WaitingForPods", format!("waiting for pods {ordinals:?} to be ready"))
-        }
+        Activity::Step(Step::WaitForPods { ordinals }) => cond(
+            ConditionType::Progressing,
+            true,
+            "WaitingForPods",
+            format!("waiting for pods {ordinals:?} to be ready"),
+        ),
         Activity::Step(Step::ChangeView { members, replication_factor, .. }) => cond(
-            "Progressing",
+            ConditionType::Progressing,
             true,
             "MovingData",
             format!("changing the view to {} nodes at replicationFactor {replication_factor}", members.len()),
         ),
         Activity::Step(Step::Done) | Activity::MovingData => {
-            cond("Progressing", false, "InSync", "the cluster matches the spec".into())
+            cond(ConditionType::Progressing, false, "InSync", "the cluster matches the spec".into())
         }
     };
     let not_ready: Vec<&str> =
         layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
     let degraded = match (o.activity, o.target.and_then(Target::degraded)) {
-        (Activity::Invalid(msg), _) => cond("Degraded", true, "InvalidSpec", msg.clone()),
-        (_, Some(msg)) => cond("Degraded", true, "TooFewReplicas", msg),
-        _ if !not_ready.is_empty() => {
-            cond("Degraded", true, "MembersNotReady", format!("members not ready: {}", not_ready.join(", ")))
-        }
-        _ => cond("Degraded", false, "AllMembersReady", "every member of the view is ready".into()),
+        (Activity::Invalid(msg), _) => cond(ConditionType::Degraded, true, "InvalidSpec", msg.clone()),
+        (_, Some(msg)) => cond(ConditionType::Degraded, true, "TooFewReplicas", msg),
+        _ if !not_ready.is_empty() => cond(
+            ConditionType::Degraded,
+            true,
+            "MembersNotReady",
+            format!("members not ready: {}", not_ready.join(", ")),
+        ),
+        _ => cond(ConditionType::Degraded, false, "AllMembersReady", "every member of the view is ready".into()),
     };
 
     let phase = if matches!(o.activity, Activity::Invalid(_)) {
-        "Failed"
+        ClusterPhase::Failed
     } else if layout.is_none() {
-        "Pending"
-    } else if progressing.status == "True" {
-        "Rebalancing"
-    } else if degraded.status == "True" {
-        "Degraded"
+        ClusterPhase::Pending
+    } else if progressing.status == ConditionStatus::True {
+        ClusterPhase::Rebalancing
+    } else if degraded.status == ConditionStatus::True {
+        ClusterPhase::Degraded
     } else {
-        "Running"
+        ClusterPhase::Running
     };
 
     let rebalance = moving.then(|| o.nodes.map(|n| rebalance_status(&n.rebalance))).flatten();
@@ -110,7 +122,7 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         .collect();
     KVStoreClusterStatus {
         observed_generation: o.generation,
-        phase: phase.into(),
+        phase,
         conditions,
         ready_replicas,
         partitions: layout.map_or(0, |l| l.partitions.len() as i32),
@@ -122,13 +134,14 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     }
 }
 
-fn cond(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+fn cond(type_: ConditionType, status: bool, reason: &str, message: String) -> Condition {
     Condition {
-        type_: type_.into(),
-        status: if status { "True" } else { "False" }.into(),
+        type_,
+        status: status.into(),
         reason: reason.into(),
         message,
-        ..Default::default()
+        last_transition_time: String::new(),
+        observed_generation: 0,
     }
 }
 
@@ -196,7 +209,7 @@ mod tests {
         }
     }
 
-    fn condition<'a>(s: &'a KVStoreClusterStatus, t: &str) -> &'a Condition {
+    fn condition(s: &KVStoreClusterStatus, t: ConditionType) -> &Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
@@ -207,12 +220,12 @@ mod tests {
         let (ps, ns) = (pods(5, 5), nodes(5, 2, false));
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
         assert_eq!(
-            (s.phase.as_str(), s.partitions, s.proxies, s.view_epoch, s.ready_replicas),
-            ("Running", 2, 1, 7, 5)
+            (s.phase, s.partitions, s.proxies, s.view_epoch, s.ready_replicas),
+            (ClusterPhase::Running, 2, 1, 7, 5)
         );
-        assert_eq!(condition(&s, "Available").status, "True");
-        assert_eq!(condition(&s, "Progressing").reason, "InSync");
-        assert_eq!(condition(&s, "Degraded").status, "False");
+        assert_eq!(condition(&s, ConditionType::Available).status, ConditionStatus::True);
+        assert_eq!(condition(&s, ConditionType::Progressing).reason, "InSync");
+        assert_eq!(condition(&s, ConditionType::Degraded).status, ConditionStatus::False);
         assert_eq!((s.observed_generation, s.members.len(), s.rebalance.is_none()), (3, 5, true));
     }
 
@@ -221,8 +234,8 @@ mod tests {
         let (ps, ns) = (pods(5, 5), nodes(5, 2, true));
         // Found running on the nodes (e.g. after an operator restart), even though the plan is Done.
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &SPEC));
-        assert_eq!(s.phase, "Rebalancing");
-        assert_eq!(condition(&s, "Progressing").reason, "MovingData");
+        assert_eq!(s.phase, ClusterPhase::Rebalancing);
+        assert_eq!(condition(&s, ConditionType::Progressing).reason, "MovingData");
         assert_eq!(s.rebalance.unwrap().progress, "transferring 25% (250/1000 keys)");
     }
 
@@ -231,11 +244,14 @@ mod tests {
         let ns = nodes(4, 2, false);
         // kv-3 down: partition 1 still has kv-2.
         let s = status(&observe(&Activity::Step(Step::Done), &pods(4, 3), Some(&ns), &SPEC));
-        assert_eq!((s.phase.as_str(), condition(&s, "Available").status.as_str()), ("Degraded", "True"));
-        assert!(condition(&s, "Degraded").message.contains("kv-3"));
+        assert_eq!(
+            (s.phase, condition(&s, ConditionType::Available).status),
+            (ClusterPhase::Degraded, ConditionStatus::True)
+        );
+        assert!(condition(&s, ConditionType::Degraded).message.contains("kv-3"));
         // kv-2 and kv-3 down: partition 1 has nobody.
         let s = status(&observe(&Activity::Step(Step::Done), &pods(4, 2), Some(&ns), &SPEC));
-        assert_eq!(condition(&s, "Available").reason, "PartitionUnavailable");
+        assert_eq!(condition(&s, ConditionType::Available).reason, "PartitionUnavailable");
     }
 
     #[test]
@@ -243,14 +259,20 @@ mod tests {
         let ps = pods(1, 1);
         let invalid = Activity::Invalid("spec.storage.size \"lots\" is not a Kubernetes quantity".into());
         let s = status(&observe(&invalid, &ps, None, &SPEC));
-        assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Failed", "InvalidSpec"));
+        assert_eq!(
+            (s.phase, condition(&s, ConditionType::Degraded).reason.as_str()),
+            (ClusterPhase::Failed, "InvalidSpec")
+        );
         let small = Target { replicas: 1, replication_factor: 3 };
         let ns = nodes(1, 1, false);
         let s = status(&observe(&Activity::Step(Step::Done), &ps, Some(&ns), &small));
-        assert_eq!((s.phase.as_str(), condition(&s, "Degraded").reason.as_str()), ("Degraded", "TooFewReplicas"));
-        assert!(condition(&s, "Degraded").message.contains("scale up to at least 3"));
+        assert_eq!(
+            (s.phase, condition(&s, ConditionType::Degraded).reason.as_str()),
+            (ClusterPhase::Degraded, "TooFewReplicas")
+        );
+        assert!(condition(&s, ConditionType::Degraded).message.contains("scale up to at least 3"));
         let s = status(&observe(&Activity::Step(Step::Done), &pods(0, 0), None, &SPEC));
-        assert_eq!(s.phase, "Pending");
+        assert_eq!(s.phase, ClusterPhase::Pending);
     }
 
     #[test]
@@ -267,7 +289,7 @@ mod tests {
         o.now = "T2";
         o.previous = Some(&first);
         let changed = status(&o);
-        assert_eq!(condition(&changed, "Progressing").last_transition_time, "T2");
-        assert_eq!(condition(&changed, "Available").last_transition_time, "T1");
+        assert_eq!(condition(&changed, ConditionType::Progressing).last_transition_time, "T2");
+        assert_eq!(condition(&changed, ConditionType::Available).last_transition_time, "T1");
     }
 }
