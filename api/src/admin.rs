@@ -70,7 +70,19 @@ impl AdminClient {
         members: Vec<String>,
         replication_factor: u32,
     ) -> Result<ViewChanged, ClientError> {
-        let body = ViewRequest { members, replication_factor };
+        self.change_view_paced(node, members, replication_factor, None).await
+    }
+
+    /// [`AdminClient::change_view`], moving at most `transfer_rate` keys per second per sending
+    /// node (0: unlimited; `None`: the node's default).
+    pub async fn change_view_paced(
+        &self,
+        node: &str,
+        members: Vec<String>,
+        replication_factor: u32,
+        transfer_rate: Option<u64>,
+    ) -> Result<ViewChanged, ClientError> {
+        let body = ViewRequest { members, replication_factor, transfer_rate };
         let req = self.http.put(format!("http://{node}{ADMIN_VIEW_PATH}")).timeout(self.change_timeout).json(&body);
         answer(node, self.authorized(req).send().await).await
     }

@@ -1,9 +1,16 @@
 //! A typed client for the native API (`/v1/kv`), carrying the causal context between calls the way
 //! a real session should.
+//!
+//! Two ways to reach the cluster: through one node (any node forwards to the owners), or routed
+//! ([`KvClient::routed`]): the client fetches the cluster map and sends each request to an owner of
+//! its key, saving the forwarding hop. A routed client fetches the map again when an answer says the
+//! cluster moved to a newer view epoch, or when the node it chose cannot be reached (then the
+//! request goes to a seed node instead, which forwards it).
 
-use crate::{ErrorBody, HEADER_CAUSAL_CONTEXT, HEADER_PARTITION, HEADER_TIMESTAMP, WriteResponse};
+use crate::routing::{CLUSTER_MAP_PATH, ClusterMap, Router};
+use crate::{ErrorBody, HEADER_CAUSAL_CONTEXT, HEADER_PARTITION, HEADER_TIMESTAMP, HEADER_VIEW_EPOCH, WriteResponse};
 use bytes::Bytes;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Why a call failed.
@@ -35,11 +42,15 @@ pub struct Stored {
     pub timestamp: u64,
 }
 
-/// A client session against one node. Tracks the causal context of everything it has seen, so that
-/// reads after writes (on any node) see those writes.
+/// A client session. Tracks the causal context of everything it has seen, so that reads after
+/// writes (on any node) see those writes.
 pub struct KvClient {
     http: reqwest::Client,
+    /// The node every request goes to, or (routed) the node used when the map is missing or its
+    /// choice cannot be reached.
     node: String,
+    /// Routed sessions: the cluster map, ready to route. `std` lock, held only to clone the `Arc`.
+    router: Option<RwLock<Option<Arc<Router>>>>,
     /// The session's causal context. A `std` mutex: held only to copy a string, never across `.await`.
     context: Mutex<String>,
 }
@@ -48,12 +59,81 @@ impl KvClient {
     /// A session talking to `node` (`host:port`), with a per-request timeout.
     pub fn new(node: impl Into<String>, timeout: Duration) -> Self {
         let http = reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client always builds");
-        KvClient { http, node: node.into(), context: Mutex::new(String::new()) }
+        KvClient { http, node: node.into(), router: None, context: Mutex::new(String::new()) }
     }
 
-    /// The node this session talks to.
+    /// A session that sends each request straight to an owner of its key, learning the cluster map
+    /// from `seed` (`host:port`, any node) and falling back to it.
+    pub async fn routed(seed: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
+        let mut client = KvClient::new(seed, timeout);
+        client.router = Some(RwLock::new(None));
+        client.refresh_map().await?;
+        Ok(client)
+    }
+
+    /// The node this session talks to (routed: its seed).
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The cluster map a routed session routes by.
+    pub fn cluster_map(&self) -> Option<ClusterMap> {
+        self.current_router().map(|r| r.map().clone())
+    }
+
+    fn current_router(&self) -> Option<Arc<Router>> {
+        self.router.as_ref()?.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Fetches the cluster map from the seed node (routed sessions).
+    pub async fn refresh_map(&self) -> Result<(), ClientError> {
+        let Some(slot) = &self.router else { return Ok(()) };
+        let url = format!("http://{}{CLUSTER_MAP_PATH}", self.node);
+        let resp = self.http.get(url).send().await.map_err(|e| self.transport(&self.node, e))?;
+        if !resp.status().is_success() {
+            return Err(self.fail(&self.node, resp).await);
+        }
+        let map: ClusterMap = resp.json().await.map_err(|e| self.transport(&self.node, e))?;
+        *slot.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Router::new(map)));
+        Ok(())
+    }
+
+    /// Where an operation on `key` goes.
+    fn node_for(&self, key: &str) -> String {
+        self.current_router()
+            .and_then(|r| r.node_for(key.as_bytes()).map(str::to_owned))
+            .unwrap_or_else(|| self.node.clone())
+    }
+
+    /// Fetches the map again if `resp` comes from a newer view than the one routed by.
+    async fn follow_epoch(&self, resp: &reqwest::Response) {
+        let Some(router) = self.current_router() else { return };
+        let epoch = resp.headers().get(HEADER_VIEW_EPOCH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if epoch.is_some_and(|e| e > router.epoch()) {
+            // A failed refresh keeps the old map: requests still reach a node that forwards them.
+            let _ = self.refresh_map().await;
+        }
+    }
+
+    /// Sends a request built for `node`; a routed session whose chosen owner cannot be reached
+    /// (the request never left) sends it to its seed instead and fetches the map again.
+    async fn send(
+        &self,
+        node: String,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<(String, reqwest::Response), ClientError> {
+        match build(&node).send().await {
+            Ok(resp) => {
+                self.follow_epoch(&resp).await;
+                Ok((node, resp))
+            }
+            Err(e) if e.is_connect() && self.router.is_some() && node != self.node => {
+                let _ = self.refresh_map().await;
+                let resp = build(&self.node).send().await.map_err(|e| self.transport(&self.node, e))?;
+                Ok((self.node.clone(), resp))
+            }
+            Err(e) => Err(self.transport(&node, e)),
+        }
     }
 
     /// The session's current causal context.
@@ -67,68 +147,76 @@ impl KvClient {
         }
     }
 
-    fn url(&self, key: &str) -> String {
-        format!("http://{}/v1/kv/{}", self.node, percent_encode(key))
+    fn url(node: &str, key: &str) -> String {
+        format!("http://{node}/v1/kv/{}", percent_encode(key))
     }
 
-    fn transport(&self, source: reqwest::Error) -> ClientError {
-        ClientError::Transport { node: self.node.clone(), source }
+    fn transport(&self, node: &str, source: reqwest::Error) -> ClientError {
+        ClientError::Transport { node: node.to_owned(), source }
     }
 
-    async fn fail(&self, resp: reqwest::Response) -> ClientError {
+    async fn fail(&self, node: &str, resp: reqwest::Response) -> ClientError {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.msg).unwrap_or(text);
-        ClientError::Status { node: self.node.clone(), status, msg }
+        ClientError::Status { node: node.to_owned(), status, msg }
     }
 
     /// Reads `key`; `Ok(None)` when it does not exist (or was deleted).
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, ClientError> {
-        let resp = self
-            .http
-            .get(self.url(key))
-            .header(HEADER_CAUSAL_CONTEXT, self.context())
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+        let context = self.context();
+        let (node, resp) = self
+            .send(self.node_for(key), |node| {
+                self.http.get(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
+            })
+            .await?;
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         self.remember(header(HEADER_CAUSAL_CONTEXT).as_deref());
         match resp.status().as_u16() {
             200 => {
                 let partition_id = header(HEADER_PARTITION).and_then(|p| p.parse().ok());
                 let timestamp = header(HEADER_TIMESTAMP).and_then(|t| t.parse().ok());
-                let value = resp.bytes().await.map_err(|e| self.transport(e))?;
+                let value = resp.bytes().await.map_err(|e| self.transport(&node, e))?;
                 match (partition_id, timestamp) {
                     (Some(partition_id), Some(timestamp)) => Ok(Some(Stored { value, partition_id, timestamp })),
                     _ => Err(ClientError::Protocol {
-                        node: self.node.clone(),
+                        node,
                         detail: "missing Kvs-Partition or Kvs-Timestamp header".into(),
                     }),
                 }
             }
             404 => Ok(None),
-            _ => Err(self.fail(resp).await),
+            _ => Err(self.fail(&node, resp).await),
         }
     }
 
     /// Writes `value` under `key`.
     pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<WriteResponse, ClientError> {
-        let req = self.http.put(self.url(key)).header(HEADER_CAUSAL_CONTEXT, self.context()).body(value.into());
-        self.write(req).await
+        let (context, value) = (self.context(), value.into());
+        let sent = self
+            .send(self.node_for(key), |node| {
+                self.http.put(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str()).body(value.clone())
+            })
+            .await?;
+        self.write(sent).await
     }
 
     /// Deletes `key` (a tombstone that replicates like a write).
     pub async fn delete(&self, key: &str) -> Result<WriteResponse, ClientError> {
-        let req = self.http.delete(self.url(key)).header(HEADER_CAUSAL_CONTEXT, self.context());
-        self.write(req).await
+        let context = self.context();
+        let sent = self
+            .send(self.node_for(key), |node| {
+                self.http.delete(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
+            })
+            .await?;
+        self.write(sent).await
     }
 
-    async fn write(&self, req: reqwest::RequestBuilder) -> Result<WriteResponse, ClientError> {
-        let resp = req.send().await.map_err(|e| self.transport(e))?;
+    async fn write(&self, (node, resp): (String, reqwest::Response)) -> Result<WriteResponse, ClientError> {
         if !resp.status().is_success() {
-            return Err(self.fail(resp).await);
+            return Err(self.fail(&node, resp).await);
         }
-        let body: WriteResponse = resp.json().await.map_err(|e| self.transport(e))?;
+        let body: WriteResponse = resp.json().await.map_err(|e| self.transport(&node, e))?;
         self.remember(Some(&body.causal_context));
         Ok(body)
     }

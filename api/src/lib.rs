@@ -5,7 +5,8 @@
 //! are not here: they are private to `kvs-node`.
 //!
 //! [`AdminClient`] speaks the admin API (status and view changes); [`KvClient`] the native key-value
-//! API; [`hw4`] holds the compatibility API's answers.
+//! API, through one node or (with [`KvClient::routed`]) straight to each key's owners by the
+//! cluster map ([`Router`]); [`hw4`] holds the compatibility API's answers.
 //!
 //! Two client-facing APIs exist (see `docs/api.md`):
 //! - the native API, `/v1/kv/{key}`: raw value bodies, metadata in `Kvs-*` headers;
@@ -14,9 +15,11 @@
 mod admin;
 mod client;
 pub mod hw4;
+mod routing;
 
 pub use admin::{ADMIN_STATUS_PATH, ADMIN_VIEW_PATH, AdminClient};
-pub use client::{ClientError, KvClient, Stored};
+pub use client::{ClientError, KvClient, Stored, percent_encode};
+pub use routing::{CLUSTER_MAP_PATH, ClusterMap, PartitionSlots, Router, SLOT_COUNT, slot_of, slot_ranges};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +34,9 @@ pub const HEADER_REPLICAS: &str = "kvs-replicas";
 /// Request header on writes: refuse (503) rather than acknowledge a write with fewer durable
 /// copies than this.
 pub const HEADER_MIN_REPLICAS: &str = "kvs-min-replicas";
+/// Response header on the native API: the view epoch the answering node is on (a client routing by
+/// a [`ClusterMap`] of an older epoch fetches the map again).
+pub const HEADER_VIEW_EPOCH: &str = "kvs-view-epoch";
 /// Header carrying the cluster token on internal and administrative routes.
 pub const HEADER_CLUSTER_TOKEN: &str = "kvs-cluster-token";
 
@@ -99,6 +105,10 @@ pub struct ViewRequest {
     pub members: Vec<String>,
     /// Replicas per partition.
     pub replication_factor: u32,
+    /// Keys per second each sending node moves, for this change only (0: unlimited; absent: the
+    /// driving node's `--transfer-rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_rate: Option<u64>,
 }
 
 /// Where a view change is. The driving node (the primary receiver) goes `preparing`, `beginning`,

@@ -1,7 +1,7 @@
 //! Node-to-node messages (view changes, transfer batches, replication, anti-entropy): decoding
 //! untrusted bytes never panics, and anything accepted re-encodes to something that decodes equal.
 #![no_main]
-use kvs_node::peers::{PeerRequest, PeerResponse};
+use kvs_node::protocol::{PeerRequest, PeerResponse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

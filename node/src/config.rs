@@ -42,6 +42,16 @@ pub struct Args {
     #[arg(long, env = "KVS_CONNECT_TIMEOUT_MS", default_value_t = 300)]
     pub connect_timeout_ms: u64,
 
+    /// Keys per second each sending node moves in a view change this node drives (0: unlimited).
+    /// A change can ask for another rate (`transfer_rate` of `PUT /v1/admin/view`).
+    #[arg(long, env = "KVS_TRANSFER_RATE", default_value_t = crate::node::DEFAULT_TRANSFER_RATE)]
+    pub transfer_rate: u64,
+
+    /// How this node calls other nodes: `framed` (many calls multiplexed on one connection per
+    /// peer) or `http` (one HTTP/1.1 request per call). A node answers both.
+    #[arg(long, env = "KVS_PEER_TRANSPORT", value_enum, default_value_t = crate::peers::Transport::Framed)]
+    pub peer_transport: crate::peers::Transport,
+
     /// Longest a forwarded request waits for a live owner before trying the next one, in
     /// milliseconds. A dead owner (see --heartbeat-interval-ms) is skipped at once.
     #[arg(long, env = "KVS_FORWARD_DEADLINE_MS", default_value_t = 10_000)]
@@ -201,6 +211,7 @@ impl Args {
         };
         s.anti_entropy_interval = Duration::from_millis(self.anti_entropy_interval_ms.max(1));
         s.max_value_bytes = self.max_value_bytes;
+        s.transfer_rate = self.transfer_rate;
         s.hosts_file = self.hosts_file.clone();
         s.cluster_token = match (&self.cluster_token, &self.cluster_token_file) {
             (Some(t), _) => Some(t.clone()),

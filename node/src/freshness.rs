@@ -37,15 +37,35 @@ const MAX_WAITING: usize = 64;
 struct PeerLedger {
     /// Timestamps of this node's writes being sent to the peer (ts -> count).
     sending: BTreeMap<u64, usize>,
-    /// The oldest of this node's writes that failed to reach the peer since it was last repaired.
+    /// Nothing from here on is vouched for: the oldest of this node's writes that failed to reach
+    /// the peer since it was last repaired (or a bound below it).
     failed_from: Option<u64>,
+    /// The newest write that ever failed to reach the peer: a repair up to a point below it leaves
+    /// failures above that point, which must stay unvouched.
+    last_failed: Option<u64>,
 }
 
 impl Default for PeerLedger {
     /// Until a first anti-entropy round with the peer, nothing is vouched for: this node may have
     /// written things (before a restart, say) that never reached it.
     fn default() -> Self {
-        PeerLedger { sending: BTreeMap::new(), failed_from: Some(0) }
+        PeerLedger { sending: BTreeMap::new(), failed_from: Some(0), last_failed: None }
+    }
+}
+
+impl PeerLedger {
+    fn failed(&mut self, ts: u64) {
+        self.failed_from = Some(self.failed_from.map_or(ts, |f| f.min(ts)));
+        self.last_failed = Some(self.last_failed.map_or(ts, |l| l.max(ts)));
+    }
+
+    /// The peer holds everything this node had at `stable`: failures up to it are repaired. A
+    /// failure above it stays unvouched; which one is not kept, so everything above `stable` is
+    /// (a later repair clears it).
+    fn repaired(&mut self, stable: u64) {
+        if self.failed_from.is_some_and(|f| f <= stable) {
+            self.failed_from = self.last_failed.filter(|l| *l > stable).map(|_| stable.saturating_add(1));
+        }
     }
 }
 
@@ -123,7 +143,7 @@ impl Freshness {
         let ledger = ledgers.entry(peer.to_owned()).or_default();
         count_down(&mut ledger.sending, ts);
         if !ok {
-            ledger.failed_from = Some(ledger.failed_from.map_or(ts, |f| f.min(ts)));
+            ledger.failed(ts);
         }
     }
 
@@ -147,11 +167,7 @@ impl Freshness {
     /// Anti-entropy made `peer` hold everything this node had at `stable`: failures up to it are
     /// repaired.
     pub fn repaired(&self, peer: &str, stable: u64) {
-        let mut ledgers = lock(&self.ledgers);
-        let ledger = ledgers.entry(peer.to_owned()).or_default();
-        if ledger.failed_from.is_some_and(|f| f <= stable) {
-            ledger.failed_from = None;
-        }
+        lock(&self.ledgers).entry(peer.to_owned()).or_default().repaired(stable);
     }
 
     /// Receiver side: `from` sent writes stamped `received` (now stored) with `announcement`.
@@ -226,7 +242,7 @@ impl Drop for SendGuard<'_> {
                 && ledger.sending.contains_key(&self.ts)
             {
                 count_down(&mut ledger.sending, self.ts);
-                ledger.failed_from = Some(ledger.failed_from.map_or(self.ts, |f| f.min(self.ts)));
+                ledger.failed(self.ts);
             }
         }
     }
@@ -409,5 +425,30 @@ mod tests {
         assert!(a.cap < w3.ts);
         x.repaired("y", w3.ts);
         assert!(x.announcement_for("y", &hlc).cap >= w3.ts);
+    }
+
+    /// Regression (found by the simulator, seed 3767): a peer cut off for a while missed two of
+    /// this node's writes; an anti-entropy round that repaired up to a point between them cleared
+    /// both failures, so the next announcement vouched for the second write, which the peer never
+    /// got, and the peer answered a causal read from its older copy. A repair now clears only the
+    /// failures at or below the point it repaired.
+    #[test]
+    fn a_repair_below_a_later_failure_keeps_the_later_one_unvouched() {
+        let hlc = Hlc::starting_after(100);
+        let x = Freshness::default();
+        let peer = "y".to_string();
+        x.repaired("y", 0);
+        let early = x.begin_write(&hlc, 0, 0, &[&peer]);
+        x.sent("y", early.ts, false);
+        let late = x.begin_write(&hlc, 0, 0, &[&peer]);
+        x.sent("y", late.ts, false);
+        // A round that started while `late` was in flight repairs up to just below it.
+        x.repaired("y", late.ts - 1);
+        let next = x.begin_write(&hlc, 0, 0, &[&peer]);
+        assert!(x.announcement_for("y", &hlc).cap < late.ts, "the late failure is not vouched for");
+        x.sent("y", next.ts, true);
+        // A later round covering it clears it.
+        x.repaired("y", next.ts);
+        assert!(x.announcement_for("y", &hlc).cap >= next.ts);
     }
 }

@@ -27,6 +27,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+mod peer_server;
 pub mod peers;
 pub mod placement;
 pub mod protocol;
@@ -95,10 +96,13 @@ pub async fn run_with_limits(
         let mut rx = stop_rx;
         let _ = rx.wait_for(|&s| s).await;
     }));
-    let app = http::router(node);
+    let app = http::router(node.clone());
     // Each connection holds a permit; a full server answers 503 instead of queueing forever.
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Peer connections (the framed protocol) stop taking calls when this turns true.
+    let (peers_stop_tx, peers_stop_rx) = tokio::sync::watch::channel(false);
+    let peer_connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -119,14 +123,25 @@ pub async fn run_with_limits(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let (node, app, watcher) = (node.clone(), app.clone(), graceful.watcher());
+        let (peers_stop, peer_connections) = (peers_stop_rx.clone(), peer_connections.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            // Peers open with a zero byte (see `peers::wire`), which never starts an HTTP request.
+            match first_byte(&stream, limits.header_timeout).await {
+                Some(0) => {
+                    let serving = peer_server::serve(node, stream, limits.header_timeout, peers_stop);
+                    peer_connections.track_future(serving).await;
+                }
+                Some(_) => {
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = watcher.watch(connection).await;
+                }
+                None => {}
+            }
             drop(permit);
         });
     }
@@ -134,13 +149,25 @@ pub async fn run_with_limits(
     drop(listener);
     // Background work stops only after the last request: requests in flight may still depend
     // on the failure detector's heartbeats (to give up on a replica that died meanwhile).
-    graceful.shutdown().await;
+    let _ = peers_stop_tx.send(true);
+    peer_connections.close();
+    tokio::join!(graceful.shutdown(), peer_connections.wait());
     let _ = stop_tx.send(true);
     let _ = background.await;
     if let Some(h) = udp_heartbeats {
         tokio::task::spawn_blocking(move || h.stop()).await.ok();
     }
     Ok(())
+}
+
+/// The first byte a new connection sends, without consuming it; `None` if the connection closes
+/// or stays silent for `within`.
+async fn first_byte(stream: &tokio::net::TcpStream, within: Duration) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(within, stream.peek(&mut byte)).await {
+        Ok(Ok(1)) => Some(byte[0]),
+        _ => None,
+    }
 }
 
 /// Runs a node's background work — anti-entropy with view gossip, and heartbeats over the peer

@@ -236,11 +236,14 @@ pub struct Liveness {
 struct Shared {
     detector: Detector,
     watchers: HashMap<String, watch::Sender<PeerState>>,
+    /// Dead peers a write has probed since they were declared dead.
+    probed: std::collections::HashSet<String>,
 }
 
 impl Liveness {
     pub fn new(config: DetectorConfig, deaths: prometheus_client::metrics::counter::Counter) -> Self {
-        Liveness { inner: Mutex::new(Shared { detector: Detector::new(config), watchers: HashMap::new() }), deaths }
+        let shared = Shared { detector: Detector::new(config), watchers: HashMap::new(), probed: Default::default() };
+        Liveness { inner: Mutex::new(shared), deaths }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -257,6 +260,15 @@ impl Liveness {
 
     pub fn is_dead(&self, peer: &str) -> bool {
         self.state(peer).is_dead()
+    }
+
+    /// Whether a write should probe `peer`, dead, in case this node rather than the peer was the
+    /// one cut off (see `ops::write`): the first time since the peer was declared dead, and every
+    /// time while every other member looks dead too (`alone`: the mark of being cut off). Never
+    /// for a live peer (it is called normally).
+    pub fn should_probe(&self, peer: &str, alone: bool) -> bool {
+        let mut shared = self.lock();
+        shared.detector.state(peer).is_dead() && (shared.probed.insert(peer.to_owned()) || alone)
     }
 
     /// `peers` with the live ones first (keeping their relative order), dead ones last.
@@ -276,6 +288,7 @@ impl Liveness {
         let mut shared = self.lock();
         let transitions = change(&mut shared.detector);
         for t in &transitions {
+            shared.probed.remove(&t.peer);
             if let Some(w) = shared.watchers.get(&t.peer) {
                 w.send_replace(t.state);
             }

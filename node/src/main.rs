@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use kvs_node::config::{Args, LogFormat};
 use kvs_node::node::Node;
-use kvs_node::peers::HttpPeers;
+use kvs_node::peers::{FramedPeers, HttpPeers, Peers, Transport};
 use kvs_node::store::RedbStore;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,12 +44,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     settings.state_dir = Some(data_dir.clone());
     let store =
         Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
-    let peers = Arc::new(HttpPeers::new(
-        Duration::from_millis(args.connect_timeout_ms),
-        settings.cluster_token.clone(),
-        args.hosts_file.clone(),
-        args.connection_limits().header_timeout,
-    ));
+    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let (token, hosts, idle) =
+        (settings.cluster_token.clone(), args.hosts_file.clone(), args.connection_limits().header_timeout);
+    let peers: Arc<dyn Peers> = match args.peer_transport {
+        Transport::Framed => Arc::new(FramedPeers::new(connect_timeout, token, hosts, idle)),
+        Transport::Http => Arc::new(HttpPeers::new(connect_timeout, token, hosts, idle)),
+    };
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");

@@ -70,6 +70,9 @@ pub struct Metrics {
     under_replicated: PerOutcome,
     pub overloaded: Counter,
     pub expired_forwards: Counter,
+    /// Writes coordinated under a view a replica showed to be out of date (not acknowledged; sent
+    /// to the owners under the newer view instead).
+    pub stale_view_writes: Counter,
     pub peer_deaths: Counter,
     queued: Gauge,
     in_flight: Gauge,
@@ -143,6 +146,12 @@ impl Default for Metrics {
             "Forwarded writes refused because they arrived too late (the forwarder may have sent them to another owner)",
             expired_forwards.clone(),
         );
+        let stale_view_writes = Counter::default();
+        registry.register(
+            "stale_view_writes",
+            "Writes this node coordinated under an out-of-date view, not acknowledged but sent to the current owners",
+            stale_view_writes.clone(),
+        );
         let queued = Gauge::default();
         registry.register("requests_queued", "Client requests waiting for a slot (admission queue)", queued.clone());
         let in_flight = Gauge::default();
@@ -190,6 +199,7 @@ impl Default for Metrics {
             under_replicated,
             overloaded,
             expired_forwards,
+            stale_view_writes,
             peer_deaths,
             queued,
             in_flight,

@@ -12,28 +12,15 @@
 //!   scheme can move. Shrinking from `p + 1` to `p` moves exactly the slots of partition `p` back.
 //! - Members are chunked into partitions by [`chunk_members`], independent of the input order.
 
-use sha1::{Digest, Sha1};
 use std::collections::BTreeSet;
 
-/// Number of hash slots. Redis Cluster's size: fine enough to balance a thousand partitions within a
-/// few percent, small enough that per-slot digests (8 bytes each) stay cheap to exchange.
-pub const SLOT_COUNT: usize = 16_384;
+pub use kvs_api::{SLOT_COUNT, slot_of};
 
 /// A slot number in `0..SLOT_COUNT`.
 pub type Slot = u16;
 
 /// A partition number in `0..P`; HW4 calls this `partition_id`.
 pub type PartitionId = u32;
-
-/// The slot a key belongs to: the first 14 bits of the key's SHA-1 digest.
-pub fn slot_of(key: &[u8]) -> Slot {
-    let digest = Sha1::digest(key);
-    let top = u16::from_be_bytes([digest[0], digest[1]]);
-    top >> (16 - SLOT_BITS)
-}
-
-const SLOT_BITS: u32 = SLOT_COUNT.trailing_zeros();
-const _: () = assert!(SLOT_COUNT.is_power_of_two() && SLOT_COUNT <= 1 << 16);
 
 /// Which partition owns each slot, for a given number of partitions.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -36,8 +36,10 @@ pub enum PeerRequest {
     Coordinate { key: String, op: KvOp, context: VectorClock, view_epoch: u64, min_copies: u32, sent_at: u64 },
     /// Store these records newest-wins and answer once they are durable. Once stored, the receiver
     /// holds every write `from` coordinated up to `cap`, except those in `pending` not yet arrived
-    /// (see `freshness`).
-    Replicate { records: Vec<(String, Record)>, from: String, cap: u64, pending: Vec<u64> },
+    /// (see `freshness`). `view_epoch`: for a client's write, the view it was coordinated under; a
+    /// receiver on a newer view refuses it, so a coordinator that missed a view change learns it
+    /// before it acknowledges anything (transfers and repairs carry `None`).
+    Replicate { records: Vec<(String, Record)>, from: String, cap: u64, pending: Vec<u64>, view_epoch: Option<u64> },
     /// Send me your record of `key` (for causal reads).
     Fetch { key: String },
     /// Anti-entropy, step 1: here is the hash of my digests over `partition`'s slots under `view_epoch`.
@@ -70,8 +72,9 @@ pub enum ChangeStep {
     Abort { epoch: u64, proposer: String },
     /// Phase 2: `layout` is the pending view; dual-write to its owners from now on.
     Begin { proposer: String, layout: Layout },
-    /// Phase 3: send these slots to their new owners (this node is their source).
-    Transfer { epoch: u64, assignments: Vec<Assignment> },
+    /// Phase 3: send these slots to their new owners (this node is their source), at most `rate`
+    /// keys per second (0: unpaced).
+    Transfer { epoch: u64, assignments: Vec<Assignment>, rate: u64 },
     /// Phase 4: the pending view of `epoch` is the view.
     Commit { epoch: u64 },
     /// Phase 5: drop every slot this node no longer owns (after making sure an owner has it).
@@ -190,6 +193,13 @@ pub enum Refusal {
     /// given up and sent it to another owner, so it was not performed.
     #[error("the forwarded write arrived {age_micros} µs after it was sent")]
     Expired { age_micros: u64 },
+    /// The receiver coordinated a forwarded write under a view it has just learned is not current
+    /// (it has caught up since): nothing was acknowledged; send the write to the owners under the
+    /// newer view, ordered after the copy `writer` stored at `stamped`.
+    #[error(
+        "the receiver's view was out of date; it stored the write as {writer} at {stamped} without acknowledging it"
+    )]
+    StaleWrite { writer: String, stamped: u64 },
     /// The receiver is not on view epoch `epoch` (`mine`: the one it is on).
     #[error("the receiver is not on view epoch {epoch} (it is on {mine:?})")]
     NotOnEpoch { epoch: u64, mine: Option<u64> },

@@ -21,7 +21,12 @@ impl Node {
                     Err(e) => PeerResponse::Refused(e.to_refusal()),
                 }
             }
-            PeerRequest::Replicate { records, from, cap, pending } => {
+            PeerRequest::Replicate { records, from, cap, pending, view_epoch } => {
+                if let (Some(theirs), Some(mine)) = (view_epoch, self.view().map(|v| v.epoch()))
+                    && mine > theirs
+                {
+                    return PeerResponse::Refused(Refusal::EpochMismatch { mine, theirs });
+                }
                 // Records of slots this node neither owns nor is about to own would sit here
                 // forever, outside every replica set: refuse them (the sender is on another view).
                 if let Some((key, _)) = records.iter().find(|(key, _)| !self.owns_key(key)) {

@@ -79,6 +79,18 @@ impl View {
     }
 
     /// Replicas owning `key`.
+    /// The view as clients route by it: each partition's replicas and slot ranges.
+    pub fn cluster_map(&self) -> kvs_api::ClusterMap {
+        let partitions = (0..self.number_of_partitions())
+            .map(|p| kvs_api::PartitionSlots {
+                id: p,
+                members: self.members(p).to_vec(),
+                slots: kvs_api::slot_ranges(self.table().slots_of(p).iter().copied()),
+            })
+            .collect();
+        kvs_api::ClusterMap { epoch: self.epoch(), replication_factor: self.layout().replication_factor, partitions }
+    }
+
     pub fn owners_of_key(&self, key: &str) -> &[NodeId] {
         self.members(self.partition_of_key(key))
     }

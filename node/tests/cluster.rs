@@ -313,15 +313,18 @@ async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
 /// instead of refusing, so a client read an older value than its own acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
-    let c = Cluster::start(2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
+    // A and B replicate partition 0; C (a proxy) keeps A from looking cut off itself.
+    let c = Cluster::start(3, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
-    // "mid" reaches B once it resumes; "new" is never sent to it (A holds B dead by then).
+    // "mid" reaches B once it resumes; so does "probe", the first write after A declared B dead
+    // (a write probes a newly dead replica once); "new" is never sent to it.
     put(&c.http, &a, "x", "mid", "").await;
     c.wait_peer_deaths(&a, 1.0).await;
+    put(&c.http, &a, "x", "probe", "").await;
     let (_, fresh) = put(&c.http, &a, "x", "new", "").await;
     c.nodes[1].resume();
-    tokio::time::sleep(Duration::from_millis(100)).await; // B takes in the delayed "mid"
+    tokio::time::sleep(Duration::from_millis(100)).await; // B takes in the delayed "mid" and "probe"
     c.nodes[0].pause(); // B can no longer fetch the write its client already saw
     let payload = fresh["causal_payload"].as_str().unwrap();
     let (status, body) = get(&c.http, &b, "x", payload).await;

@@ -243,6 +243,7 @@ async fn internal_rpc_rejects_garbage_and_missing_tokens() {
         from: "x".into(),
         cap: 0,
         pending: vec![],
+        view_epoch: None,
     })
     .unwrap();
     let rpc = |token: Option<&str>, body: Vec<u8>| {
@@ -337,8 +338,14 @@ async fn internal_batches_may_be_larger_than_client_bodies() {
         value: Some(vec![7u8; 300_000].into()),
     };
     let records = (0..10).map(|i| (format!("k{i}"), big(i))).collect();
-    let msg =
-        postcard::to_stdvec(&PeerRequest::Replicate { records, from: "x".into(), cap: 0, pending: vec![] }).unwrap();
+    let msg = postcard::to_stdvec(&PeerRequest::Replicate {
+        records,
+        from: "x".into(),
+        cap: 0,
+        pending: vec![],
+        view_epoch: None,
+    })
+    .unwrap();
     assert!(msg.len() > 2_000_000);
     let (s, _, _) = send(&n, Request::post("/internal/v1/rpc").body(Body::from(msg)).unwrap()).await;
     assert_eq!(s, StatusCode::OK);

@@ -23,6 +23,9 @@ use tokio::task::JoinHandle;
 const EPOCH_MICROS: u64 = 1_800_000_000_000_000;
 /// Largest clock skew between nodes (the design needs them within 50 ms of each other).
 const MAX_SKEW_MICROS: i64 = 20_000;
+/// How far apart two nodes' clocks may be: what the history checker must allow between writes it
+/// holds ordered by real time (see `kvs_testkit::history`).
+pub const CLOCK_UNCERTAINTY_MICROS: u64 = 2 * MAX_SKEW_MICROS as u64;
 
 /// A node's wall clock: the simulation's virtual time plus the node's skew.
 pub struct SimClock {

@@ -2,7 +2,7 @@
 //! then every fault heals, the replicas converge, every member is read, and the history checker
 //! judges the lot.
 
-use crate::cluster::SimCluster;
+use crate::cluster::{CLOCK_UNCERTAINTY_MICROS, SimCluster};
 use crate::nemesis::{self, Faults};
 use crate::workload::Client;
 use kvs_node::causal::VectorClock;
@@ -132,8 +132,14 @@ async fn simulate(seed: u64, config: Config) -> Outcome {
             }
         }
     }
-    violations.extend(check_final(&history, &finals).into_iter().map(|v| format!("{}: {}", v.kind, v.detail)));
-    violations.extend(check_causal(&history).into_iter().map(|v| format!("{}: {}", v.kind, v.detail)));
+    violations.extend(
+        check_final(&history, &finals, CLOCK_UNCERTAINTY_MICROS)
+            .into_iter()
+            .map(|v| format!("{}: {}", v.kind, v.detail)),
+    );
+    violations.extend(
+        check_causal(&history, CLOCK_UNCERTAINTY_MICROS).into_iter().map(|v| format!("{}: {}", v.kind, v.detail)),
+    );
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for op in &history {
         (op.client, &op.key, format!("{:?}", op.kind), op.invoke, op.complete, format!("{:?}", op.outcome))

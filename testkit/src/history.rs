@@ -7,13 +7,20 @@
 //! A write that got a 2xx is *acknowledged*; any other ending (error status, timeout, connection
 //! failure) leaves its outcome *unknown*: it may or may not have been applied.
 //!
-//! The checks (all nodes share one wall clock, so for writes that do not overlap in real time the
-//! store's newest-wins order is real-time order):
+//! The store orders versions by hybrid-logical timestamps drawn from the nodes' wall clocks, so
+//! for two writes that do not overlap in real time its newest-wins order is their real-time order
+//! *when the clocks agree*. Nodes' clocks differ by up to a bound (`uncertainty`, µs: 0 when every
+//! node runs on one machine's clock, twice the largest skew in the simulator); a write *precedes*
+//! another only if it ended more than `uncertainty` before the other began. Writes closer than
+//! that are concurrent for the checker, as they are for the store, which orders them by
+//! timestamp either way. The checks:
 //! - **No lost writes**: after healing, the value every node returns for a key was written by a
-//!   write (acknowledged or unknown) that no acknowledged write *began after the end of*: never an
-//!   older value, never a value nobody wrote, never a resurrected delete.
+//!   write (acknowledged or unknown) that no acknowledged write *began after the end of* (by more
+//!   than `uncertainty`): never an older value, never a value nobody wrote, never a resurrected
+//!   delete.
 //! - **Causal**: a client that has seen a write (its own, or one it read) never afterwards reads,
-//!   with its causal context, a write that ended before that one began.
+//!   with its causal context, a write that ended (by more than `uncertainty`) before that one
+//!   began.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -91,8 +98,9 @@ impl<'a> KeyWrites<'a> {
 
     /// Whether `state` may be a key's final state: produced by a write that no acknowledged write
     /// began after the end of (an unknown write "ends" at the end of the run).
-    fn may_be_final(&self, state: Option<&str>, end_of_run: u64) -> bool {
-        let survives = |complete: u64| self.last_acked_invoke.is_none_or(|last| last <= complete);
+    fn may_be_final(&self, state: Option<&str>, end_of_run: u64, uncertainty: u64) -> bool {
+        let survives =
+            |complete: u64| self.last_acked_invoke.is_none_or(|last| last <= complete.saturating_add(uncertainty));
         if state.is_none() && self.writes.iter().all(|w| !w.acked()) {
             return true; // never (knowingly) written
         }
@@ -109,7 +117,12 @@ fn writes_by_key(history: &[Op]) -> HashMap<&str, KeyWrites<'_>> {
 }
 
 /// Checks the state every node reports after healing: `finals[key]` holds one entry per node.
-pub fn check_final(history: &[Op], finals: &BTreeMap<String, Vec<(String, Option<String>)>>) -> Vec<Violation> {
+/// `uncertainty`: how far apart the nodes' clocks may be (µs; see the module docs).
+pub fn check_final(
+    history: &[Op],
+    finals: &BTreeMap<String, Vec<(String, Option<String>)>>,
+    uncertainty: u64,
+) -> Vec<Violation> {
     let end_of_run = history.iter().map(|o| o.complete).max().unwrap_or(0);
     let by_key = writes_by_key(history);
     let mut violations = Vec::new();
@@ -117,7 +130,7 @@ pub fn check_final(history: &[Op], finals: &BTreeMap<String, Vec<(String, Option
         let empty = KeyWrites::new(Vec::new());
         let writes = by_key.get(key.as_str()).unwrap_or(&empty);
         for (node, state) in per_node {
-            if !writes.may_be_final(state.as_deref(), end_of_run) {
+            if !writes.may_be_final(state.as_deref(), end_of_run, uncertainty) {
                 let last = writes.writes.iter().filter(|w| w.acked()).max_by_key(|w| w.invoke);
                 violations.push(Violation {
                     kind: "lost-write",
@@ -132,8 +145,9 @@ pub fn check_final(history: &[Op], finals: &BTreeMap<String, Vec<(String, Option
     violations
 }
 
-/// Checks every client's reads against what that client had already seen.
-pub fn check_causal(history: &[Op]) -> Vec<Violation> {
+/// Checks every client's reads against what that client had already seen. `uncertainty`: how far
+/// apart the nodes' clocks may be (µs; see the module docs).
+pub fn check_causal(history: &[Op], uncertainty: u64) -> Vec<Violation> {
     let by_key = writes_by_key(history);
     let mut violations = Vec::new();
     // (client, key) -> the newest write the client knows of: (invoke, description)
@@ -173,7 +187,7 @@ pub fn check_causal(history: &[Op]) -> Vec<Violation> {
                 let oldest_invoke = producers.iter().map(|w| w.invoke).min().unwrap_or(0);
                 if let Some((floor, what)) = seen.get(&slot) {
                     let end = newest_end.unwrap_or(0);
-                    if end < *floor {
+                    if end.saturating_add(uncertainty) < *floor {
                         violations.push(Violation {
                             kind: "causal",
                             detail: format!(
@@ -219,28 +233,28 @@ mod tests {
     #[test]
     fn the_last_acknowledged_write_or_a_concurrent_one_may_win() {
         let h = vec![put(0, "a", 0, 10, true), put(1, "b", 20, 30, true), put(2, "c", 25, 40, true)];
-        assert!(check_final(&h, &finals(Some("b"))).is_empty(), "b and c overlap: either may win");
-        assert!(check_final(&h, &finals(Some("c"))).is_empty());
-        let lost = check_final(&h, &finals(Some("a")));
+        assert!(check_final(&h, &finals(Some("b")), 0).is_empty(), "b and c overlap: either may win");
+        assert!(check_final(&h, &finals(Some("c")), 0).is_empty());
+        let lost = check_final(&h, &finals(Some("a")), 0);
         assert_eq!(lost.len(), 1, "a ended before b began: a winning means b was lost");
-        assert_eq!(check_final(&h, &finals(None)).len(), 1, "nothing deleted it");
-        assert_eq!(check_final(&h, &finals(Some("zzz"))).len(), 1, "nobody wrote zzz");
+        assert_eq!(check_final(&h, &finals(None), 0).len(), 1, "nothing deleted it");
+        assert_eq!(check_final(&h, &finals(Some("zzz")), 0).len(), 1, "nobody wrote zzz");
     }
 
     #[test]
     fn unknown_writes_may_or_may_not_have_happened() {
         let h = vec![put(0, "a", 0, 10, true), put(1, "x", 20, 30, false)];
-        assert!(check_final(&h, &finals(Some("a"))).is_empty());
-        assert!(check_final(&h, &finals(Some("x"))).is_empty());
+        assert!(check_final(&h, &finals(Some("a")), 0).is_empty());
+        assert!(check_final(&h, &finals(Some("x")), 0).is_empty());
         let h = vec![put(1, "x", 0, 5, false), put(0, "a", 10, 20, true)];
-        assert!(check_final(&h, &finals(Some("x"))).is_empty(), "an unknown write may land late");
+        assert!(check_final(&h, &finals(Some("x")), 0).is_empty(), "an unknown write may land late");
     }
 
     #[test]
     fn a_resurrected_delete_is_caught() {
         let h = vec![put(0, "a", 0, 10, true), op(0, "k", Kind::Delete, 20, 30, Outcome::Ok(None))];
-        assert!(check_final(&h, &finals(None)).is_empty());
-        assert_eq!(check_final(&h, &finals(Some("a"))).len(), 1);
+        assert!(check_final(&h, &finals(None), 0).is_empty());
+        assert_eq!(check_final(&h, &finals(Some("a")), 0).len(), 1);
     }
 
     #[test]
@@ -250,14 +264,14 @@ mod tests {
         for (read, bad) in [(Some("b"), false), (Some("c"), false), (Some("a"), true), (None, true)] {
             let mut h = base.clone();
             h.push(get(0, read, 60, 70));
-            assert_eq!(!check_causal(&h).is_empty(), bad, "reading {read:?}");
+            assert_eq!(!check_causal(&h, 0).is_empty(), bad, "reading {read:?}");
         }
         // What a client read also counts: after reading c, reading b (which ended before c began? no,
         // b ended at 30 after c began at 25: concurrent) is fine, reading a is not.
         let mut h = base.clone();
         h.push(get(2, Some("c"), 60, 70));
         h.push(get(2, Some("a"), 80, 90));
-        assert_eq!(check_causal(&h).len(), 1);
+        assert_eq!(check_causal(&h, 0).len(), 1);
     }
 
     #[test]
@@ -271,7 +285,7 @@ mod tests {
             get(2, Some("a"), 40, 50),
             op(1, "k", Kind::Delete, 100, 110, Outcome::Ok(None)),
         ];
-        assert!(check_causal(&h).is_empty(), "{:?}", check_causal(&h));
+        assert!(check_causal(&h, 0).is_empty(), "{:?}", check_causal(&h, 0));
     }
 
     #[test]
@@ -286,17 +300,34 @@ mod tests {
             op(0, "k", Kind::Delete, 2045, 2072, Outcome::Ok(None)),
             get(3, Some("c2-122"), 2066, 2070),
         ];
-        assert!(check_causal(&h).is_empty(), "{:?}", check_causal(&h));
+        assert!(check_causal(&h, 0).is_empty(), "{:?}", check_causal(&h, 0));
         // Whereas a value older than its own delete is a step back.
         let mut back = h.clone();
         back.insert(0, put(1, "old", 0, 10, true));
         back.push(get(3, Some("old"), 2080, 2090));
-        assert_eq!(check_causal(&back).len(), 1);
+        assert_eq!(check_causal(&back, 0).len(), 1);
     }
 
     #[test]
     fn phantom_values_are_caught() {
         let h = vec![put(0, "a", 0, 10, true), get(1, Some("q"), 20, 30)];
-        assert_eq!(check_causal(&h)[0].kind, "phantom");
+        assert_eq!(check_causal(&h, 0)[0].kind, "phantom");
+    }
+
+    #[test]
+    fn writes_closer_than_the_clocks_disagree_are_concurrent() {
+        // b ends 10 ms before c begins: with clocks 20 ms apart the store may order either way.
+        let h = vec![
+            op(0, "k", Kind::Put("b".into()), 0, 100_000, Outcome::Ok(None)),
+            op(1, "k", Kind::Put("c".into()), 110_000, 120_000, Outcome::Ok(None)),
+            op(1, "k", Kind::Get, 130_000, 131_000, Outcome::Ok(Some("b".into()))),
+        ];
+        assert_eq!(check_causal(&h, 0).len(), 1, "on one clock, c's own client must not read b");
+        assert!(check_causal(&h, 20_000).is_empty());
+        let finals = BTreeMap::from([("k".to_owned(), vec![("n".to_owned(), Some("b".to_owned()))])]);
+        assert_eq!(check_final(&h, &finals, 0).len(), 1);
+        assert!(check_final(&h, &finals, 20_000).is_empty());
+        // 30 ms apart is beyond it: still a violation.
+        assert_eq!(check_causal(&h, 5_000).len(), 1);
     }
 }

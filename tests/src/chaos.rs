@@ -301,8 +301,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     if let Some(path) = &plan.history_out {
         write_history(path, &recorded, &events, &addrs)?;
     }
-    let lost = check_final(&history, &finals);
-    let causal = check_causal(&history);
+    let lost = check_final(&history, &finals, 0);
+    let causal = check_causal(&history, 0);
     let mut availability: BTreeMap<String, (usize, usize, Vec<u64>)> = BTreeMap::new();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for (r, healthy_target) in &recorded {

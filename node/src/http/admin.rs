@@ -51,7 +51,8 @@ async fn put_view(
             format!("{}; send {{\"members\": [\"host:port\", ...], \"replication_factor\": K}}", e.body_text()),
         )
     })?;
-    Ok(Json(node.change_view(req.members, req.replication_factor).await?))
+    let rate = req.transfer_rate.unwrap_or(node.settings().transfer_rate);
+    Ok(Json(node.change_view_paced(req.members, req.replication_factor, rate).await?))
 }
 
 async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<ClusterStatus>, ApiError> {

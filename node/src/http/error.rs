@@ -35,6 +35,7 @@ impl From<KvError> for ApiError {
             KvError::NoView
             | KvError::Unavailable { .. }
             | KvError::StaleView { .. }
+            | KvError::StaleWrite { .. }
             | KvError::CausalUnavailable { .. }
             | KvError::Expired { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
             KvError::Overloaded(_) | KvError::TooFewReplicas { .. } | KvError::UnderReplicated { .. } => {

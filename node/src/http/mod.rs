@@ -16,6 +16,7 @@ mod ops;
 
 pub use error::ApiError;
 pub use hw4::parse_params;
+pub(crate) use internal::constant_time_eq;
 
 use crate::metrics::{RequestLabels, RouteLabels};
 use crate::node::Node;

@@ -13,11 +13,24 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use kvs_api::{HEADER_CAUSAL_CONTEXT, HEADER_PARTITION, HEADER_TIMESTAMP, MAX_NATIVE_KEY_BYTES, WriteResponse};
+use kvs_api::{
+    CLUSTER_MAP_PATH, ClusterMap, HEADER_CAUSAL_CONTEXT, HEADER_PARTITION, HEADER_TIMESTAMP, HEADER_VIEW_EPOCH,
+    MAX_NATIVE_KEY_BYTES, WriteResponse,
+};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Node>> {
-    Router::new().route("/v1/kv/{key}", get(get_key).put(put_key).delete(delete_key))
+    Router::new()
+        .route("/v1/kv/{key}", get(get_key).put(put_key).delete(delete_key))
+        .route(CLUSTER_MAP_PATH, get(cluster_map))
+}
+
+/// The view as clients route by it (see `kvs_api::Router`).
+async fn cluster_map(State(node): State<Arc<Node>>) -> Result<Json<ClusterMap>, ApiError> {
+    let view = node.view().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node has no view yet: it waits to be added to a cluster")
+    })?;
+    Ok(Json(view.cluster_map()))
 }
 
 fn key_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -46,13 +59,14 @@ fn context_from(headers: &HeaderMap) -> Result<VectorClock, ApiError> {
     Ok(VectorClock::from_payload(raw)?)
 }
 
-fn meta_headers(context: String, c: &Coordinated) -> [(HeaderName, HeaderValue); 3] {
+fn meta_headers(context: String, c: &Coordinated) -> [(HeaderName, HeaderValue); 4] {
     let ts = c.record.as_ref().map_or(0, |r| r.version.ts);
     let value = |s: String| HeaderValue::from_str(&s).expect("digits and URL-safe base64 are valid header values");
     [
         (HeaderName::from_static(HEADER_CAUSAL_CONTEXT), value(context)),
-        (HeaderName::from_static(HEADER_PARTITION), value(c.partition.to_string())),
-        (HeaderName::from_static(HEADER_TIMESTAMP), value(ts.to_string())),
+        (HeaderName::from_static(HEADER_PARTITION), HeaderValue::from(c.partition)),
+        (HeaderName::from_static(HEADER_TIMESTAMP), HeaderValue::from(ts)),
+        (HeaderName::from_static(HEADER_VIEW_EPOCH), HeaderValue::from(c.view_epoch)),
     ]
 }
 

@@ -24,6 +24,11 @@ pub enum KvError {
     CausalUnavailable { partition: PartitionId },
     #[error("{peer} is on a newer view")]
     StaleView { peer: String },
+    /// This node coordinated a write under a view that is no longer current (a replica on a newer
+    /// view refused it): the write is not acknowledged, and must go to the key's owners under the
+    /// newer view, ordered after the copy `writer` stored here at `stamped`.
+    #[error("{peer} is on a newer view than the one this write was coordinated under")]
+    StaleWrite { peer: String, writer: String, stamped: u64 },
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
     #[error(
@@ -69,6 +74,7 @@ impl KvError {
                 Refusal::MinCopiesAboveReplicas { partition, replicas, min_copies }
             }
             KvError::Expired { age_micros } => Refusal::Expired { age_micros },
+            KvError::StaleWrite { ref writer, stamped, .. } => Refusal::StaleWrite { writer: writer.clone(), stamped },
             KvError::StaleView { .. } | KvError::Overloaded(_) | KvError::RemoteStorage(_) | KvError::Storage(_) => {
                 Refusal::Storage { detail: self.to_string() }
             }

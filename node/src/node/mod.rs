@@ -57,7 +57,19 @@ pub struct Settings {
     /// Budget for one view-change control message (prepare, begin, commit) to one live node (a
     /// dead one is given up on at once). Begin waits for the writes in progress to finish.
     pub view_change_timeout: Duration,
+    /// Keys per second each sending node moves in a view change this node drives, unless the
+    /// change asks for another rate (0: as fast as it can). Moving data competes with clients for
+    /// the same cores and disks: the pace leaves them room.
+    pub transfer_rate: u64,
 }
+
+/// Longest [`Node::probe_peer`] waits for a peer the detector holds dead: enough for
+/// a live peer on this machine's network, short of the one second a request may take because a
+/// node is dead.
+pub const PROBE_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Default of [`Settings::transfer_rate`].
+pub const DEFAULT_TRANSFER_RATE: u64 = 100_000;
 
 impl Settings {
     /// Defaults for a node called `me`.
@@ -74,6 +86,7 @@ impl Settings {
             state_dir: None,
             hosts_file: None,
             view_change_timeout: Duration::from_secs(10),
+            transfer_rate: DEFAULT_TRANSFER_RATE,
         }
     }
 }
@@ -314,6 +327,29 @@ impl Node {
     /// Client operations waiting for a slot and in progress on this node.
     pub fn load(&self) -> (i64, usize) {
         (self.admission.queued(), self.admission.in_flight())
+    }
+
+    /// Calls `peer` even if the failure detector holds it dead, for at most [`PROBE_DEADLINE`] in
+    /// that case: a probe, for a node that may itself have been the one cut off, when acting on
+    /// what may be an out-of-date view would be worse than a short wait. An answer is proof of
+    /// life; no answer in time leaves the peer dead (and says so: [`PeerError::Dead`]).
+    pub(crate) async fn probe_peer(
+        &self,
+        peer: &str,
+        request: &PeerRequest,
+        deadline: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let PeerState::Dead(evidence) = self.liveness.state(peer) else {
+            return self.call_peer(peer, request, deadline).await;
+        };
+        match self.peers.call(peer, request, deadline.min(PROBE_DEADLINE)).await {
+            result @ (Ok(_) | Err(PeerError::Refused { .. })) => {
+                self.liveness.heard(peer);
+                result
+            }
+            Err(PeerError::Timeout { .. }) => Err(PeerError::Dead { peer: peer.to_owned(), evidence }),
+            other => other,
+        }
     }
 
     /// Calls `peer` unless it is dead, giving up as soon as the failure detector declares it dead,

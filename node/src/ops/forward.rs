@@ -73,6 +73,12 @@ impl Node {
                             newer_view_at = Some(owner.clone());
                         }
                     }
+                    // The owner had missed a view change and has caught up: every owner under this
+                    // node's view is out of date, so learn the newer view from it and route again,
+                    // after the copy it stored.
+                    Refusal::StaleWrite { writer, stamped } => {
+                        return Err(KvError::StaleWrite { peer: owner.clone(), writer, stamped });
+                    }
                     // The client's own requirement decided it: another owner would answer the same.
                     r @ (Refusal::TooFewReplicas { .. }
                     | Refusal::UnderReplicated { .. }

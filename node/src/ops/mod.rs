@@ -83,8 +83,15 @@ impl Node {
     }
 
     /// Routes a client operation: coordinate it here if this node replicates the key, else forward.
-    /// If an owner turns out to be on a newer view, learn it and route once more under it.
-    async fn route(&self, key: &str, op: KvOp, context: VectorClock, min_copies: u32) -> Result<Coordinated, KvError> {
+    /// If an owner turns out to be on a newer view (or this node, coordinating, learns it is on an
+    /// old one), learn the newer view and route once more under it.
+    async fn route(
+        &self,
+        key: &str,
+        op: KvOp,
+        mut context: VectorClock,
+        min_copies: u32,
+    ) -> Result<Coordinated, KvError> {
         // Writes register with the fence before reading the view, so a view change can wait for
         // every write that did not see its pending view.
         let _fence = (!matches!(op, KvOp::Get)).then(|| self.fence.enter());
@@ -92,16 +99,27 @@ impl Node {
         loop {
             let view = self.require_view()?;
             let partition = view.partition_of_key(key);
-            if view.members(partition).iter().any(|m| m == self.id()) {
+            let result = if view.members(partition).iter().any(|m| m == self.id()) {
                 let terms = WriteTerms { min_copies, not_after: None };
-                return self.coordinate_in(&view, partition, key, op, context, terms).await;
-            }
-            match self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await {
+                self.coordinate_in(&view, partition, key, op.clone(), context.clone(), terms).await
+            } else {
+                self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await
+            };
+            match result {
                 Err(KvError::StaleView { peer }) if !refreshed => {
                     self.refresh_view_from(&peer).await;
                     refreshed = true;
                 }
-                Err(KvError::StaleView { .. }) => return Err(KvError::Unavailable { partition }),
+                Err(KvError::StaleWrite { peer, writer, stamped }) if !refreshed => {
+                    self.refresh_view_from(&peer).await;
+                    // The unacknowledged copy may reach the new owners later (records of slots a
+                    // node no longer owns are handed over): the write must be ordered after it.
+                    context.observe(&writer, stamped);
+                    refreshed = true;
+                }
+                Err(KvError::StaleView { .. } | KvError::StaleWrite { .. }) => {
+                    return Err(KvError::Unavailable { partition });
+                }
                 other => return other,
             }
         }
@@ -128,7 +146,12 @@ impl Node {
         }
         let not_after = sent_at.saturating_add(FORWARDED_WRITE_EXPIRY.as_micros() as u64);
         let terms = WriteTerms { min_copies, not_after: Some(not_after) };
-        self.coordinate_in(&view, partition, key, op, context, terms).await
+        let result = self.coordinate_in(&view, partition, key, op, context, terms).await;
+        if let Err(KvError::StaleWrite { peer, .. }) = &result {
+            // Catch up before answering, so the forwarder can learn the newer view from here.
+            self.refresh_view_from(peer).await;
+        }
+        result
     }
 
     async fn coordinate_in(

@@ -6,7 +6,7 @@ use crate::causal::{VectorClock, Version};
 use crate::node::{KvError, Node};
 use crate::peers::PeerError;
 use crate::placement::PartitionId;
-use crate::protocol::{Coordinated, Durability, PeerRequest, PeerResponse};
+use crate::protocol::{Coordinated, Durability, PeerRequest, PeerResponse, Refusal};
 use crate::store::{Applied, Record};
 use crate::view::View;
 use futures::future::join_all;
@@ -102,15 +102,23 @@ impl Node {
         let batch = vec![(key.to_owned(), record.clone())];
 
         let local_batch = batch.clone();
-        let (local, outcomes) = tokio::join!(
+        let (local, (outcomes, newer_view)) = tokio::join!(
             async {
                 let applied = self.store.apply(local_batch).await;
                 drop(in_flight);
                 applied
             },
-            self.replicate(&others, ts, batch)
+            self.replicate(&others, ts, batch, view)
         );
         let outcome = local?.first().copied().unwrap_or(Applied::Stale);
+        if let Some(peer) = newer_view {
+            // A replica is on a newer view: this node missed a view change, and the key may have
+            // new owners that never saw this write. Do not acknowledge it; the caller sends it to
+            // the owners under the newer view, ordered after the copy stored here.
+            tracing::warn!(key, peer = %peer, view_epoch = view.epoch(), "a replica is on a newer view; not acknowledging a write coordinated under an older one");
+            self.metrics.stale_view_writes.inc();
+            return Err(KvError::StaleWrite { peer, writer: self.id().to_owned(), stamped: ts });
+        }
         let changed_liveness = match (is_delete, outcome) {
             (false, _) => !was_live,
             (true, Applied::Stale) => false,
@@ -141,8 +149,24 @@ impl Node {
 
     /// Sends this node's new write (stamped `ts`, already registered as being sent to each of
     /// `peers`) to each peer in parallel, telling each how far it is now known to be complete;
-    /// returns what became of it at each peer, in order.
-    async fn replicate(&self, peers: &[&String], ts: u64, records: Vec<(String, Record)>) -> Vec<ReplicaOutcome> {
+    /// returns what became of it at each peer, in order, and a peer that refused it for being on a
+    /// view newer than `view`'s, if one did.
+    ///
+    /// The first write after a replica was declared dead still tries it (briefly): the node that
+    /// was cut off (paused, partitioned) may be this one, with an out-of-date view, and a replica
+    /// on a newer view can then say so. Later writes give the dead replica up at once, unless every
+    /// other member looks dead (the mark of being cut off): then every write probes. A probe costs
+    /// at most `PROBE_DEADLINE` (a crashed replica refuses at once).
+    async fn replicate(
+        &self,
+        peers: &[&String],
+        ts: u64,
+        records: Vec<(String, Record)>,
+        view: &View,
+    ) -> (Vec<ReplicaOutcome>, Option<String>) {
+        let view_epoch = view.epoch();
+        let others: Vec<String> = view.all_members().into_iter().filter(|m| m != self.id()).collect();
+        let alone = others.iter().all(|m| self.liveness.is_dead(m));
         let records = Arc::new(records);
         let calls = peers.iter().map(|&peer| {
             let records = records.clone();
@@ -153,17 +177,32 @@ impl Node {
                     from: self.id().to_owned(),
                     cap: announced.cap,
                     pending: announced.pending,
+                    view_epoch: Some(view_epoch),
                 };
-                let result = self.call_peer(peer, &request, self.settings.replica_deadline).await;
+                let deadline = self.settings.replica_deadline;
+                let result = if self.liveness.should_probe(peer, alone) {
+                    self.probe_peer(peer, &request, deadline).await
+                } else {
+                    self.call_peer(peer, &request, deadline).await
+                };
                 let outcome = ReplicaOutcome::of(&result);
                 if let Err(e) = &result {
                     tracing::debug!(peer = %peer, error = %e, "replication failed; anti-entropy will repair");
                 }
                 self.metrics.replicated(outcome);
                 self.freshness.sent(peer, ts, outcome == ReplicaOutcome::Stored);
-                outcome
+                let newer = match &result {
+                    Err(PeerError::Refused { refusal: Refusal::NotOwner { epoch: mine, .. }, .. })
+                    | Err(PeerError::Refused { refusal: Refusal::EpochMismatch { mine, .. }, .. }) => {
+                        *mine > view_epoch
+                    }
+                    _ => false,
+                };
+                (outcome, newer.then(|| peer.clone()))
             }
         });
-        join_all(calls).await
+        let answers = join_all(calls).await;
+        let newer_view = answers.iter().find_map(|(_, newer)| newer.clone());
+        (answers.into_iter().map(|(outcome, _)| outcome).collect(), newer_view)
     }
 }

@@ -41,6 +41,11 @@ impl Node {
     /// entry point; HW4's add/remove call it with one member more or less). Returns once every
     /// live node has the new view and the old owners have pruned.
     pub async fn change_view(&self, members: Vec<NodeId>, k: u32) -> Result<ViewChanged, ChangeError> {
+        self.change_view_paced(members, k, self.settings.transfer_rate).await
+    }
+
+    /// [`Node::change_view`], each source moving at most `rate` keys per second (0: unpaced).
+    pub async fn change_view_paced(&self, members: Vec<NodeId>, k: u32, rate: u64) -> Result<ViewChanged, ChangeError> {
         validate(&members, k)?;
         let _driving = self.changes.driving.lock().await;
         let (mut moved_before, mut resumed) = (0, false);
@@ -60,12 +65,12 @@ impl Node {
                     return Ok(ViewChanged { layout, changed: resumed, moved_keys: moved_before });
                 }
                 Decision::Change(target) => {
-                    let moved = self.run_change(&current, target.clone()).await?;
+                    let moved = self.run_change(&current, target.clone(), rate).await?;
                     return Ok(ViewChanged { layout: target, changed: true, moved_keys: moved_before + moved });
                 }
                 Decision::Resume(pending) => {
                     tracing::info!(view_epoch = pending.epoch, "resuming an interrupted view change");
-                    moved_before += self.run_change(&current, pending).await?;
+                    moved_before += self.run_change(&current, pending, rate).await?;
                     resumed = true;
                 }
             }
@@ -74,11 +79,11 @@ impl Node {
     }
 
     /// Drives one change from `current` to `target` through all five phases.
-    async fn run_change(&self, current: &View, target: Layout) -> Result<u64, ChangeError> {
+    async fn run_change(&self, current: &View, target: Layout, rate: u64) -> Result<u64, ChangeError> {
         let epoch = target.epoch;
         let started = Instant::now();
         self.set_status(|s| *s = RebalanceProgress { epoch, phase: RebalancePhase::Preparing, ..Default::default() });
-        let result = self.run_phases(current, target).await;
+        let result = self.run_phases(current, target, rate).await;
         match &result {
             Ok(moved) => {
                 self.set_status(|s| s.phase = RebalancePhase::Done);
@@ -96,7 +101,7 @@ impl Node {
         result
     }
 
-    async fn run_phases(&self, current: &View, target: Layout) -> Result<u64, ChangeError> {
+    async fn run_phases(&self, current: &View, target: Layout, rate: u64) -> Result<u64, ChangeError> {
         let epoch = target.epoch;
         let new_view = View::from_layout(target.clone());
         let participants: BTreeSet<NodeId> = current.all_members().into_iter().chain(new_view.all_members()).collect();
@@ -138,7 +143,7 @@ impl Node {
 
         // 3. Transfer.
         self.set_status(|s| s.phase = RebalancePhase::Transferring);
-        let moved = self.transfer_all(current, &new_view, &live).await?;
+        let moved = self.transfer_all(current, &new_view, &live, rate).await?;
         self.set_status(|s| s.moved_keys = moved);
         phase_done(RebalancePhase::Transferring);
 
@@ -178,7 +183,13 @@ impl Node {
 
     /// Phase 3 from the primary's side: assigns each moving slot to one live source and runs the
     /// sources in parallel, reassigning the slots of a source that fails.
-    async fn transfer_all(&self, current: &View, new_view: &View, live: &[NodeId]) -> Result<u64, ChangeError> {
+    async fn transfer_all(
+        &self,
+        current: &View,
+        new_view: &View,
+        live: &[NodeId],
+        rate: u64,
+    ) -> Result<u64, ChangeError> {
         let epoch = new_view.epoch();
         let mut failed: BTreeSet<NodeId> = BTreeSet::new();
         let mut remaining = plan_moves(current, new_view);
@@ -194,7 +205,7 @@ impl Node {
             let calls = plan.by_source.into_iter().map(|(source, assignments)| async move {
                 let slots: Vec<_> = assignments.iter().map(|a| a.slot).collect();
                 let result =
-                    self.call_node(&source, ChangeStep::Transfer { epoch, assignments }, TRANSFER_TIMEOUT).await;
+                    self.call_node(&source, ChangeStep::Transfer { epoch, assignments, rate }, TRANSFER_TIMEOUT).await;
                 (source, slots, result)
             });
             let mut failed_slots = BTreeSet::new();

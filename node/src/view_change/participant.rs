@@ -19,7 +19,7 @@ impl Node {
                 Ok(PeerResponse::Ack)
             }
             ChangeStep::Begin { proposer, layout } => self.answer_begin(&proposer, layout).await,
-            ChangeStep::Transfer { epoch, assignments } => self.answer_transfer(epoch, assignments).await,
+            ChangeStep::Transfer { epoch, assignments, rate } => self.answer_transfer(epoch, assignments, rate).await,
             ChangeStep::Commit { epoch } => self.answer_commit(epoch),
             ChangeStep::Prune { epoch } => self.answer_prune(epoch).await,
         };
@@ -67,7 +67,12 @@ impl Node {
         Ok(PeerResponse::Ack)
     }
 
-    async fn answer_transfer(&self, epoch: u64, assignments: Vec<Assignment>) -> Result<PeerResponse, Refusal> {
+    async fn answer_transfer(
+        &self,
+        epoch: u64,
+        assignments: Vec<Assignment>,
+        rate: u64,
+    ) -> Result<PeerResponse, Refusal> {
         if self.view().is_some_and(|v| v.epoch() == epoch) {
             // Already committed (a resumed change): this node's prune made sure the new owners
             // have everything it had.
@@ -77,7 +82,7 @@ impl Node {
             return Err(Refusal::NoPendingChange { epoch });
         }
         let view = self.view().ok_or(Refusal::NoView)?;
-        let (keys, bytes) = self.send_slots(&view, epoch, assignments).await?;
+        let (keys, bytes) = self.send_slots(&view, epoch, assignments, rate).await?;
         Ok(PeerResponse::Transferred { keys, bytes })
     }
 

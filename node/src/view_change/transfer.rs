@@ -11,6 +11,7 @@ use crate::view::View;
 use futures::future::join_all;
 use kvs_api::{RebalancePhase, RebalanceProgress};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Records per transfer batch.
@@ -28,6 +29,40 @@ const DIGEST_DEADLINE: Duration = Duration::from_secs(10);
 /// Attempts at one batch, backing off 100 ms, 200 ms, 400 ms.
 const BATCH_ATTEMPTS: u32 = 3;
 
+/// The pace of one source's transfer: at most `rate` keys per second over all its receivers (0: no
+/// limit). Each batch is given its share of time after the one before it, so a source that fell
+/// behind (a slow receiver) resumes at the rate instead of catching up in a burst.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    rate: u64,
+    /// When the next batch may go.
+    next: tokio::time::Instant,
+}
+
+impl Pace {
+    pub(crate) fn new(rate: u64, now: tokio::time::Instant) -> Self {
+        Pace { rate, next: now }
+    }
+
+    /// Admits `keys` more at `now`; returns how long to wait before sending them.
+    pub(crate) fn admit(&mut self, keys: usize, now: tokio::time::Instant) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        let at = self.next.max(now);
+        self.next = at + Duration::from_secs_f64(keys as f64 / self.rate as f64);
+        at - now
+    }
+}
+
+/// Waits until `pace` lets `keys` more go (the lock is held only to count).
+async fn wait_for(pace: &Mutex<Pace>, keys: usize) {
+    let wait = lock(pace).admit(keys, tokio::time::Instant::now());
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+}
+
 fn exchange(peer: &str, detail: impl std::fmt::Display) -> TransferError {
     TransferError::Exchange { peer: peer.to_owned(), detail: detail.to_string() }
 }
@@ -39,6 +74,7 @@ impl Node {
         view: &View,
         epoch: u64,
         assignments: Vec<Assignment>,
+        rate: u64,
     ) -> Result<(u64, u64), TransferError> {
         let mut by_co: BTreeMap<&String, Vec<Slot>> = BTreeMap::new();
         for a in &assignments {
@@ -61,7 +97,8 @@ impl Node {
         let total: u64 = per_receiver.values().flatten().map(|&s| digests.records_in(s)).sum();
         *lock(&self.changes.transfer) =
             RebalanceProgress { epoch, phase: RebalancePhase::Transferring, total_keys: total, ..Default::default() };
-        let streams = per_receiver.into_iter().map(|(receiver, slots)| self.stream_to(receiver, slots));
+        let pace = Mutex::new(Pace::new(rate, tokio::time::Instant::now()));
+        let streams = per_receiver.into_iter().map(|(receiver, slots)| self.stream_to(receiver, slots, &pace));
         let (mut keys, mut bytes) = (0, 0);
         for result in join_all(streams).await {
             let (k, b) = result?;
@@ -72,8 +109,13 @@ impl Node {
         Ok((keys, bytes))
     }
 
-    /// Streams slots to one receiver in acknowledged batches.
-    async fn stream_to(&self, receiver: &str, slots: Vec<Slot>) -> Result<(u64, u64), TransferError> {
+    /// Streams slots to one receiver in acknowledged batches, each sent when `pace` allows.
+    async fn stream_to(
+        &self,
+        receiver: &str,
+        slots: Vec<Slot>,
+        pace: &Mutex<Pace>,
+    ) -> Result<(u64, u64), TransferError> {
         let (mut keys, mut bytes) = (0u64, 0u64);
         let mut batch: Vec<(String, Record)> = Vec::new();
         let mut batch_bytes = 0;
@@ -82,11 +124,13 @@ impl Node {
                 batch_bytes += record.approx_size() + key.len();
                 batch.push((key, record));
                 if batch.len() >= BATCH_RECORDS || batch_bytes >= BATCH_BYTES {
+                    wait_for(pace, batch.len()).await;
                     let (k, b) = self.send_batch(receiver, std::mem::take(&mut batch)).await?;
                     (keys, bytes, batch_bytes) = (keys + k, bytes + b, 0);
                 }
             }
             if i + 1 == slots.len() && !batch.is_empty() {
+                wait_for(pace, batch.len()).await;
                 let (k, b) = self.send_batch(receiver, std::mem::take(&mut batch)).await?;
                 (keys, bytes) = (keys + k, bytes + b);
             }
@@ -98,7 +142,13 @@ impl Node {
         let keys = records.len() as u64;
         let bytes: u64 = records.iter().map(|(_, r)| r.value.as_ref().map_or(0, |v| v.len() as u64)).sum();
         // Transfers carry others' writes: they vouch for nothing (floor 0).
-        let request = PeerRequest::Replicate { records, from: self.id().to_owned(), cap: 0, pending: Vec::new() };
+        let request = PeerRequest::Replicate {
+            records,
+            from: self.id().to_owned(),
+            cap: 0,
+            pending: Vec::new(),
+            view_epoch: None,
+        };
         let mut last_error = String::new();
         for attempt in 0..BATCH_ATTEMPTS {
             match self.call_peer(receiver, &request, TRANSFER_BATCH_DEADLINE).await {
@@ -205,5 +255,31 @@ impl Node {
             self.send_batch(peer, batch).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_pace_spreads_batches_over_time() {
+        let start = Instant::now();
+        let mut pace = Pace::new(1000, start);
+        // The first batch goes at once; the next waits for the first's share of the rate.
+        assert_eq!(pace.admit(500, start), Duration::ZERO);
+        assert_eq!(pace.admit(500, start), Duration::from_millis(500));
+        // A source that fell behind goes at once, and earns no burst: the next waits again.
+        assert_eq!(pace.admit(500, start + Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(pace.admit(1, start + Duration::from_secs(5)), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn rate_zero_never_waits() {
+        let start = Instant::now();
+        let mut pace = Pace::new(0, start);
+        assert!((0..100).all(|_| pace.admit(1_000_000, start).is_zero()));
     }
 }
