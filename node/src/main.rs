@@ -10,6 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the system allocator: a request allocates and frees dozens of small
+/// buffers (headers, keys, records, futures), and glibc's malloc spent about 8% of a loaded
+/// node's CPU on them (profiled with perf; docs/benchmarks.md has the before and after).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
