@@ -105,11 +105,11 @@ impl HttpConn {
         let req = req.body(Full::new(body))?;
         let sender = self.connect(&endpoint).await?;
         sender.ready().await?;
-        let resp = match tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await {
+        let resp = match tokio::time::timeout(ANSWER_DEADLINE, sender.send_request(req)).await {
             Ok(r) => r?,
             Err(_) => {
                 self.senders.remove(&endpoint);
-                bail!("no answer within 10 s");
+                bail!("no answer within {ANSWER_DEADLINE:?}");
             }
         };
         let status = resp.status();
@@ -189,6 +189,9 @@ impl HttpConn {
     }
 }
 
+/// How long any client waits for an answer before it counts the request as failed.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A Redis client on one connection of its own.
 pub struct RedisConn {
     route: Route,
@@ -199,7 +202,10 @@ impl RedisConn {
     async fn connection(&mut self) -> anyhow::Result<&mut redis::aio::MultiplexedConnection> {
         if self.conn.is_none() {
             let client = redis::Client::open(format!("redis://{}/", self.route.endpoint))?;
-            self.conn = Some(client.get_multiplexed_async_connection().await?);
+            // The same deadline as the HTTP clients: the redis crate's default (500 ms) would count
+            // a slow `WAIT` as an error where an HTTP request of that latency counts as latency.
+            let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(ANSWER_DEADLINE));
+            self.conn = Some(client.get_multiplexed_async_connection_with_config(&config).await?);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
