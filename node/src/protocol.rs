@@ -40,8 +40,10 @@ pub enum PeerRequest {
     /// receiver on a newer view refuses it, so a coordinator that missed a view change learns it
     /// before it acknowledges anything (transfers and repairs carry `None`).
     Replicate { records: Vec<(String, Record)>, from: String, cap: u64, pending: Vec<u64>, view_epoch: Option<u64> },
-    /// Send me your record of `key` (for causal reads).
-    Fetch { key: String },
+    /// Send me your record of `key` (for causal reads), as a replica of its partition under
+    /// `view_epoch`. A receiver on another view refuses: after a view change it may have pruned
+    /// the key, and its "absent" must not count as the partition's answer.
+    Fetch { key: String, view_epoch: u64 },
     /// Anti-entropy, step 1: here is the hash of my digests over `partition`'s slots under `view_epoch`.
     DigestSummary { view_epoch: u64, partition: PartitionId, summary: u64 },
     /// Anti-entropy, step 2: here are my records for these slots; apply them and send me yours.

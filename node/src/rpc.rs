@@ -45,10 +45,16 @@ impl Node {
                     Err(e) => storage(e),
                 }
             }
-            PeerRequest::Fetch { key } => match self.store.get(&key) {
-                Ok(r) => PeerResponse::Fetched(r),
-                Err(e) => storage(e),
-            },
+            PeerRequest::Fetch { key, view_epoch } => {
+                let mine = self.view().map(|v| v.epoch());
+                if mine != Some(view_epoch) {
+                    return PeerResponse::Refused(Refusal::NotOnEpoch { epoch: view_epoch, mine });
+                }
+                match self.store.get(&key) {
+                    Ok(r) => PeerResponse::Fetched(r),
+                    Err(e) => storage(e),
+                }
+            }
             PeerRequest::DigestSummary { view_epoch, partition, summary } => {
                 self.answer_digest_summary(view_epoch, partition, summary)
             }

@@ -82,7 +82,7 @@ async fn t10_many_calls_in_flight_on_one_connection_each_get_their_own_answer() 
         let (peers, addr) = (peers.clone(), addr.clone());
         tokio::spawn(async move {
             let key = format!("k{i}");
-            (i, peers.call(&addr, &PeerRequest::Fetch { key }, DEADLINE).await)
+            (i, peers.call(&addr, &PeerRequest::Fetch { key, view_epoch: 1 }, DEADLINE).await)
         })
     });
     for r in reads {

@@ -78,3 +78,21 @@ fn seed_3767_a_repair_between_two_missed_writes_keeps_the_later_one_unvouched() 
 fn seed_163_writes_closer_than_the_clock_bound_are_concurrent() {
     passes(163);
 }
+
+/// Postmortem: a node paused through a K change came back on its old view, could not vouch for a
+/// client's context and fetched the key from its old partner; the partner, already on the new
+/// view where it no longer owned the key, had pruned it and answered "absent", which counted as
+/// the partition's answer, so the node served the client a value older than its own write. A
+/// fetch now names the asker's view epoch, and a replica on another view refuses it (the asker
+/// then refuses the read, and catches up if the replica was ahead).
+#[test]
+fn seed_5943_a_fetch_is_answered_only_on_the_askers_view() {
+    passes(5943);
+}
+
+/// The same family (a node behind membership changes answering a causal read); it passes since
+/// fetches carry the view epoch.
+#[test]
+fn seed_2416_a_node_behind_two_membership_changes_reads_no_older_than_the_context() {
+    passes(2416);
+}

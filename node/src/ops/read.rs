@@ -6,7 +6,7 @@ use crate::causal::VectorClock;
 use crate::freshness::{FORMER_REPLICA_MARGIN_MICROS, Knowledge, Verdict, judge};
 use crate::node::{KvError, Node};
 use crate::placement::PartitionId;
-use crate::protocol::{Coordinated, PeerRequest, PeerResponse};
+use crate::protocol::{Coordinated, PeerRequest, PeerResponse, Refusal};
 use crate::store::Record;
 use crate::view::View;
 use futures::future::join_all;
@@ -39,13 +39,21 @@ impl Node {
             Verdict::Fetch => {}
         }
         self.metrics.causal_fetches.inc();
-        let request = PeerRequest::Fetch { key: key.to_owned() };
+        let request = PeerRequest::Fetch { key: key.to_owned(), view_epoch: view.epoch() };
         // Ask every other live replica (a dead one answers at once with an error).
         let fetches = members.iter().filter(|m| *m != self.id()).map(|peer| {
             let request = &request;
             async move {
                 match self.call_peer(peer, request, self.settings.replica_deadline).await {
                     Ok(PeerResponse::Fetched(r)) => Ok(r),
+                    Ok(PeerResponse::Refused(Refusal::NotOnEpoch { mine: Some(theirs), .. })) => {
+                        // Not an answer for this view's partition. A peer on a newer view means
+                        // this node missed a change: catch up.
+                        if theirs > view.epoch() {
+                            self.refresh_view_soon();
+                        }
+                        Err(())
+                    }
                     Ok(_) => Err(()),
                     Err(e) => {
                         tracing::debug!(peer = %peer, error = %e, "causal fetch failed");

@@ -127,7 +127,7 @@ mod tests {
     #[test]
     fn borrowed_and_owned_frames_agree() {
         assert_eq!(decode_caller(&auth(b"tok")).unwrap(), CallerFrame::Auth { token: b"tok".to_vec() });
-        let request = PeerRequest::Fetch { key: "k".into() };
+        let request = PeerRequest::Fetch { key: "k".into(), view_epoch: 1 };
         assert_eq!(decode_caller(&call(7, &request)).unwrap(), CallerFrame::Call { id: 7, request });
         let response = PeerResponse::Refused(Refusal::NoView);
         assert_eq!(
