@@ -146,14 +146,18 @@ async fn t40_one_replica_down_reads_and_writes_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_causal_read_on_a_replica_that_missed_the_write() {
-    // Anti-entropy slowed to a crawl so only the causal path can make the read fresh.
-    let c = Cluster::start(2, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
+    // Anti-entropy slowed to a crawl so only the causal path can make the read fresh. A and B
+    // replicate partition 0; C (a proxy) keeps A from looking cut off itself (a node that sees
+    // every other member dead probes them with every write, and B would get them all).
+    let c = Cluster::start(3, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
     c.nodes[1].pause();
-    // The first write waits for B until A's failure detector declares B dead (it is delivered
-    // once B resumes); the second is not even sent to a dead replica: B never gets it.
+    // The first write waits for B until A's failure detector declares B dead, and "probe" (the
+    // first write after that) probes it once; both are delivered once B resumes. "new" is not
+    // even sent to the dead replica: B never gets it.
     put(&c.http, &a, "x", "mid", "").await;
     c.wait_peer_deaths(&a, 1.0).await;
+    put(&c.http, &a, "x", "probe", "").await;
     let (status, fresh) = put(&c.http, &a, "x", "new", "").await;
     assert_eq!(status, 200, "{fresh}");
     c.nodes[1].resume();
