@@ -10,6 +10,7 @@
 //!   with equal digests for a slot hold the same versions of the same keys.
 
 mod memory;
+mod memtable;
 mod redb_store;
 mod wal;
 

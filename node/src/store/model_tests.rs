@@ -1,6 +1,6 @@
 //! Model-based tests: both stores, driven by random operation sequences, must behave exactly like a
 //! `BTreeMap` that keeps the greatest version per key — including digests, counts, pruning and (for
-//! redb) reopening the database.
+//! redb) flushing the memtable, reopening the database and crashing.
 
 use super::*;
 use crate::causal::{VectorClock, Version};
@@ -10,10 +10,19 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Put { key: u8, ts: u64, writer: u8, value: Option<u8> },
-    Prune { key: u8 },
+    Put {
+        key: u8,
+        ts: u64,
+        writer: u8,
+        value: Option<u8>,
+    },
+    Prune {
+        key: u8,
+    },
     Reopen,
     Crash,
+    /// Move the durable store's memtable into its B-tree now.
+    Flush,
 }
 
 fn key_name(k: u8) -> String {
@@ -26,6 +35,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..12).prop_map(|key| Op::Prune { key }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
+        2 => Just(Op::Flush),
     ]
 }
 
@@ -108,6 +118,11 @@ fn run(ops: Vec<Op>, durable: bool) -> Result<(), TestCaseError> {
                     s.simulate_crash();
                 }
                 store = open();
+            }
+            Op::Flush => {
+                if let Either::Redb(s) = &store {
+                    rt.block_on(s.flush_memtable()).unwrap();
+                }
             }
             Op::Reopen | Op::Crash => {}
         }
