@@ -13,6 +13,7 @@
 //! Invariant: a round only ever applies records through `Store::apply`, so it can never replace a
 //! newer version with an older one or resurrect a deleted key (tombstones are records too).
 
+use crate::catch_up::RoundView;
 use crate::node::Node;
 use crate::placement::{PartitionId, Slot};
 use crate::protocol::{PeerRequest, PeerResponse, Refusal};
@@ -48,23 +49,41 @@ impl Node {
     /// One round with every other replica of this node's partition. Returns records repaired here.
     pub async fn anti_entropy_round(&self) -> u64 {
         let Some(view) = self.view() else { return 0 };
-        let Some(partition) = view.partition_of_node(self.id()) else { return 0 };
+        let Some(partition) = view.partition_of_node(self.id()) else {
+            self.caught_up_after(RoundView::Proxy);
+            return 0;
+        };
         // Stable before digests: after a successful round the peer holds all our writes up to it.
         let my_stable = self.freshness.stable(&self.hlc);
         let mine = self.slot_digests(&view, partition);
         let summary = summarize(&mine);
         let mut repaired = 0;
-        for peer in view.members(partition).iter().filter(|m| *m != self.id()) {
+        let mut synced_with_a_replica = false;
+        let others: Vec<&String> = view.members(partition).iter().filter(|m| *m != self.id()).collect();
+        for &peer in &others {
             match self.sync_with(&view, peer, partition, summary, &mine).await {
                 Ok(n) => {
                     self.freshness.repaired(peer, my_stable);
                     repaired += n;
+                    synced_with_a_replica = true;
                 }
                 Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round failed"),
             }
         }
         self.metrics.anti_entropy_repairs.inc_by(repaired);
+        let others_all_dead = others.iter().all(|p| self.liveness.is_dead(p));
+        self.caught_up_after(RoundView::Replica { replicas: others.len() + 1, synced_with_a_replica, others_all_dead });
         repaired
+    }
+
+    fn caught_up_after(&self, round: RoundView) {
+        if self.catch_up.after_round(round) {
+            tracing::info!(
+                ?round,
+                started_empty = self.catch_up.started_empty(),
+                "caught up: answering from this node's store"
+            );
+        }
     }
 
     async fn sync_with(

@@ -10,12 +10,14 @@
 //! - state: [`node`] (views, clocks, store, liveness; calling a peer);
 //! - behaviour, each an `impl Node` over that state: [`ops`] (the client-operation path: route,
 //!   forward, coordinate, replicate), [`view_change`] (coordinator, participant, transfer, with
-//!   its decisions as pure state machines), [`anti_entropy`] (replica repair), [`heartbeat`]
+//!   its decisions as pure state machines), [`anti_entropy`] (replica repair, and with it
+//!   [`catch_up`]: whether a started node holds its partition's data), [`heartbeat`]
 //!   (the failure detector's heartbeats, off the request path), `status`, `rpc` (answering peers);
 //! - surface: [`http`] (thin handlers), [`metrics`], [`config`].
 
 pub mod admission;
 pub mod anti_entropy;
+pub mod catch_up;
 pub mod causal;
 pub mod config;
 mod fence;

@@ -220,6 +220,10 @@ pub enum Refusal {
     /// The receiver's storage failed (detail for people).
     #[error("storage failed: {detail}")]
     Storage { detail: String },
+    /// The receiver has not caught up with its partition since it started (see `catch_up`): it
+    /// may lack acknowledged writes, so it answers nothing from its store yet.
+    #[error("the receiver has not caught up with partition {partition} since it started")]
+    CatchingUp { partition: PartitionId },
 }
 
 /// Why a source could not move its slots in a view change (or a node could not prune).

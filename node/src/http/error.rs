@@ -38,9 +38,10 @@ impl From<KvError> for ApiError {
             | KvError::StaleWrite { .. }
             | KvError::CausalUnavailable { .. }
             | KvError::Expired { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
-            KvError::Overloaded(_) | KvError::TooFewReplicas { .. } | KvError::UnderReplicated { .. } => {
-                (StatusCode::SERVICE_UNAVAILABLE, Some(1))
-            }
+            KvError::Overloaded(_)
+            | KvError::TooFewReplicas { .. }
+            | KvError::UnderReplicated { .. }
+            | KvError::CatchingUp { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
             KvError::MinCopiesAboveReplicas { .. } => (StatusCode::BAD_REQUEST, None),
             KvError::EpochMismatch { .. } => (StatusCode::CONFLICT, None),
             KvError::NotOwner { .. } => (StatusCode::MISDIRECTED_REQUEST, None),

@@ -23,12 +23,22 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready: the node has a view, so it can serve keys.
+/// Ready: the node has a view and has caught up with its partition since it started (see
+/// `catch_up`: it holds its partition's data), so it answers from its own store.
 async fn readyz(State(node): State<Arc<Node>>) -> Result<&'static str, ApiError> {
-    match node.view() {
-        Some(_) => Ok("ready"),
-        None => {
-            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no view yet: this node waits to be added to a cluster"))
-        }
+    if node.view().is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no view yet: this node waits to be added to a cluster",
+        ));
     }
+    if !node.is_caught_up() {
+        let why = if node.catch_up.started_empty() {
+            "catching up: this node started with an empty data directory and has not yet synced with a live replica of its partition"
+        } else {
+            "catching up: this node has not yet compared its data with a live replica of its partition since it started"
+        };
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why));
+    }
+    Ok("ready")
 }

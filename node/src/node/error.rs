@@ -48,6 +48,10 @@ pub enum KvError {
     MinCopiesAboveReplicas { partition: PartitionId, replicas: u32, min_copies: u32 },
     #[error("the forwarded write reached its owner {age_micros} µs after it was sent, too late to be performed safely")]
     Expired { age_micros: u64 },
+    #[error(
+        "the replicas of partition {partition} that answered are catching up after a restart and may lack acknowledged writes; retry shortly"
+    )]
+    CatchingUp { partition: PartitionId },
     #[error("the owner's storage failed: {0}")]
     RemoteStorage(String),
     #[error(transparent)]
@@ -74,6 +78,7 @@ impl KvError {
                 Refusal::MinCopiesAboveReplicas { partition, replicas, min_copies }
             }
             KvError::Expired { age_micros } => Refusal::Expired { age_micros },
+            KvError::CatchingUp { partition } => Refusal::CatchingUp { partition },
             KvError::StaleWrite { ref writer, stamped, .. } => Refusal::StaleWrite { writer: writer.clone(), stamped },
             KvError::StaleView { .. } | KvError::Overloaded(_) | KvError::RemoteStorage(_) | KvError::Storage(_) => {
                 Refusal::Storage { detail: self.to_string() }
@@ -98,6 +103,7 @@ impl KvError {
                 KvError::UnderReplicated { partition, durability, min_copies }
             }
             Refusal::Expired { age_micros } => KvError::Expired { age_micros },
+            Refusal::CatchingUp { partition } => KvError::CatchingUp { partition },
             other => KvError::RemoteStorage(other.to_string()),
         }
     }

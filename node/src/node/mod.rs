@@ -14,6 +14,7 @@ mod error;
 pub use error::KvError;
 
 use crate::admission::Admission;
+use crate::catch_up::CatchUp;
 use crate::causal::{Clock, Hlc, SystemClock};
 use crate::fence::WriteFence;
 use crate::freshness::Freshness;
@@ -154,6 +155,8 @@ pub struct Node {
     pub(crate) liveness: Liveness,
     /// Bounds the client operations in progress on this node.
     pub(crate) admission: Admission,
+    /// Whether this node holds its partition's data since it started (see `catch_up`).
+    pub(crate) catch_up: CatchUp,
     /// Peer names from the hosts file, if one is configured.
     hosts: Option<crate::hosts::HostsFileResolver>,
     pub(crate) hlc: Hlc,
@@ -177,6 +180,8 @@ impl Node {
         let metrics = Metrics::default();
         let liveness = Liveness::new(settings.detector, metrics.peer_deaths.clone());
         let admission = Admission::new(settings.admission);
+        let stored = store.digests().stats();
+        let catch_up = CatchUp::new(stored.live_keys + stored.tombstones == 0);
         let hosts = settings.hosts_file.clone().map(crate::hosts::HostsFileResolver::new);
         let saved = view_store.load().unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
@@ -208,6 +213,7 @@ impl Node {
             peers,
             liveness,
             admission,
+            catch_up,
             hosts,
             hlc,
             clock,
@@ -322,6 +328,12 @@ impl Node {
         }
         *self.pending.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pending;
         Ok(())
+    }
+
+    /// Whether this node holds its partition's data (see `catch_up`): until then it answers no
+    /// client operation from its own store, and is not ready.
+    pub fn is_caught_up(&self) -> bool {
+        self.catch_up.is_caught_up()
     }
 
     /// Client operations waiting for a slot and in progress on this node.

@@ -44,12 +44,14 @@ impl Node {
         // coordinator (fewer concurrent-write conflicts).
         let start =
             if owners.is_empty() { 0 } else { crate::placement::slot_of(key.as_bytes()) as usize % owners.len() };
-        let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).collect();
+        // Never this node itself (an owner forwards only while it catches up).
+        let rotated: Vec<_> = owners[start..].iter().chain(&owners[..start]).filter(|o| *o != self.id()).collect();
         let is_write = !matches!(op, KvOp::Get);
         let mut newer_view_at = None;
         // An owner that answered "I may lack what your context needs" says more than "nobody
         // answered": report that if no owner does better.
         let mut causal_refusal = false;
+        let mut catching_up = false;
         for owner in self.liveness.order(rotated) {
             self.metrics.forwarded.inc();
             let sent_at = self.clock.wall_micros();
@@ -85,6 +87,7 @@ impl Node {
                     | Refusal::MinCopiesAboveReplicas { .. }) => return Err(KvError::from_refusal(r)),
                     r => {
                         causal_refusal |= matches!(r, Refusal::CausalUnavailable { .. });
+                        catching_up |= matches!(r, Refusal::CatchingUp { .. });
                         tracing::debug!(peer = %owner, refusal = %r, "owner refused a forwarded request; trying the next replica");
                     }
                 },
@@ -102,6 +105,7 @@ impl Node {
         match newer_view_at {
             Some(peer) => Err(KvError::StaleView { peer }),
             None if causal_refusal => Err(KvError::CausalUnavailable { partition }),
+            None if catching_up => Err(KvError::CatchingUp { partition }),
             None => Err(KvError::Unavailable { partition }),
         }
     }

@@ -5,7 +5,8 @@
 //!   admitted first ([`crate::admission`]).
 //! - `route`: a node that replicates the key *coordinates* the operation itself ([`write`],
 //!   [`read`]); any other node forwards it to an owner ([`forward`]); the receiving owner never
-//!   forwards again.
+//!   forwards again. An owner that has not caught up since it started (`catch_up`) forwards to
+//!   the other owners first and refuses what is forwarded to it.
 //! - A coordinated write is stamped by the coordinator's HLC, stored locally and sent to every
 //!   other replica in parallel. It is acknowledged once it is durable locally and on every other
 //!   replica that is alive: a live replica is waited for however busy it is (up to
@@ -99,9 +100,12 @@ impl Node {
         loop {
             let view = self.require_view()?;
             let partition = view.partition_of_key(key);
-            let result = if view.members(partition).iter().any(|m| m == self.id()) {
+            let is_owner = view.members(partition).iter().any(|m| m == self.id());
+            let result = if is_owner && self.is_caught_up() {
                 let terms = WriteTerms { min_copies, not_after: None };
                 self.coordinate_in(&view, partition, key, op.clone(), context.clone(), terms).await
+            } else if is_owner {
+                self.route_while_catching_up(&view, partition, key, op.clone(), context.clone(), min_copies).await
             } else {
                 self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await
             };
@@ -125,8 +129,32 @@ impl Node {
         }
     }
 
+    /// An operation on this node's own partition before it has caught up (see `catch_up`): an
+    /// owner that has caught up coordinates it; if none answers, this node waits to catch up (at
+    /// most the replica deadline) and coordinates it itself.
+    async fn route_while_catching_up(
+        &self,
+        view: &View,
+        partition: PartitionId,
+        key: &str,
+        op: KvOp,
+        context: VectorClock,
+        min_copies: u32,
+    ) -> Result<Coordinated, KvError> {
+        match self.forward(view, partition, key, op.clone(), context.clone(), min_copies).await {
+            Err(KvError::Unavailable { .. } | KvError::CausalUnavailable { .. } | KvError::CatchingUp { .. }) => {
+                if !self.catch_up.wait(self.settings.replica_deadline).await {
+                    return Err(KvError::CatchingUp { partition });
+                }
+                let terms = WriteTerms { min_copies, not_after: None };
+                self.coordinate_in(view, partition, key, op, context, terms).await
+            }
+            other => other,
+        }
+    }
+
     /// Coordinates an operation forwarded by another node; refuses if this node is not an owner
-    /// under the view the sender routed it by.
+    /// under the view the sender routed it by, or has not caught up since it started.
     pub(crate) async fn coordinate(
         &self,
         key: &str,
@@ -143,6 +171,9 @@ impl Node {
         let partition = view.partition_of_key(key);
         if !view.members(partition).iter().any(|m| m == self.id()) {
             return Err(KvError::NotOwner { partition, epoch: view.epoch() });
+        }
+        if !self.is_caught_up() {
+            return Err(KvError::CatchingUp { partition });
         }
         let not_after = sent_at.saturating_add(FORWARDED_WRITE_EXPIRY.as_micros() as u64);
         let terms = WriteTerms { min_copies, not_after: Some(not_after) };
