@@ -76,6 +76,15 @@ impl Node {
         repaired
     }
 
+    /// Runs an anti-entropy round now unless this node has caught up (one at a time: concurrent
+    /// callers wait for the round under way and find its outcome).
+    pub(crate) async fn catch_up_now(&self) {
+        let _one = self.catch_up.on_demand().await;
+        if !self.is_caught_up() {
+            self.anti_entropy_round().await;
+        }
+    }
+
     fn caught_up_after(&self, round: RoundView) {
         if self.catch_up.after_round(round) {
             tracing::info!(
@@ -148,6 +157,10 @@ impl Node {
         let mine = self.slot_digests(&view, partition);
         let buckets =
             if summarize(&mine) == summary { None } else { Some(mine.chunks(BUCKET_SLOTS).map(summarize).collect()) };
+        if buckets.is_none() && view.partition_of_node(self.id()) == Some(partition) {
+            // A live replica holds exactly what this node holds.
+            self.caught_up_after(RoundView::DigestsAgree);
+        }
         PeerResponse::Summary { stable, buckets }
     }
 

@@ -7,6 +7,12 @@
 //! partition's client operations to a replica that has caught up (or waits to catch up itself),
 //! refuses operations forwarded to it and causal fetches, and `/readyz` says it is not ready.
 //!
+//! A node does not wait for the next periodic round to find out: the first client operation on
+//! its partition runs a round at once (one at a time, shared by concurrent operations), and a
+//! digest summary from a replica equal to its own counts as in sync. So a node of a new cluster,
+//! whose replicas hold nothing either, has caught up as soon as it has exchanged one summary with
+//! one of them.
+//!
 //! The rule ([`judge_round`]), applied after every anti-entropy round:
 //! - a node with a view but no partition (a proxy) holds nothing and has caught up;
 //! - a partition of one replica has caught up (there is nobody to learn from);
@@ -29,6 +35,8 @@ use tokio::sync::Notify;
 pub enum RoundView {
     /// This node has a view and owns no partition.
     Proxy,
+    /// A live replica's digest summary of the partition equals this node's.
+    DigestsAgree,
     /// This node replicates a partition.
     Replica {
         /// Replicas of the partition, this node included.
@@ -44,7 +52,7 @@ pub enum RoundView {
 /// store held no record when the process started.
 pub fn judge_round(round: RoundView, started_empty: bool) -> bool {
     match round {
-        RoundView::Proxy => true,
+        RoundView::Proxy | RoundView::DigestsAgree => true,
         RoundView::Replica { replicas, synced_with_a_replica, others_all_dead } => {
             replicas <= 1 || synced_with_a_replica || (others_all_dead && !started_empty)
         }
@@ -56,12 +64,24 @@ pub struct CatchUp {
     caught_up: AtomicBool,
     started_empty: bool,
     changed: Notify,
+    /// Held by whoever runs a catch-up round on demand, so concurrent requests share one.
+    on_demand: tokio::sync::Mutex<()>,
 }
 
 impl CatchUp {
     /// A node that has not caught up yet; `started_empty` as in [`judge_round`].
     pub fn new(started_empty: bool) -> Self {
-        CatchUp { caught_up: AtomicBool::new(false), started_empty, changed: Notify::new() }
+        CatchUp {
+            caught_up: AtomicBool::new(false),
+            started_empty,
+            changed: Notify::new(),
+            on_demand: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The right to run a catch-up round now; callers that wait for it find the round's outcome.
+    pub async fn on_demand(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.on_demand.lock().await
     }
 
     pub fn is_caught_up(&self) -> bool {
@@ -109,6 +129,7 @@ mod tests {
     #[test]
     fn the_rule() {
         assert!(judge_round(RoundView::Proxy, true));
+        assert!(judge_round(RoundView::DigestsAgree, true));
         assert!(judge_round(replica(1, false, false), true), "nobody to learn from");
         assert!(judge_round(replica(2, true, false), true), "a completed sync with a live replica");
         assert!(!judge_round(replica(2, false, false), false), "no round completed: a replica is alive but unheard");
