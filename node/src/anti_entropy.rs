@@ -76,13 +76,24 @@ impl Node {
         repaired
     }
 
-    /// Runs an anti-entropy round now unless this node has caught up (one at a time: concurrent
-    /// callers wait for the round under way and find its outcome).
+    /// Runs an anti-entropy round now unless this node has caught up or another caller is
+    /// running one (that caller finds the outcome; the others go on without waiting for it).
     pub(crate) async fn catch_up_now(&self) {
-        let _one = self.catch_up.on_demand().await;
-        if !self.is_caught_up() {
+        if let Some(_one) = self.catch_up.on_demand()
+            && !self.is_caught_up()
+        {
             self.anti_entropy_round().await;
         }
+    }
+
+    /// Whether this node has caught up, trying for at most `limit`: it runs a round now (or lets
+    /// the one under way finish) and waits for the verdict of the rounds that follow.
+    pub(crate) async fn catch_up_within(&self, limit: std::time::Duration) -> bool {
+        if self.is_caught_up() {
+            return true;
+        }
+        self.catch_up_now().await;
+        self.catch_up.wait(limit).await
     }
 
     fn caught_up_after(&self, round: RoundView) {

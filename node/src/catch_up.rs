@@ -3,15 +3,15 @@
 //!
 //! A node that starts — after a crash, a restart, or with an emptied data directory under an
 //! identity the view still names — may lack writes its partition acknowledged while it was gone,
-//! or everything. Until it has caught up it answers nothing from its store: it sends its
-//! partition's client operations to a replica that has caught up (or waits to catch up itself),
-//! refuses operations forwarded to it and causal fetches, and `/readyz` says it is not ready.
-//!
-//! A node does not wait for the next periodic round to find out: the first client operation on
-//! its partition runs a round at once (one at a time, shared by concurrent operations), and a
-//! digest summary from a replica equal to its own counts as in sync. So a node of a new cluster,
-//! whose replicas hold nothing either, has caught up as soon as it has exchanged one summary with
-//! one of them.
+//! or everything. Until it has caught up it answers nothing from its store, and `/readyz` says it
+//! is not ready. An operation on its partition — from a client, or forwarded by another node —
+//! first makes it try to catch up: a round at once (one at a time; operations that come meanwhile
+//! wait for the verdict), then the periodic rounds, for at most the replica deadline (not being
+//! caught up is slowness, not death). A client operation that still finds it behind goes to an
+//! owner that has caught up; a forwarded one is refused (`Refusal::CatchingUp`), as are causal
+//! fetches. A digest summary from a replica equal to its own also counts as in sync, so a node of
+//! a new cluster, whose replicas hold nothing either, has caught up as soon as it has exchanged
+//! one summary with one of them.
 //!
 //! The rule ([`judge_round`]), applied after every anti-entropy round:
 //! - a node with a view but no partition (a proxy) holds nothing and has caught up;
@@ -64,7 +64,7 @@ pub struct CatchUp {
     caught_up: AtomicBool,
     started_empty: bool,
     changed: Notify,
-    /// Held by whoever runs a catch-up round on demand, so concurrent requests share one.
+    /// Held by whoever runs a catch-up round on demand, so concurrent requests start only one.
     on_demand: tokio::sync::Mutex<()>,
 }
 
@@ -79,9 +79,9 @@ impl CatchUp {
         }
     }
 
-    /// The right to run a catch-up round now; callers that wait for it find the round's outcome.
-    pub async fn on_demand(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.on_demand.lock().await
+    /// The right to run a catch-up round now, unless another caller is running one.
+    pub fn on_demand(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.on_demand.try_lock().ok()
     }
 
     pub fn is_caught_up(&self) -> bool {

@@ -130,9 +130,9 @@ impl Node {
     }
 
     /// An operation on this node's own partition before it has caught up (see `catch_up`): this
-    /// node first tries to catch up at once (one anti-entropy round); failing that, an owner that
-    /// has caught up coordinates it; if none answers, this node waits to catch up (at most the
-    /// replica deadline) and coordinates it itself.
+    /// node tries to catch up at once (a round now, then the verdict of the rounds that follow,
+    /// for at most the replica deadline) and coordinates it; failing that, an owner that has
+    /// caught up does.
     async fn route_while_catching_up(
         &self,
         view: &View,
@@ -142,18 +142,13 @@ impl Node {
         context: VectorClock,
         min_copies: u32,
     ) -> Result<Coordinated, KvError> {
-        self.catch_up_now().await;
-        if self.is_caught_up() {
+        if self.catch_up_within(self.settings.replica_deadline).await {
             let terms = WriteTerms { min_copies, not_after: None };
             return self.coordinate_in(view, partition, key, op, context, terms).await;
         }
-        match self.forward(view, partition, key, op.clone(), context.clone(), min_copies).await {
+        match self.forward(view, partition, key, op, context, min_copies).await {
             Err(KvError::Unavailable { .. } | KvError::CausalUnavailable { .. } | KvError::CatchingUp { .. }) => {
-                if !self.catch_up.wait(self.settings.replica_deadline).await {
-                    return Err(KvError::CatchingUp { partition });
-                }
-                let terms = WriteTerms { min_copies, not_after: None };
-                self.coordinate_in(view, partition, key, op, context, terms).await
+                Err(KvError::CatchingUp { partition })
             }
             other => other,
         }
@@ -178,13 +173,8 @@ impl Node {
         if !view.members(partition).iter().any(|m| m == self.id()) {
             return Err(KvError::NotOwner { partition, epoch: view.epoch() });
         }
-        if !self.is_caught_up() {
-            let me = self.self_handle();
-            tokio::spawn(async move {
-                if let Some(node) = me.upgrade() {
-                    node.catch_up_now().await;
-                }
-            });
+        // Not caught up is slowness, not refusal: try to catch up first, as for a client.
+        if !self.catch_up_within(self.settings.replica_deadline).await {
             return Err(KvError::CatchingUp { partition });
         }
         let not_after = sent_at.saturating_add(FORWARDED_WRITE_EXPIRY.as_micros() as u64);
