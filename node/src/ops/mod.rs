@@ -5,8 +5,9 @@
 //!   admitted first ([`crate::admission`]).
 //! - `route`: a node that replicates the key *coordinates* the operation itself ([`write`],
 //!   [`read`]); any other node forwards it to an owner ([`forward`]); the receiving owner never
-//!   forwards again. An owner that has not caught up since it started (`catch_up`) forwards to
-//!   the other owners first and refuses what is forwarded to it.
+//!   forwards again. An owner that has not caught up since it started (`catch_up`) first tries
+//!   to catch up (up to the replica deadline); a client operation that still finds it behind
+//!   goes to the other owners, a forwarded one is refused.
 //! - A coordinated write is stamped by the coordinator's HLC, stored locally and sent to every
 //!   other replica in parallel. It is acknowledged once it is durable locally and on every other
 //!   replica that is alive: a live replica is waited for however busy it is (up to
