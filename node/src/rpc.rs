@@ -46,14 +46,15 @@ impl Node {
                 }
             }
             PeerRequest::Fetch { key, view_epoch } => {
-                let mine = self.view().map(|v| v.epoch());
+                let view = self.view();
+                let mine = view.as_ref().map(|v| v.epoch());
                 if mine != Some(view_epoch) {
                     return PeerResponse::Refused(Refusal::NotOnEpoch { epoch: view_epoch, mine });
                 }
                 if !self.is_caught_up() {
                     // An answer from a store that may lack acknowledged writes would count as
                     // the partition's.
-                    let partition = self.view().map_or(0, |v| v.partition_of_key(&key));
+                    let partition = view.map_or(0, |v| v.partition_of_key(&key));
                     return PeerResponse::Refused(Refusal::CatchingUp { partition });
                 }
                 match self.store.get(&key) {

@@ -101,12 +101,8 @@ impl Node {
         loop {
             let view = self.require_view()?;
             let partition = view.partition_of_key(key);
-            let is_owner = view.members(partition).iter().any(|m| m == self.id());
-            let result = if is_owner && self.is_caught_up() {
-                let terms = WriteTerms { min_copies, not_after: None };
-                self.coordinate_in(&view, partition, key, op.clone(), context.clone(), terms).await
-            } else if is_owner {
-                self.route_while_catching_up(&view, partition, key, op.clone(), context.clone(), min_copies).await
+            let result = if view.members(partition).iter().any(|m| m == self.id()) {
+                self.coordinate_as_owner(&view, partition, key, op.clone(), context.clone(), min_copies).await
             } else {
                 self.forward(&view, partition, key, op.clone(), context.clone(), min_copies).await
             };
@@ -130,11 +126,11 @@ impl Node {
         }
     }
 
-    /// An operation on this node's own partition before it has caught up (see `catch_up`): this
-    /// node tries to catch up at once (a round now, then the verdict of the rounds that follow,
-    /// for at most the replica deadline) and coordinates it; failing that, an owner that has
-    /// caught up does.
-    async fn route_while_catching_up(
+    /// A client operation on this node's own partition: coordinated here once this node has
+    /// caught up since it started (see `catch_up`; at once if it has, else after trying — a round
+    /// now, then the verdict of the rounds that follow, for at most the replica deadline);
+    /// failing that, by an owner that has caught up.
+    async fn coordinate_as_owner(
         &self,
         view: &View,
         partition: PartitionId,
@@ -143,16 +139,16 @@ impl Node {
         context: VectorClock,
         min_copies: u32,
     ) -> Result<Coordinated, KvError> {
-        if self.catch_up_within(self.settings.replica_deadline).await {
-            let terms = WriteTerms { min_copies, not_after: None };
-            return self.coordinate_in(view, partition, key, op, context, terms).await;
+        if !self.catch_up_within(self.settings.replica_deadline).await {
+            return match self.forward(view, partition, key, op, context, min_copies).await {
+                Err(KvError::Unavailable { .. } | KvError::CausalUnavailable { .. } | KvError::CatchingUp { .. }) => {
+                    Err(KvError::CatchingUp { partition })
+                }
+                other => other,
+            };
         }
-        match self.forward(view, partition, key, op, context, min_copies).await {
-            Err(KvError::Unavailable { .. } | KvError::CausalUnavailable { .. } | KvError::CatchingUp { .. }) => {
-                Err(KvError::CatchingUp { partition })
-            }
-            other => other,
-        }
+        let terms = WriteTerms { min_copies, not_after: None };
+        self.coordinate_in(view, partition, key, op, context, terms).await
     }
 
     /// Coordinates an operation forwarded by another node; refuses if this node is not an owner

@@ -107,6 +107,14 @@ fn decode(db_key: &[u8], bytes: &[u8]) -> Result<(String, Record), StoreError> {
     Ok((key, record))
 }
 
+/// The record the B-tree holds under a B-tree key, as `tree` sees it.
+fn tree_get(tree: &impl ReadableTable<&'static [u8], &'static [u8]>, k: &[u8]) -> Result<Option<Record>, StoreError> {
+    match tree.get(k).map_err(engine)? {
+        Some(v) => Ok(Some(decode(k, v.value())?.1)),
+        None => Ok(None),
+    }
+}
+
 /// The key a B-tree key stands for.
 fn key_of(db_key: &[u8]) -> Result<String, StoreError> {
     String::from_utf8(db_key[2..].to_vec()).map_err(|_| StoreError::Corrupt {
@@ -136,10 +144,7 @@ impl RedbStore {
                 }
                 for (key, record) in replay {
                     let k = db_key(&key);
-                    let current = match table.get(k.as_slice()).map_err(engine)? {
-                        Some(v) => Some(decode(&k, v.value())?.1),
-                        None => None,
-                    };
+                    let current = tree_get(&table, &k)?;
                     if decide(current.as_ref(), &record) != Applied::Stale {
                         let bytes = postcard::to_stdvec(&record).map_err(engine)?;
                         table.insert(k.as_slice(), bytes.as_slice()).map_err(engine)?;
@@ -206,16 +211,13 @@ impl RedbStore {
 impl Store for RedbStore {
     fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let k = db_key(key);
-        // The memtable first: a record leaves it only once the B-tree holds it.
+        // The memtable before the B-tree's read transaction: a record leaves the memtable only
+        // once the B-tree holds it, so one flushed in between is found there.
         if let Some(record) = self.memtable.get(&k) {
             return Ok(Some(record));
         }
         let txn = self.db.begin_read().map_err(engine)?;
-        let table = txn.open_table(RECORDS).map_err(engine)?;
-        match table.get(k.as_slice()).map_err(engine)? {
-            Some(v) => Ok(Some(decode(&k, v.value())?.1)),
-            None => Ok(None),
-        }
+        tree_get(&txn.open_table(RECORDS).map_err(engine)?, &k)
     }
 
     async fn apply(&self, batch: Vec<(String, Record)>) -> Result<Vec<Applied>, StoreError> {
@@ -438,14 +440,10 @@ impl Writer {
                 let k = db_key(&key);
                 let current = match latest.get(&k) {
                     Some(&i) => Some(changes[i].new.clone()),
+                    // The writer alone changes both, so the order of the two looks is free here.
                     None => match self.memtable.get(&k) {
                         Some(r) => Some(r),
-                        None => tree
-                            .get(k.as_slice())
-                            .map_err(engine)?
-                            .map(|v| decode(&k, v.value()))
-                            .transpose()?
-                            .map(|(_, r)| r),
+                        None => tree_get(&tree, &k)?,
                     },
                 };
                 let outcome = decide(current.as_ref(), &record);
