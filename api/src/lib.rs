@@ -200,6 +200,8 @@ pub enum ClusterPhase {
     Degraded,
     /// The spec cannot be acted on (the Degraded condition says what to fix).
     Failed,
+    /// `spec.paused`: the operator takes no action (no view changes, no pod changes).
+    Paused,
 }
 
 impl ClusterPhase {
@@ -210,6 +212,7 @@ impl ClusterPhase {
             ClusterPhase::Rebalancing => "Rebalancing",
             ClusterPhase::Degraded => "Degraded",
             ClusterPhase::Failed => "Failed",
+            ClusterPhase::Paused => "Paused",
         }
     }
 }
@@ -230,6 +233,9 @@ pub enum ConditionType {
     Progressing,
     /// Fewer copies or ready members than asked, or a spec that cannot be acted on.
     Degraded,
+    /// What the cluster waits on has not changed for longer than `spec.progressDeadlineSeconds`;
+    /// `status.blockedBy` names it.
+    Stalled,
 }
 
 /// A condition's status, as Kubernetes spells it.

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Rebalance","type":"string","jsonPath":".status.rebalance.progress"}"#,
+    printcolumn = r#"{"name":"Blocked By","type":"string","jsonPath":".status.blockedBy"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -40,8 +41,11 @@ pub struct KVStoreClusterSpec {
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1))]
     pub replication_factor: i32,
-    /// Container image of the kvstore node. Changing it rolls the pods (the StatefulSet's rolling
-    /// update); a re-created pod keeps its identity and its data.
+    /// Container image of the kvstore node. Changing it (or any other pod template field) rolls
+    /// the pods: the operator restarts one pod at a time, highest ordinal first, and the next only
+    /// once the restarted one is ready, i.e. caught up with its partition. A pod whose new version
+    /// does not become ready halts the roll (condition `Stalled`). A restarted pod keeps its
+    /// identity and its data.
     #[serde(default = "default_image")]
     pub image: String,
     /// When to pull the image (`Always`, `IfNotPresent`, `Never`); the Kubernetes default when
@@ -73,6 +77,23 @@ pub struct KVStoreClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_value_bytes: Option<i64>,
+    /// Stop every action on the cluster (no view changes, no pod changes) until set back to false;
+    /// the status says what would be done. A view change already moving data finishes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Seconds the cluster may wait on the same thing (a pod to become ready, a view change to move
+    /// data) before the `Stalled` condition says what blocks it; also how long a pod must stay
+    /// unschedulable before it is replaced.
+    #[serde(default = "default_progress_deadline_seconds")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: i32,
+    /// Replace a member whose pod stays unschedulable (its machine or volume is gone) for
+    /// `progressDeadlineSeconds`: its volume claim and pod are deleted, and the new pod, under the
+    /// same identity on a fresh volume, re-syncs from its partition before it reports ready. Only
+    /// when the partition's other replicas are ready and in sync, one member at a time. When false,
+    /// the `Stalled` condition says which pod to replace by hand.
+    #[serde(default = "default_true")]
+    pub auto_replace: bool,
 }
 
 impl KVStoreClusterSpec {
@@ -90,12 +111,23 @@ impl KVStoreClusterSpec {
             affinity: None,
             storage: StorageSpec::default(),
             max_value_bytes: None,
+            paused: false,
+            progress_deadline_seconds: default_progress_deadline_seconds(),
+            auto_replace: true,
         }
     }
 }
 
 fn default_replication_factor() -> i32 {
     2
+}
+
+fn default_progress_deadline_seconds() -> i32 {
+    600
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_image() -> String {
@@ -135,11 +167,12 @@ pub struct KVStoreClusterStatus {
     #[serde(default)]
     pub observed_generation: i64,
     /// `Pending` (no view yet), `Running` (matches the spec), `Rebalancing` (pods or data are
-    /// moving towards the spec), `Degraded` (serving, but with fewer copies or pods than asked) or
-    /// `Failed` (the spec cannot be acted on; see the Degraded condition).
+    /// moving towards the spec), `Degraded` (serving, but with fewer copies or pods than asked),
+    /// `Failed` (the spec cannot be acted on; see the Degraded condition) or `Paused`
+    /// (`spec.paused`).
     #[serde(default)]
     pub phase: kvs_api::ClusterPhase,
-    /// `Available`, `Progressing` and `Degraded`, each with a reason and a message.
+    /// `Available`, `Progressing`, `Degraded` and `Stalled`, each with a reason and a message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Node pods that are Ready.
@@ -163,6 +196,20 @@ pub struct KVStoreClusterStatus {
     /// Label selector of the node pods (for the scale subresource).
     #[serde(default)]
     pub selector: String,
+    /// Node pods that run the current pod template (the rest are rolled one at a time).
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// What the cluster waits on (a pod to become ready, a view change to move data), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// Since when it waits on exactly that (RFC 3339); `Stalled` once longer than
+    /// `spec.progressDeadlineSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<String>,
+    /// While `Stalled`: the objects that block, as `kubectl` names them (`pod/demo-3`,
+    /// `viewchange/epoch-5`, `statefulset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
 }
 
 /// A view change in progress, as the nodes report it.
@@ -186,7 +233,7 @@ pub struct RebalanceStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Available`, `Progressing` or `Degraded`.
+    /// `Available`, `Progressing`, `Degraded` or `Stalled`.
     #[serde(rename = "type")]
     pub type_: kvs_api::ConditionType,
     /// `True`, `False` or `Unknown`.

@@ -12,7 +12,7 @@
 
 use crate::controller::validate::validate;
 use crate::crd::KVStoreCluster;
-use crate::rebalance::{Action, Backend, Driver, FinishedViewChange, NodeAdmin, Pod, Step, StepReport, Target};
+use crate::rebalance::{Action, Backend, Driver, FinishedViewChange, NodeAdmin, Pod, Policy, Step, StepReport, Target};
 use crate::shutdown::shutdown_signal;
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -164,9 +164,19 @@ impl Backend for LocalBackend {
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success());
-            out.push(Pod { ordinal: o, address: identity.clone(), identity, ready });
+            // Every local pod runs the one node binary (always current) on this machine (never
+            // unschedulable); joining ones are started once they answer /healthz.
+            out.push(Pod::new(o, identity.clone(), identity, ready));
         }
         Ok(out)
+    }
+
+    async fn restart_pod(&mut self, ordinal: u32) -> anyhow::Result<()> {
+        anyhow::bail!("local mode runs every node on the same binary: pod {ordinal} has nothing to roll to")
+    }
+
+    async fn replace_pod(&mut self, ordinal: u32) -> anyhow::Result<()> {
+        anyhow::bail!("local mode never loses a machine: pod {ordinal} is restarted in place")
     }
 }
 
@@ -196,12 +206,12 @@ pub struct LocalArgs {
     pub node_bin: Option<PathBuf>,
 }
 
-fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Target)> {
+fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Target, Policy)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cluster: KVStoreCluster =
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
     let valid = validate(&cluster.spec).with_context(|| format!("{} has an invalid spec", path.display()))?;
-    Ok((cluster, valid.target))
+    Ok((cluster, valid.target, valid.policy))
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -218,15 +228,22 @@ fn describe(step: &Step, status: Option<&kvs_api::ClusterStatus>) -> String {
             l.proxies.len()
         )
     });
-    let action = match step {
+    format!("{view} — {}", action(step))
+}
+
+/// What a step does, in words.
+fn action(step: &Step) -> String {
+    match step {
         Step::Done => "in sync".to_owned(),
         Step::ScaleStatefulSet { replicas } => format!("setting pods to {replicas}"),
         Step::WaitForPods { ordinals } => format!("waiting for pods {ordinals:?}"),
         Step::ChangeView { members, replication_factor, .. } => {
             format!("moving data to a view of {} nodes at K={replication_factor}", members.len())
         }
-    };
-    format!("{view} — {action}")
+        Step::RestartPod { ordinal } => format!("restarting pod {ordinal}"),
+        Step::ReplaceMember { ordinal } => format!("replacing member {ordinal}"),
+        Step::Paused { next } => format!("paused (spec.paused); would be {}", action(next)),
+    }
 }
 
 /// The progress line of a step (`None`: nothing new to show).
@@ -247,7 +264,7 @@ fn progress_line(report: &StepReport) -> Option<String> {
 
 /// Runs the cluster described by `a.file` until Ctrl-C or SIGTERM.
 pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
-    let (cluster, mut target) = load(&a.file)?;
+    let (cluster, mut target, mut policy) = load(&a.file)?;
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "kvstore".into());
     let node_bin = a.node_bin.unwrap_or_else(default_node_binary);
     let data_dir = a.data_dir.join(&name);
@@ -272,17 +289,21 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
         if modified(&a.file) != seen_mtime {
             seen_mtime = modified(&a.file);
             match load(&a.file) {
-                Ok((_, new)) => {
+                Ok((_, new, new_policy)) => {
                     println!(
-                        "spec changed: {} replicas, K={} (was {}, K={})",
-                        new.replicas, new.replication_factor, target.replicas, target.replication_factor
+                        "spec changed: {} replicas, K={}{} (was {}, K={})",
+                        new.replicas,
+                        new.replication_factor,
+                        if new_policy.paused { ", paused" } else { "" },
+                        target.replicas,
+                        target.replication_factor
                     );
-                    target = new;
+                    (target, policy) = (new, new_policy);
                 }
                 Err(e) => println!("ignoring the edit: {e:#}"),
             }
         }
-        let report = driver.step(&mut backend, &admin, &target).await?;
+        let report = driver.step(&mut backend, &admin, &target, &policy).await?;
         if let Some(FinishedViewChange { outcome: Err(e), .. }) = &report.finished {
             println!("view change failed (will retry): {e:#}");
         }

@@ -27,8 +27,10 @@ pub const RULES: &[Rule] = &[
     Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "watch", "patch", "delete"] },
     // The cluster token: created once (never overwritten), read to call the nodes' admin API.
     Rule { group: "", resource: "secrets", verbs: &["get", "create", "delete"] },
-    // Node pods: watched for readiness and addresses; never changed by the operator.
-    Rule { group: "", resource: "pods", verbs: &["list", "watch"] },
+    // Node pods: watched for readiness and addresses; deleted one at a time to roll a changed
+    // template, or with their volume claim to replace a member whose machine or volume is gone.
+    Rule { group: "", resource: "pods", verbs: &["list", "watch", "delete"] },
+    Rule { group: "", resource: "persistentvolumeclaims", verbs: &["delete"] },
     // Events about view changes and failures (kube's Recorder creates, then patches repeats).
     Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
     // Leader election (kube-lease-manager: get, create, server-side apply).

@@ -300,8 +300,13 @@ impl Scenario {
         self.statefulset().and_then(|s| s.spec?.replicas).expect("the StatefulSet has replicas")
     }
 
-    /// `n` node pods, the first `ready` of them Ready (what the kubelet would report).
+    /// `n` node pods on the StatefulSet's current template, the first `ready` of them running and
+    /// Ready, the others still starting (what the StatefulSet controller and the kubelet report).
     fn pods(&self, n: u32, ready: u32) {
+        let hash = self
+            .statefulset()
+            .and_then(|s| s.spec?.template.metadata?.annotations?.get("kvstore.dev/template-hash").cloned())
+            .unwrap_or_default();
         for o in 0..n {
             let ready = if o < ready { "True" } else { "False" };
             self.api.put(
@@ -310,8 +315,11 @@ impl Scenario {
                 json!({
                     "apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": format!("demo-{o}"), "namespace": NS, "labels": {
-                        "app.kubernetes.io/name": "kvstore", "app.kubernetes.io/instance": "demo", "app.kubernetes.io/managed-by": "kvs-operator"}},
-                    "status": {"podIP": format!("10.0.0.{o}"), "conditions": [{"type": "Ready", "status": ready}]}
+                        "app.kubernetes.io/name": "kvstore", "app.kubernetes.io/instance": "demo", "app.kubernetes.io/managed-by": "kvs-operator"},
+                        "annotations": {"kvstore.dev/template-hash": hash}},
+                    "status": {"podIP": format!("10.0.0.{o}"), "conditions": [{"type": "Ready", "status": ready}],
+                        "containerStatuses": [{"name": "kvs-node", "image": "i", "imageID": "", "ready": ready == "True",
+                            "restartCount": 0, "state": if ready == "True" { json!({"running": {}}) } else { json!({"waiting": {"reason": "ContainerCreating"}}) }}]}
                 }),
             );
         }

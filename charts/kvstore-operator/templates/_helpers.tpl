@@ -110,10 +110,14 @@ operator watches; "leaderElection" is the Lease rule, scoped to the operator's o
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "delete"]
-# Node pods: watched for readiness and addresses; never changed by the operator.
+# Node pods: watched for readiness and addresses; deleted one at a time to roll a changed
+# template, or with their volume claim to replace a member whose machine or volume is gone.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "delete"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["delete"]
 # Events about view changes and failures.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -12,7 +12,7 @@ use super::validate::ValidCluster;
 use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
 use crate::rebalance::{Backend, Pod, Target};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod as KubePod, Secret, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod as KubePod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -63,6 +63,9 @@ pub struct KubeBackend {
     initial: InitialView,
     /// The StatefulSet's replicas as last applied or read.
     replicas: u32,
+    /// The template hash of the StatefulSet as applied: pods without it run an old template.
+    template_hash: String,
+    claims: Api<PersistentVolumeClaim>,
 }
 
 impl KubeBackend {
@@ -83,9 +86,12 @@ impl KubeBackend {
             .as_ref()
             .and_then(|s| s.spec.as_ref()?.replicas)
             .map_or(cluster.spec.target.replicas, |r| r.max(0) as u32);
-        apply(&statefulsets, &build::stateful_set(cluster, replicas, &initial)).await?;
+        let sts = build::stateful_set(cluster, replicas, &initial);
+        apply(&statefulsets, &sts).await?;
+        let template_hash = build::desired_template_hash(&sts).unwrap_or_default().to_owned();
         let pods = Api::namespaced(client.clone(), namespace);
-        Ok(KubeBackend { cluster: cluster.clone(), statefulsets, pods, initial, replicas })
+        let claims = Api::namespaced(client.clone(), namespace);
+        Ok(KubeBackend { cluster: cluster.clone(), statefulsets, pods, initial, replicas, template_hash, claims })
     }
 }
 
@@ -104,24 +110,80 @@ impl Backend for KubeBackend {
     async fn pods(&mut self) -> anyhow::Result<Vec<Pod>> {
         let (name, namespace) = (&self.cluster.name, &self.cluster.namespace);
         let list = self.pods.list(&ListParams::default().labels(&build::selector_string(name))).await?;
-        let mut out: Vec<Pod> = list.items.iter().filter_map(|p| node_pod(name, namespace, p)).collect();
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut out: Vec<Pod> =
+            list.items.iter().filter_map(|p| node_pod(name, namespace, p, &self.template_hash, now)).collect();
         out.sort_by_key(|p| p.ordinal);
         Ok(out)
+    }
+
+    async fn restart_pod(&mut self, ordinal: u32) -> anyhow::Result<()> {
+        // With the `OnDelete` strategy the StatefulSet creates it again from the current template,
+        // under the same name and on the same volume.
+        let pod = format!("{}-{ordinal}", self.cluster.name);
+        delete_if_present(&self.pods, &pod).await?;
+        Ok(())
+    }
+
+    async fn replace_pod(&mut self, ordinal: u32) -> anyhow::Result<()> {
+        // The claims first: the StatefulSet re-creates a missing claim (empty, provisioned where
+        // the new pod can run) when it re-creates the pod.
+        let pod = format!("{}-{ordinal}", self.cluster.name);
+        for claim in build::claim_names(&self.cluster.name, ordinal) {
+            delete_if_present(&self.claims, &claim).await?;
+        }
+        delete_if_present(&self.pods, &pod).await?;
+        Ok(())
+    }
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> kube::Result<()>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 /// A node pod as the planner sees it: identity from its ordinal, address from its IP, ready from
-/// its Ready condition (a pod being deleted is not ready).
-pub fn node_pod(cluster: &str, namespace: &str, pod: &KubePod) -> Option<Pod> {
+/// its Ready condition (a pod being deleted is not ready), started from its container's state,
+/// current from its template hash, unschedulable from its `PodScheduled` condition, and the
+/// container's waiting reason as its trouble.
+pub fn node_pod(
+    cluster: &str,
+    namespace: &str,
+    pod: &KubePod,
+    template_hash: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<Pod> {
     let ordinal = build::ordinal_of(cluster, &pod.name_any())?;
     let identity = build::identity(cluster, namespace, ordinal);
     let status = pod.status.as_ref();
     let address = status.and_then(|s| s.pod_ip.as_ref()).map_or_else(|| identity.clone(), |ip| format!("{ip}:{PORT}"));
-    let ready = pod.metadata.deletion_timestamp.is_none()
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    Some(Pod { ordinal, identity, address, ready })
+    let alive = pod.metadata.deletion_timestamp.is_none();
+    let conditions = status.and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    let ready = alive && conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let container = status.and_then(|s| s.container_statuses.as_ref()).and_then(|c| c.first());
+    let started = alive && container.is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    let current = pod.annotations().get(build::TEMPLATE_HASH).is_some_and(|h| h == template_hash);
+    let unschedulable_for = conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+        .map(|c| {
+            let since = c.last_transition_time.as_ref().map_or(now, |t| t.0);
+            std::time::Duration::from_millis(u64::try_from(now.as_millisecond() - since.as_millisecond()).unwrap_or(0))
+        });
+    let trouble = container.and_then(|c| c.state.as_ref()?.waiting.as_ref()).and_then(|w| {
+        let reason = w.reason.as_deref()?;
+        Some(match w.message.as_deref() {
+            Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+            _ => reason.to_owned(),
+        })
+    });
+    Some(Pod { ordinal, identity, address, ready, started, current, unschedulable_for, trouble })
 }
 
 /// The cluster token: read from its Secret, which is created with a fresh random token the first
@@ -185,7 +247,7 @@ fn ignore_missing<T>(r: kube::Result<T>) -> kube::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus};
 
     fn pod(name: &str, ip: Option<&str>, ready: bool) -> KubePod {
         let mut p = KubePod::default();
@@ -202,23 +264,53 @@ mod tests {
         p
     }
 
+    fn now() -> k8s_openapi::jiff::Timestamp {
+        "2026-12-03T10:00:00Z".parse().unwrap()
+    }
+
     #[test]
     fn node_pods_have_dns_identities_and_ip_addresses() {
-        let p = node_pod("demo", "prod", &pod("demo-3", Some("10.1.2.3"), true)).unwrap();
+        let p = node_pod("demo", "prod", &pod("demo-3", Some("10.1.2.3"), true), "h1", now()).unwrap();
         assert_eq!(
-            p,
-            Pod {
-                ordinal: 3,
-                identity: "demo-3.demo-nodes.prod.svc.cluster.local:8080".into(),
-                address: "10.1.2.3:8080".into(),
-                ready: true
-            }
+            (p.ordinal, p.identity.as_str(), p.address.as_str(), p.ready),
+            (3, "demo-3.demo-nodes.prod.svc.cluster.local:8080", "10.1.2.3:8080", true)
         );
-        let p = node_pod("demo", "prod", &pod("demo-0", None, false)).unwrap();
+        let p = node_pod("demo", "prod", &pod("demo-0", None, false), "h1", now()).unwrap();
         assert_eq!((p.address.as_str(), p.ready), ("demo-0.demo-nodes.prod.svc.cluster.local:8080", false));
-        assert_eq!(node_pod("demo", "prod", &pod("other-0", None, true)), None);
+        assert_eq!(node_pod("demo", "prod", &pod("other-0", None, true), "h1", now()), None);
         let tokens = (new_token(), new_token());
         assert_eq!(tokens.0.len(), 64);
         assert_ne!(tokens.0, tokens.1);
+    }
+
+    #[test]
+    fn a_pod_reports_its_template_its_container_and_whether_it_can_be_scheduled() {
+        let mut p = pod("demo-2", Some("10.1.2.3"), false);
+        p.metadata.annotations = Some([(build::TEMPLATE_HASH.to_owned(), "old".to_owned())].into());
+        let status = p.status.as_mut().unwrap();
+        status.conditions.as_mut().unwrap().push(PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            last_transition_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-03T09:59:00Z".parse().unwrap(),
+            )),
+            ..Default::default()
+        });
+        status.container_statuses = Some(vec![ContainerStatus {
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("ImagePullBackOff".into()),
+                    message: Some("no such image".into()),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        let seen = node_pod("demo", "prod", &p, "new", now()).unwrap();
+        assert!(!seen.current && !seen.started);
+        assert_eq!(seen.unschedulable_for, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(seen.trouble.as_deref(), Some("ImagePullBackOff: no such image"));
+        assert!(node_pod("demo", "prod", &p, "old", now()).unwrap().current);
     }
 }

@@ -17,7 +17,7 @@
 //! name → address mapping: the node's `KVS_HOSTS_FILE` (see `kvs_node::hosts`).
 
 use super::validate::ValidCluster;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
@@ -199,10 +199,11 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
 
-fn probe(path: &str) -> Probe {
+fn probe(path: &str, period_seconds: i32, timeout_seconds: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(PORT), ..Default::default() }),
-        period_seconds: Some(5),
+        period_seconds: Some(period_seconds),
+        timeout_seconds: Some(timeout_seconds),
         ..Default::default()
     }
 }
@@ -257,9 +258,13 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
             },
         ]),
         env: Some(env_vars),
-        // Ready = serving HTTP: a pod that is joining has no view yet and must still be reachable.
-        readiness_probe: Some(probe("/healthz")),
-        liveness_probe: Some(probe("/healthz")),
+        // Ready = caught up: the node holds its partition's data (`/readyz`; see the node's
+        // `catch_up`). A pod that is joining has no view and is never ready; the operator adds it
+        // once it runs (`rebalance::plan`), and it becomes ready after its first sync.
+        readiness_probe: Some(probe("/readyz", 2, 1)),
+        // Alive = serving HTTP at all. Slowness is not death: a node busy under load gets 5 s per
+        // probe and three misses (30 s) before the kubelet restarts it.
+        liveness_probe: Some(Probe { failure_threshold: Some(3), ..probe("/healthz", 10, 5) }),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
             mount_path: "/data".into(),
@@ -286,6 +291,31 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         }),
         ..Default::default()
     };
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta { labels: Some(labels(name)), ..Default::default() }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            node_selector: spec.node_selector.clone(),
+            tolerations: spec.tolerations.clone(),
+            affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(name))),
+            // The node image's non-root user; fsGroup makes the data volume writable to it.
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(NODE_UID),
+                run_as_group: Some(NODE_UID),
+                fs_group: Some(NODE_UID),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            // A node finishes in-flight writes on SIGTERM; give it time.
+            termination_grace_period_seconds: Some(30),
+            ..Default::default()
+        }),
+    };
+    let hash = template_hash(&template);
+    if let Some(meta) = template.metadata.as_mut() {
+        meta.annotations = Some(BTreeMap::from([(TEMPLATE_HASH.to_owned(), hash)]));
+    }
     StatefulSet {
         metadata: meta(c, name.clone()),
         spec: Some(StatefulSetSpec {
@@ -293,32 +323,37 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
             service_name: Some(headless_name(name)),
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector { match_labels: Some(selector_labels(name)), ..Default::default() },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(name)), ..Default::default() }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    node_selector: spec.node_selector.clone(),
-                    tolerations: spec.tolerations.clone(),
-                    affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(name))),
-                    // The node image's non-root user; fsGroup makes the data volume writable to it.
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(NODE_UID),
-                        run_as_group: Some(NODE_UID),
-                        fs_group: Some(NODE_UID),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
-                        ..Default::default()
-                    }),
-                    // A node finishes in-flight writes on SIGTERM; give it time.
-                    termination_grace_period_seconds: Some(30),
-                    ..Default::default()
-                }),
-            },
+            template,
+            // The operator rolls the pods itself, one at a time and only when the restarted one
+            // has caught up (`rebalance::plan`): the StatefulSet never restarts a pod on its own.
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
             volume_claim_templates: Some(vec![claim]),
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+/// The volume claims of pod `<cluster>-<ordinal>` (`<claim template>-<pod>`, as the StatefulSet
+/// names them).
+pub fn claim_names(cluster: &str, ordinal: u32) -> Vec<String> {
+    vec![format!("data-{cluster}-{ordinal}")]
+}
+
+/// The pod-template annotation that names the template a pod was made from.
+pub const TEMPLATE_HASH: &str = "kvstore.dev/template-hash";
+
+/// A short, stable fingerprint of a pod template (SHA-1 of its JSON; maps serialize in key order).
+/// A pod whose [`TEMPLATE_HASH`] differs from the StatefulSet's runs an old template.
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    use sha1::{Digest, Sha1};
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    Sha1::digest(&json).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The template hash a StatefulSet's pods should carry.
+pub fn desired_template_hash(sts: &StatefulSet) -> Option<&str> {
+    sts.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get(TEMPLATE_HASH).map(String::as_str)
 }
 
 #[cfg(test)]
@@ -380,7 +415,7 @@ mod tests {
         );
         assert_eq!(
             container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
-            Some("/healthz")
+            Some("/readyz")
         );
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
         assert_eq!(

@@ -151,7 +151,7 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
                 publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
             let activity = Activity::Invalid(invalid.to_string());
-            write_status(cluster, ctx, &activity, None, &[], None).await?;
+            write_status(cluster, ctx, &activity, None, None, &[], None).await?;
             // Nothing to do until the spec changes.
             return Ok(Action::await_change());
         }
@@ -164,7 +164,7 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
     // put back whatever the outcome: it holds the view change in flight. The controller never
     // reconciles one object twice at once, so nobody else wants it meanwhile.
     let mut driver = lock(&ctx.drivers).remove(&key(cluster)).unwrap_or_default();
-    let stepped = driver.step(&mut backend, &admin, &valid.spec.target).await;
+    let stepped = driver.step(&mut backend, &admin, &valid.spec.target, &valid.spec.policy).await;
     lock(&ctx.drivers).insert(key(cluster), driver);
     let report = stepped.map_err(Error::Step)?;
 
@@ -199,25 +199,72 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
             publish(ctx, cluster, EventType::Normal, "ViewChange", note).await;
             tracing::info!(cluster = %key(cluster), view = %description, "posting a view change");
         }
+        rebalance::Action::Restarted { ordinal } => {
+            let note = format!("restarted pod {}-{ordinal} on the current template (one at a time)", valid.name);
+            publish(ctx, cluster, EventType::Normal, "RollingPod", note).await;
+        }
+        rebalance::Action::Replaced { ordinal } => {
+            let note = format!(
+                "member {}-{ordinal} could not come back: deleted its volume claim and pod; it re-syncs from its \
+                 partition on a fresh volume",
+                valid.name
+            );
+            publish(ctx, cluster, EventType::Warning, "MemberReplaced", note).await;
+        }
+        rebalance::Action::PodActionFailed { ordinal, error } => {
+            let note = format!("pod {}-{ordinal}: {error:#}", valid.name);
+            publish(ctx, cluster, EventType::Warning, "PodActionFailed", note).await;
+        }
         rebalance::Action::AwaitViewChange { .. } | rebalance::Action::Nothing => {}
     }
-    write_status(cluster, ctx, &activity, Some(&valid.spec.target), &observation.pods, observation.status.as_ref())
-        .await?;
+    let policy = &valid.spec.policy;
+    let deadline = Some((valid.spec.progress_deadline, policy.auto_replace));
+    let new_status = write_status(
+        cluster,
+        ctx,
+        &activity,
+        Some(&valid.spec.target),
+        deadline,
+        &observation.pods,
+        observation.status.as_ref(),
+    )
+    .await?;
+    announce_stall(ctx, cluster, &new_status).await;
+    // Something to wait on (even with nothing to do) is looked at often, so a stall is seen soon
+    // after its deadline.
     Ok(match activity {
-        Activity::Step(Step::Done) => Action::requeue(IDLE_REQUEUE),
+        Activity::Step(Step::Done | Step::Paused { .. }) if new_status.waiting_for.is_none() => {
+            Action::requeue(IDLE_REQUEUE)
+        }
         _ => Action::requeue(BUSY_REQUEUE),
     })
 }
 
-/// Computes and (if it changed) writes the status.
+/// A Warning Event when the cluster has just become Stalled (not at every reconcile while it is).
+async fn announce_stall(ctx: &Context, cluster: &KVStoreCluster, new: &KVStoreClusterStatus) {
+    let stalled = |s: &KVStoreClusterStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == kvs_api::ConditionType::Stalled && c.status == kvs_api::ConditionStatus::True)
+            .cloned()
+    };
+    if let Some(now) = stalled(new)
+        && cluster.status.as_ref().and_then(stalled).is_none()
+    {
+        publish(ctx, cluster, EventType::Warning, "Stalled", now.message).await;
+    }
+}
+
+/// Computes and (if it changed) writes the status; returns it.
 async fn write_status(
     cluster: &KVStoreCluster,
     ctx: &Context,
     activity: &Activity,
     target: Option<&Target>,
+    deadline: Option<(Duration, bool)>,
     pods: &[Pod],
     nodes: Option<&kvs_api::ClusterStatus>,
-) -> Result<(), Error> {
+) -> Result<KVStoreClusterStatus, Error> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let new: KVStoreClusterStatus = status::status(&Observed {
         generation: cluster.metadata.generation.unwrap_or_default(),
@@ -226,15 +273,17 @@ async fn write_status(
         pods,
         nodes,
         selector: build::selector_string(&cluster.name_any()),
+        name: &cluster.name_any(),
+        deadline,
         now: &now,
         previous: cluster.status.as_ref(),
     });
     ctx.metrics.observe_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new);
     if cluster.status.as_ref() == Some(&new) {
-        return Ok(());
+        return Ok(new);
     }
     apply::apply_status(&ctx.client, &cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new).await?;
-    Ok(())
+    Ok(new)
 }
 
 async fn cleanup(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {

@@ -3,8 +3,11 @@
 //! same, so `kubectl describe` shows when a cluster really became (un)available.
 
 use crate::crd::{Condition, KVStoreClusterStatus, RebalanceStatus};
-use crate::rebalance::{Pod, Step, Target};
+use crate::rebalance::progress::{is_stalled, waiting_since};
+use crate::rebalance::{Blocker, Pod, Step, Target};
+use k8s_openapi::jiff::Timestamp;
 use kvs_api::{ClusterPhase, ClusterStatus, ConditionStatus, ConditionType};
+use std::time::Duration;
 
 /// What the controller is doing about the spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,9 +29,22 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     pub nodes: Option<&'a ClusterStatus>,
     pub selector: String,
+    /// The cluster's name (pods are `<name>-<ordinal>`).
+    pub name: &'a str,
+    /// How long the cluster may wait on the same thing before it is stalled, and whether the
+    /// operator replaces unschedulable members (`None` when the spec is invalid).
+    pub deadline: Option<(Duration, bool)>,
     /// Now, RFC 3339.
     pub now: &'a str,
     pub previous: Option<&'a KVStoreClusterStatus>,
+}
+
+/// How long ago `since` (RFC 3339) was, seen from `now`; zero when either does not parse.
+fn elapsed(since: &str, now: &str) -> Duration {
+    match (since.parse::<Timestamp>(), now.parse::<Timestamp>()) {
+        (Ok(a), Ok(b)) => Duration::from_millis(u64::try_from(b.as_millisecond() - a.as_millisecond()).unwrap_or(0)),
+        _ => Duration::ZERO,
+    }
 }
 
 /// The status to write.
@@ -78,6 +94,24 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
             "MovingData",
             format!("changing the view to {} nodes at replicationFactor {replication_factor}", members.len()),
         ),
+        Activity::Step(Step::ReplaceMember { ordinal }) => cond(
+            ConditionType::Progressing,
+            true,
+            "ReplacingMember",
+            format!("giving member {}-{ordinal} a fresh volume (its pod could not come back)", o.name),
+        ),
+        Activity::Step(Step::RestartPod { ordinal }) => cond(
+            ConditionType::Progressing,
+            true,
+            "RollingPods",
+            format!("restarting pod {}-{ordinal} on the current template", o.name),
+        ),
+        Activity::Step(Step::Paused { next }) => cond(
+            ConditionType::Progressing,
+            false,
+            "Paused",
+            format!("spec.paused is true; the next step would be: {}", describe(next, o.name)),
+        ),
         Activity::Step(Step::Done) | Activity::MovingData => {
             cond(ConditionType::Progressing, false, "InSync", "the cluster matches the spec".into())
         }
@@ -96,8 +130,44 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         _ => cond(ConditionType::Degraded, false, "AllMembersReady", "every member of the view is ready".into()),
     };
 
+    // What the cluster waits on, since when, and whether that is past the deadline.
+    let pod_name = |ordinal: u32| format!("{}-{ordinal}", o.name);
+    let blocker = match (o.activity, o.target) {
+        (Activity::Step(step), Some(target)) => Blocker::of(step, target, o.pods, o.nodes),
+        (Activity::MovingData, Some(target)) => Blocker::of(&Step::Done, target, o.pods, o.nodes),
+        _ => None,
+    };
+    let waiting = blocker.as_ref().map(|b| {
+        let marker = b.marker(&pod_name);
+        let previous = o.previous.and_then(|p| Some((p.waiting_for.as_deref()?, p.waiting_since.as_deref()?)));
+        let since = waiting_since(previous, &marker, o.now).to_owned();
+        (marker, since)
+    });
+    let stall = match (&blocker, &waiting, o.deadline) {
+        (Some(b), Some((_, since)), Some((deadline, auto_replace))) if is_stalled(elapsed(since, o.now), deadline) => {
+            Some((b, auto_replace))
+        }
+        _ => None,
+    };
+    let stalled = match stall {
+        Some((b, auto_replace)) => cond(
+            ConditionType::Stalled,
+            true,
+            b.reason(),
+            format!(
+                "waiting since {}: {}",
+                waiting.as_ref().map_or("", |w| w.1.as_str()),
+                b.explain(&pod_name, auto_replace)
+            ),
+        ),
+        None => cond(ConditionType::Stalled, false, "NotStalled", "no wait has outlasted the progress deadline".into()),
+    };
+    let paused = matches!(o.activity, Activity::Step(Step::Paused { .. }));
+
     let phase = if matches!(o.activity, Activity::Invalid(_)) {
         ClusterPhase::Failed
+    } else if paused {
+        ClusterPhase::Paused
     } else if layout.is_none() {
         ClusterPhase::Pending
     } else if progressing.status == ConditionStatus::True {
@@ -109,7 +179,7 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     };
 
     let rebalance = moving.then(|| o.nodes.map(|n| rebalance_status(&n.rebalance))).flatten();
-    let conditions = [available, progressing, degraded]
+    let conditions = [available, progressing, degraded, stalled]
         .into_iter()
         .map(|mut c| {
             c.observed_generation = o.generation;
@@ -131,6 +201,25 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         members: layout.map(|l| l.members().cloned().collect()).unwrap_or_default(),
         rebalance,
         selector: o.selector.clone(),
+        updated_replicas: o.pods.iter().filter(|p| p.current).count() as i32,
+        blocked_by: stall.map(|(b, _)| b.blocked_by(&pod_name)),
+        waiting_for: waiting.as_ref().map(|w| w.0.clone()),
+        waiting_since: waiting.map(|w| w.1),
+    }
+}
+
+/// A planned step in words, for the Paused condition.
+fn describe(step: &Step, name: &str) -> String {
+    match step {
+        Step::ScaleStatefulSet { replicas } => format!("set the StatefulSet to {replicas} pods"),
+        Step::WaitForPods { ordinals } => format!("wait for pods {ordinals:?}"),
+        Step::ChangeView { members, replication_factor, .. } => {
+            format!("change the view to {} nodes at replicationFactor {replication_factor}", members.len())
+        }
+        Step::ReplaceMember { ordinal } => format!("replace member {name}-{ordinal} (fresh volume)"),
+        Step::RestartPod { ordinal } => format!("restart pod {name}-{ordinal} on the current template"),
+        Step::Paused { next } => describe(next, name),
+        Step::Done => "nothing".into(),
     }
 }
 
@@ -166,9 +255,7 @@ mod tests {
     use kvs_api::{Layout, RebalanceProgress};
 
     fn pods(n: u32, ready: u32) -> Vec<Pod> {
-        (0..n)
-            .map(|o| Pod { ordinal: o, identity: format!("kv-{o}"), address: format!("a{o}"), ready: o < ready })
-            .collect()
+        (0..n).map(|o| Pod::new(o, format!("kv-{o}"), format!("a{o}"), o < ready)).collect()
     }
 
     fn nodes(members: u32, k: u32, pending: bool) -> ClusterStatus {
@@ -204,6 +291,8 @@ mod tests {
             pods,
             nodes,
             selector: "s".into(),
+            name: "demo",
+            deadline: Some((Duration::from_secs(600), true)),
             now: "T1",
             previous: None,
         }
@@ -291,5 +380,46 @@ mod tests {
         let changed = status(&o);
         assert_eq!(condition(&changed, ConditionType::Progressing).last_transition_time, "T2");
         assert_eq!(condition(&changed, ConditionType::Available).last_transition_time, "T1");
+    }
+
+    #[test]
+    fn the_same_wait_past_the_deadline_is_stalled_and_names_the_pod() {
+        let (ps, ns) = (pods(4, 3), nodes(4, 2, false));
+        let four = Target { replicas: 4, replication_factor: 2 };
+        let waiting = Activity::Step(Step::Done);
+        let mut o = observe(&waiting, &ps, Some(&ns), &four);
+        o.now = "2026-12-03T10:00:00Z";
+        let first = status(&o);
+        assert_eq!(first.waiting_for.as_deref(), Some("pods demo-3 to be ready"));
+        assert_eq!(condition(&first, ConditionType::Stalled).status, ConditionStatus::False);
+        o.previous = Some(&first);
+        o.now = "2026-12-03T10:09:59Z";
+        let before = status(&o);
+        assert_eq!(condition(&before, ConditionType::Stalled).status, ConditionStatus::False);
+        assert_eq!(before.waiting_since.as_deref(), Some("2026-12-03T10:00:00Z"));
+        o.now = "2026-12-03T10:10:00Z";
+        let stalled = status(&o);
+        let c = condition(&stalled, ConditionType::Stalled);
+        assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::True, "PodNotReady"));
+        assert_eq!(stalled.blocked_by.as_deref(), Some("pod/demo-3"));
+        // The pod comes back: nothing to wait for, not stalled.
+        let all = pods(4, 4);
+        let mut o = observe(&waiting, &all, Some(&ns), &four);
+        (o.previous, o.now) = (Some(&stalled), "2026-12-03T10:10:02Z");
+        let healed = status(&o);
+        assert_eq!((healed.blocked_by.clone(), healed.waiting_for.clone()), (None, None));
+        assert_eq!(condition(&healed, ConditionType::Stalled).status, ConditionStatus::False);
+    }
+
+    #[test]
+    fn a_paused_cluster_says_what_it_holds_back() {
+        let (ps, ns) = (pods(4, 4), nodes(4, 2, false));
+        let paused = Activity::Step(Step::Paused { next: Box::new(Step::ScaleStatefulSet { replicas: 6 }) });
+        let s = status(&observe(&paused, &ps, Some(&ns), &SPEC));
+        assert_eq!(s.phase, ClusterPhase::Paused);
+        let c = condition(&s, ConditionType::Progressing);
+        assert_eq!((c.reason.as_str(), c.status), ("Paused", ConditionStatus::False));
+        assert!(c.message.contains("set the StatefulSet to 6 pods"), "{}", c.message);
+        assert_eq!(s.waiting_for, None);
     }
 }

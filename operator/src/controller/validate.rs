@@ -8,11 +8,12 @@
 //! the rebalance core needs is its kube-free [`Target`].
 
 use crate::crd::{KVStoreCluster, KVStoreClusterSpec};
-use crate::rebalance::Target;
+use crate::rebalance::{Policy, Target};
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// A spec the operator can act on.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +33,10 @@ pub struct Validated {
     pub storage_size: String,
     pub storage_class_name: Option<String>,
     pub max_value_bytes: Option<i64>,
+    /// Paused, member replacement on or off, and its deadline.
+    pub policy: Policy,
+    /// How long the cluster may wait on the same thing before it is `Stalled`.
+    pub progress_deadline: Duration,
 }
 
 /// A cluster the controller can act on: where it lives, who owns its children, and its spec.
@@ -56,6 +61,8 @@ pub enum Invalid {
     Image,
     #[error("spec.storage.size {0:?} is not a Kubernetes quantity like 1Gi or 500Mi")]
     StorageSize(String),
+    #[error("spec.progressDeadlineSeconds must be at least 1 (got {0})")]
+    ProgressDeadline(i32),
 }
 
 /// Checks a spec.
@@ -71,6 +78,11 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
     if !is_quantity(&spec.storage.size) {
         return Err(Invalid::StorageSize(spec.storage.size.clone()));
     }
+    let deadline = u64::try_from(spec.progress_deadline_seconds)
+        .ok()
+        .filter(|&s| s >= 1)
+        .map(Duration::from_secs)
+        .ok_or(Invalid::ProgressDeadline(spec.progress_deadline_seconds))?;
     Ok(Validated {
         target: Target { replicas, replication_factor },
         image: spec.image.clone(),
@@ -82,6 +94,8 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
         storage_size: spec.storage.size.clone(),
         storage_class_name: spec.storage.storage_class_name.clone(),
         max_value_bytes: spec.max_value_bytes,
+        policy: Policy { paused: spec.paused, auto_replace: spec.auto_replace, replace_after: deadline },
+        progress_deadline: deadline,
     })
 }
 
@@ -150,6 +164,9 @@ mod tests {
     fn rejects_bad_specs_with_what_to_fix() {
         assert_eq!(validate(&spec(0, 2)), Err(Invalid::Replicas(0)));
         assert_eq!(validate(&spec(2, 0)), Err(Invalid::ReplicationFactor(0)));
+        let mut d = spec(2, 2);
+        d.progress_deadline_seconds = 0;
+        assert_eq!(validate(&d), Err(Invalid::ProgressDeadline(0)));
         let mut s = spec(2, 2);
         s.image = " ".into();
         assert_eq!(validate(&s), Err(Invalid::Image));

@@ -15,7 +15,7 @@
 //!   a step that cannot observe changes nothing and leaves it for the next.
 
 use super::admin::{NodeAdmin, ViewChangeTask};
-use super::plan::{Pod, Step, Target, plan};
+use super::plan::{Pod, Policy, Step, Target, plan};
 use kvs_api::ClusterStatus;
 use std::sync::Arc;
 
@@ -28,6 +28,11 @@ pub trait Backend: Send {
     async fn set_replicas(&mut self, replicas: u32, target: &Target) -> anyhow::Result<()>;
     /// The pods that exist, with identity and readiness.
     async fn pods(&mut self) -> anyhow::Result<Vec<Pod>>;
+    /// Restarts the pod at `ordinal` on the current template, keeping its identity and volume.
+    async fn restart_pod(&mut self, ordinal: u32) -> anyhow::Result<()>;
+    /// Gives the pod at `ordinal` a fresh, empty volume under the same identity (in Kubernetes:
+    /// deletes its volume claims and the pod; the StatefulSet creates both again).
+    async fn replace_pod(&mut self, ordinal: u32) -> anyhow::Result<()>;
 }
 
 /// What one step saw.
@@ -41,12 +46,16 @@ pub struct Observation {
     pub changing: bool,
 }
 
-/// Observes the pods and the view and plans the next step towards `target`.
-pub async fn observe(backend: &mut dyn Backend, admin: &dyn NodeAdmin, target: &Target) -> anyhow::Result<Observation> {
+/// Observes the pods and the view and plans the next step towards `target` under `policy`.
+pub async fn observe(
+    backend: &mut dyn Backend,
+    admin: &dyn NodeAdmin,
+    target: &Target,
+    policy: &Policy,
+) -> anyhow::Result<Observation> {
     let pods = backend.pods().await?;
     let status = admin.status(&pods).await;
-    let view = status.as_ref().and_then(|s| s.layout.as_ref());
-    let step = plan(target.replicas, target.replication_factor, backend.replicas(), &pods, view);
+    let step = plan(target, policy, backend.replicas(), &pods, status.as_ref());
     let changing = status.as_ref().is_some_and(|s| s.pending_epoch.is_some());
     Ok(Observation { step, pods, status, changing })
 }
@@ -65,6 +74,12 @@ pub enum Action {
     ScaleFailed { from: u32, to: u32, error: anyhow::Error },
     /// Posted a view change; it runs in the background and a later report carries its outcome.
     ViewChangeStarted { description: String },
+    /// Restarted a pod so that it runs the current template.
+    Restarted { ordinal: u32 },
+    /// Gave a member whose pod could not come back a fresh volume under its identity.
+    Replaced { ordinal: u32 },
+    /// Restarting or replacing the pod at `ordinal` failed (the next step plans again).
+    PodActionFailed { ordinal: u32, error: anyhow::Error },
 }
 
 /// A view change this driver posted that has finished.
@@ -106,9 +121,10 @@ impl Driver {
         backend: &mut dyn Backend,
         admin: &Arc<dyn NodeAdmin>,
         target: &Target,
+        policy: &Policy,
     ) -> Result<StepReport, StepError> {
         let ours_running = self.change.as_ref().is_some_and(|c| !c.is_finished());
-        let observation = observe(backend, admin.as_ref(), target).await.map_err(StepError::Observe)?;
+        let observation = observe(backend, admin.as_ref(), target, policy).await.map_err(StepError::Observe)?;
         let finished = match self.change.take_if(|_| !ours_running) {
             // Finished, so awaiting it returns at once.
             Some(task) => {
@@ -134,7 +150,15 @@ impl Driver {
                     self.change = Some(task);
                     Action::ViewChangeStarted { description }
                 }
-                Step::WaitForPods { .. } | Step::Done => Action::Nothing,
+                Step::RestartPod { ordinal } => match backend.restart_pod(*ordinal).await {
+                    Ok(()) => Action::Restarted { ordinal: *ordinal },
+                    Err(error) => Action::PodActionFailed { ordinal: *ordinal, error },
+                },
+                Step::ReplaceMember { ordinal } => match backend.replace_pod(*ordinal).await {
+                    Ok(()) => Action::Replaced { ordinal: *ordinal },
+                    Err(error) => Action::PodActionFailed { ordinal: *ordinal, error },
+                },
+                Step::WaitForPods { .. } | Step::Paused { .. } | Step::Done => Action::Nothing,
             }
         };
         Ok(StepReport { finished, observation, action })
@@ -177,7 +201,15 @@ mod tests {
 
         async fn pods(&mut self) -> anyhow::Result<Vec<Pod>> {
             anyhow::ensure!(!self.unreachable, "the backend is unreachable");
-            Ok((0..self.replicas).map(|o| Pod { ordinal: o, identity: id(o), address: id(o), ready: true }).collect())
+            Ok((0..self.replicas).map(|o| Pod::new(o, id(o), id(o), true)).collect())
+        }
+
+        async fn restart_pod(&mut self, _ordinal: u32) -> anyhow::Result<()> {
+            anyhow::bail!("not used here")
+        }
+
+        async fn replace_pod(&mut self, _ordinal: u32) -> anyhow::Result<()> {
+            anyhow::bail!("not used here")
         }
     }
 
@@ -229,19 +261,19 @@ mod tests {
         *nodes.status.lock().unwrap() = Some(view(2, false));
         let admin: Arc<dyn NodeAdmin> = nodes.clone();
         let (mut pods, mut driver) = (Pods { replicas: 2, ..Pods::default() }, Driver::default());
-        let r = driver.step(&mut pods, &admin, &TARGET).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &TARGET, &Policy::default()).await.unwrap();
         assert!(matches!(r.action, Action::Scaled { from: 2, to: 3 }), "{r:?}");
-        let r = driver.step(&mut pods, &admin, &TARGET).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &TARGET, &Policy::default()).await.unwrap();
         assert!(matches!(r.action, Action::ViewChangeStarted { .. }), "{r:?}");
         // While it runs, steps wait and post nothing more.
-        let r = driver.step(&mut pods, &admin, &TARGET).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &TARGET, &Policy::default()).await.unwrap();
         assert!(matches!(r.action, Action::AwaitViewChange { ours: true }) && r.finished.is_none(), "{r:?}");
         nodes.release.notify_one();
         while driver.change.as_ref().is_some_and(|c| !c.is_finished()) {
             tokio::task::yield_now().await;
         }
         // Finished (refused): reported once, and the view being still wrong, posted again.
-        let r = driver.step(&mut pods, &admin, &TARGET).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &TARGET, &Policy::default()).await.unwrap();
         let finished = r.finished.as_ref().expect("the finished change is reported");
         assert!(finished.outcome.as_ref().unwrap_err().to_string().contains("409"));
         assert!(matches!(r.action, Action::ViewChangeStarted { .. }), "{r:?}");
@@ -259,7 +291,7 @@ mod tests {
         *nodes.status.lock().unwrap() = Some(view(2, true));
         let admin: Arc<dyn NodeAdmin> = nodes.clone();
         let mut pods = Pods { replicas: 3, ..Pods::default() };
-        let r = Driver::default().step(&mut pods, &admin, &TARGET).await.unwrap();
+        let r = Driver::default().step(&mut pods, &admin, &TARGET, &Policy::default()).await.unwrap();
         assert!(matches!(r.action, Action::AwaitViewChange { ours: false }), "{r:?}");
         assert!(matches!(r.observation.step, Step::ChangeView { .. }) && r.observation.changing);
         assert!(nodes.posted.lock().unwrap().is_empty());
@@ -272,23 +304,23 @@ mod tests {
         let admin: Arc<dyn NodeAdmin> = nodes.clone();
         let (mut pods, mut driver) = (Pods { replicas: 3, ..Pods::default() }, Driver::default());
         let two = Target { replicas: 2, replication_factor: 1 };
-        let r = driver.step(&mut pods, &admin, &two).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &two, &Policy::default()).await.unwrap();
         assert!(matches!(r.action, Action::ViewChangeStarted { .. }), "{r:?}");
         nodes.release.notify_one();
         while driver.change.as_ref().is_some_and(|c| !c.is_finished()) {
             tokio::task::yield_now().await;
         }
         pods.unreachable = true;
-        let e = driver.step(&mut pods, &admin, &two).await.unwrap_err();
+        let e = driver.step(&mut pods, &admin, &two, &Policy::default()).await.unwrap_err();
         assert!(e.to_string().contains("unreachable"), "{e}");
         // The next step that observes reports the change; the view being right, it shrinks the pods.
         (pods.unreachable, pods.refuse_scale) = (false, true);
         *nodes.status.lock().unwrap() = Some(view(2, false));
-        let r = driver.step(&mut pods, &admin, &two).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &two, &Policy::default()).await.unwrap();
         assert!(r.finished.as_ref().is_some_and(|f| f.outcome.is_err()));
         assert!(matches!(r.action, Action::ScaleFailed { from: 3, to: 2, .. }), "{r:?}");
         pods.refuse_scale = false;
-        let r = driver.step(&mut pods, &admin, &two).await.unwrap();
+        let r = driver.step(&mut pods, &admin, &two, &Policy::default()).await.unwrap();
         assert!(r.finished.is_none() && matches!(r.action, Action::Scaled { from: 3, to: 2 }), "{r:?}");
         assert_eq!(nodes.posted.lock().unwrap().len(), 1);
     }

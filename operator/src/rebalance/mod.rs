@@ -1,6 +1,7 @@
 //! The operator's core, shared by the Kubernetes controller and the local mode: what the cluster
 //! should become ([`Target`]), the pure planner of the next step ([`plan()`]), and the driver that
-//! observes, plans and acts through a [`Backend`] ([`Driver::step`]).
+//! observes, plans and acts through a [`Backend`] ([`Driver::step`]), and what a cluster
+//! waits on when it does not move ([`Blocker`]).
 //!
 //! Invariant: nothing here knows about Kubernetes. This module imports neither kube-rs nor
 //! k8s-openapi nor the controller or the CRD (a test below checks it), so the rebalance logic can
@@ -10,10 +11,12 @@
 pub mod admin;
 pub mod driver;
 pub mod plan;
+pub mod progress;
 
 pub use admin::{NodeAdmin, ViewChangeTask};
 pub use driver::{Action, Backend, Driver, FinishedViewChange, Observation, StepError, StepReport, observe};
-pub use plan::{Pod, Step, Target, plan};
+pub use plan::{Pod, Policy, Step, Target, plan};
+pub use progress::Blocker;
 
 #[cfg(test)]
 mod tests {
@@ -24,6 +27,7 @@ mod tests {
             ("admin.rs", include_str!("admin.rs")),
             ("driver.rs", include_str!("driver.rs")),
             ("plan.rs", include_str!("plan.rs")),
+            ("progress.rs", include_str!("progress.rs")),
         ];
         // Spelled in pieces so that this test does not find itself.
         let forbidden =
