@@ -17,7 +17,9 @@
 //! - **rolling restart**: once the view is right and every desired pod is ready, a pod that does
 //!   not run the current template is restarted, highest ordinal first, one at a time; the next
 //!   waits until the restarted one is ready again (ready means caught up with its partition), so a
-//!   pod whose new version never becomes ready halts the roll.
+//!   pod whose new version never becomes ready halts the roll. A pod on an old template that is
+//!   not ready is restarted at once (it serves nobody): that is how a newer template replaces a
+//!   broken one.
 //!
 //! `paused` turns every action into [`Step::Paused`] naming the action it holds back.
 
@@ -176,9 +178,14 @@ fn next_step(target: &Target, policy: &Policy, sts_replicas: u32, pods: &[Pod], 
     if sts_replicas > replicas {
         return Step::ScaleStatefulSet { replicas };
     }
-    // Roll pods that run an old template, one at a time, highest ordinal first.
-    let outdated = desired.iter().rev().copied().find(|&o| identity(o).is_some_and(|p| !p.current));
-    match outdated {
+    // Roll pods that run an old template, one at a time, highest ordinal first. A pod on an old
+    // template that is not ready serves nobody: restarting it costs nothing and is the only way
+    // out when that template is the broken one.
+    let outdated = |o: &u32| identity(*o).is_some_and(|p| !p.current);
+    if let Some(&ordinal) = desired.iter().rev().filter(|o| outdated(o)).find(|o| not_ready.contains(o)) {
+        return Step::RestartPod { ordinal };
+    }
+    match desired.iter().rev().copied().find(outdated) {
         Some(_) if !not_ready.is_empty() => Step::WaitForPods { ordinals: not_ready },
         Some(ordinal) => Step::RestartPod { ordinal },
         None => Step::Done,
@@ -385,6 +392,10 @@ mod tests {
         assert_eq!(plan(4, 2, 4, &ps, Some(&view)), Step::WaitForPods { ordinals: vec![2] });
         // A view change comes first; a pod of an old template serves it fine.
         assert!(matches!(plan(6, 2, 6, &pods(6, 6), Some(&view)), Step::ChangeView { .. }));
+        // A newer template fixes it: the broken pod (outdated again, not ready) is restarted
+        // first, although it is not ready.
+        ps[2].current = false;
+        assert_eq!(plan(4, 2, 4, &ps, Some(&view)), Step::RestartPod { ordinal: 2 });
         // Every pod current: done.
         assert_eq!(plan(4, 2, 4, &pods(4, 4), Some(&view)), Step::Done);
     }

@@ -71,7 +71,7 @@ mod tests {
         let sts = demo("s", 2);
         let (p0, p1) = (listed(&sts, 0, "p0"), listed(&sts, 1, "p1"));
         // The StatefulSet is gone: the Pod that runs here stops first, the other is deleted outright.
-        let plan = plan(&[], &[p0.clone(), p1], &slots(&[(&p0, 1)]));
+        let plan = plan(&[], &[p0.clone(), p1], &slots(&[(&p0, 1)]), &Default::default());
         assert_eq!(plan.stop, [("demo-0".to_owned(), true)]);
         assert_eq!(plan.delete, [("demo-1".to_owned(), "p1".to_owned())]);
         assert!(plan.create.is_empty());

@@ -25,6 +25,8 @@
 //! `runtime::Container::step`), unit-tested; the loop carries them out afterwards. A test reaches
 //! the loop through messages ([`StandInKubelet::kill_pod`], [`StandInKubelet::stop`]) and reads the
 //! Pod addresses the loop publishes (the one lock, held only to copy the map).
+//! [`StandInKubelet::lose_machine`] takes a Pod's machine and volume away for good (the Pod stays
+//! `Unschedulable` until its claim is deleted); an image tagged `:broken` never pulls.
 //!
 //! # What it does not do
 //! No scheduler, so `spec.nodeName` stays empty and the API server deletes Pods at once, without
@@ -52,7 +54,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::api::{Api, ListParams};
 use pod::Slot;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -89,6 +91,10 @@ pub struct StandInKubelet {
 enum Request {
     /// SIGKILL the Pod's process; the answer says whether one ran.
     Kill { pod: String, reply: oneshot::Sender<anyhow::Result<()>> },
+    /// The machine under the Pod and its volume is gone (see `statefulset`).
+    LoseMachine { pod: String, reply: oneshot::Sender<anyhow::Result<()>> },
+    /// Crash the Pod's process and empty its volumes before it restarts.
+    WipeVolume { pod: String, reply: oneshot::Sender<anyhow::Result<()>> },
 }
 
 /// What the test side and the loop both read.
@@ -176,6 +182,26 @@ impl StandInKubelet {
         answer.await.map_err(|_| gone())?
     }
 
+    /// The machine that runs the Pod and holds its volume is gone for good: the process is killed,
+    /// the claims' directories are deleted, and the Pod stays `Unschedulable` for as long as those
+    /// claims exist (see `statefulset`). Fails when no process runs for that Pod.
+    pub async fn lose_machine(&self, name: &str) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || anyhow::anyhow!("the stand-in kubelet has stopped");
+        self.requests.send(Request::LoseMachine { pod: name.to_owned(), reply }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Crashes the Pod's process (SIGKILL, reaped at once) and empties its volumes' directories
+    /// before the kubelet restarts it: the same Pod, identity and claim, with no data (a disk
+    /// replaced under a node, or a volume wiped by hand).
+    pub async fn wipe_volume(&self, name: &str) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || anyhow::anyhow!("the stand-in kubelet has stopped");
+        self.requests.send(Request::WipeVolume { pod: name.to_owned(), reply }).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// The Pod's IP, while the kubelet runs that Pod.
     pub fn pod_address(&self, name: &str) -> Option<String> {
         self.shared.addresses.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
@@ -222,6 +248,10 @@ struct Kubelet {
     /// The last complaint per key, so a persisting problem is logged once rather than every tick.
     complaints: HashMap<String, String>,
     hosts_written: Option<String>,
+    /// Uids of the claims whose machine is lost.
+    lost_claims: BTreeSet<String>,
+    /// Uids of the Pods whose `Unschedulable` status is written.
+    reported_unschedulable: BTreeSet<String>,
 }
 
 impl Kubelet {
@@ -238,6 +268,8 @@ impl Kubelet {
             slots: BTreeMap::new(),
             complaints: HashMap::new(),
             hosts_written: None,
+            lost_claims: BTreeSet::new(),
+            reported_unschedulable: BTreeSet::new(),
         }
     }
 
@@ -255,7 +287,7 @@ impl Kubelet {
             loop {
                 tokio::select! {
                     _ = &mut shutdown => break 'ticks,
-                    Some(request) = requests.recv() => self.serve(request),
+                    Some(request) = requests.recv() => self.serve(request).await,
                     () = &mut pause => break,
                 }
             }
@@ -263,11 +295,109 @@ impl Kubelet {
         self.shut_down().await;
     }
 
-    fn serve(&mut self, request: Request) {
+    async fn serve(&mut self, request: Request) {
         match request {
             Request::Kill { pod, reply } => {
                 let _ = reply.send(self.kill(&pod));
             }
+            Request::LoseMachine { pod, reply } => {
+                let _ = reply.send(self.lose_machine(&pod).await);
+            }
+            Request::WipeVolume { pod, reply } => {
+                let _ = reply.send(self.wipe_volume(&pod));
+            }
+        }
+    }
+
+    /// See [`StandInKubelet::wipe_volume`].
+    fn wipe_volume(&mut self, name: &str) -> anyhow::Result<()> {
+        let slot = self.slots.get_mut(name).ok_or_else(|| anyhow::anyhow!("the kubelet runs no pod {name}"))?;
+        let mut process = slot.process.take().ok_or_else(|| anyhow::anyhow!("pod {name} has no running process"))?;
+        process.kill();
+        slot.container.exited(137, std::time::Instant::now());
+        let claims = claim_names(&slot.pod);
+        for claim in &claims {
+            let dir = self.shared.claim_dir(claim);
+            std::fs::remove_dir_all(&dir).map_err(|e| anyhow::anyhow!("emptying {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+        self.say(format_args!("killed pod {name} and emptied its volumes ({})", claims.join(", ")));
+        Ok(())
+    }
+
+    /// See [`StandInKubelet::lose_machine`].
+    async fn lose_machine(&mut self, name: &str) -> anyhow::Result<()> {
+        let slot = self.slots.get(name).ok_or_else(|| anyhow::anyhow!("the kubelet runs no pod {name}"))?;
+        let claims = claim_names(&slot.pod);
+        for claim in &claims {
+            let uid = self.claims.get(claim).await?.metadata.uid.unwrap_or_default();
+            self.lost_claims.insert(uid);
+        }
+        // Stopping (not restarted), then killed at once: the machine is gone, not shut down.
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.stop(false);
+            if let Some(process) = slot.process.as_ref() {
+                process.signal(kvs_testkit::process::Signal::KILL);
+            }
+        }
+        for claim in &claims {
+            let dir = self.shared.claim_dir(claim);
+            std::fs::remove_dir_all(&dir).map_err(|e| anyhow::anyhow!("deleting {}: {e}", dir.display()))?;
+        }
+        self.say(format_args!("lost the machine of pod {name} and its volume ({})", claims.join(", ")));
+        Ok(())
+    }
+
+    /// The Pods (by name) whose claims are on a lost machine.
+    async fn pods_on_lost_machines(&mut self, pods: &[Pod]) -> BTreeSet<String> {
+        if self.lost_claims.is_empty() {
+            return BTreeSet::new();
+        }
+        let claims = match self.claims.list(&ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                self.complain("listing claims", e);
+                return BTreeSet::new();
+            }
+        };
+        let lost: BTreeSet<&str> = claims
+            .iter()
+            .filter(|c| c.metadata.uid.as_ref().is_some_and(|u| self.lost_claims.contains(u)))
+            .filter_map(|c| c.metadata.name.as_deref())
+            .collect();
+        pods.iter()
+            .filter(|p| claim_names(p).iter().any(|c| lost.contains(c.as_str())))
+            .filter_map(|p| p.metadata.name.clone())
+            .collect()
+    }
+
+    /// Writes the status of a Pod that cannot be scheduled (once per Pod).
+    async fn report_unschedulable(&mut self, name: &str, uid: &str) {
+        if self.reported_unschedulable.contains(uid) {
+            return;
+        }
+        let patch = serde_json::json!({
+            "metadata": { "uid": uid },
+            "status": {
+                "phase": "Pending",
+                "podIP": null,
+                "podIPs": null,
+                "containerStatuses": null,
+                "conditions": [
+                    { "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": now(),
+                      "message": "0/1 nodes are available: the node that holds this pod's volume is gone (stand-in kubelet)" },
+                    { "type": "Ready", "status": "False", "lastTransitionTime": now() },
+                ],
+            }
+        });
+        let key = format!("pod {name} status");
+        match self.pods.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await {
+            Ok(_) => {
+                self.resolved(&key);
+                self.reported_unschedulable.insert(uid.to_owned());
+                self.say(format_args!("pod {name} is unschedulable (its machine is lost)"));
+            }
+            Err(e) => self.complain(key, e),
         }
     }
 
@@ -314,6 +444,15 @@ impl Kubelet {
     fn resolved(&mut self, key: &str) {
         self.complaints.remove(key);
     }
+}
+
+/// The claims a Pod's volumes name.
+fn claim_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+        .collect()
 }
 
 fn now() -> Time {

@@ -10,6 +10,9 @@
 //! - Stopping a container: SIGTERM, up to `terminationGracePeriodSeconds` (at most 10 s) to exit,
 //!   SIGKILL; then the Pod object is deleted when the stop asked for it (scale-down, garbage
 //!   collection), and the slot is gone.
+//! - An image whose tag is `broken` (`…:broken`) fails to pull: the container keeps waiting with
+//!   reason `ImagePullBackOff` and never runs (how a test gives a roll a version that never
+//!   becomes ready). Any other image runs the one node binary.
 //! - Logs: a container's stdout and stderr are appended to `<root>/logs/<namespace>/<pod>.log`,
 //!   with a marker line at every start.
 //!
@@ -166,6 +169,12 @@ impl Container {
         self.next_start = now + CONFIG_RETRY;
     }
 
+    pub(super) fn failed_to_pull(&mut self, image: &str, now: Instant) {
+        let message = format!("Back-off pulling image \"{image}\" (the stand-in kubelet fails every `:broken` tag)");
+        self.waiting = Some(("ImagePullBackOff", message));
+        self.next_start = now + CONFIG_RETRY;
+    }
+
     pub(super) fn exited(&mut self, code: i32, now: Instant) {
         let Some(run) = self.run.take() else { return };
         self.last_exit = Some(Exit { code, started: run.started, finished: super::now() });
@@ -282,7 +291,12 @@ impl Kubelet {
     }
 
     async fn start_container(&mut self, name: &str) {
-        let Some(slot) = self.slots.get(name) else { return };
+        let Some(slot) = self.slots.get_mut(name) else { return };
+        let image = slot.pod.spec.as_ref().and_then(|s| s.containers.first()?.image.clone()).unwrap_or_default();
+        if image.ends_with(":broken") {
+            slot.container.failed_to_pull(&image, Instant::now());
+            return self.complain(format!("pulling image for pod {name}"), format_args!("{image} is broken"));
+        }
         let (pod, ip) = (slot.pod.clone(), slot.ip.clone());
         let launch = self.launch_config(&pod, &ip).await;
         let Some(slot) = self.slots.get_mut(name) else { return };

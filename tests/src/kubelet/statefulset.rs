@@ -15,9 +15,16 @@
 //! Every tick, [`plan`] — pure, from the listed objects and the slots — decides which Pods this
 //! kubelet starts and stops running and which API calls to make; the loop applies it.
 //!
-//! Not simulated: rolling updates (a template changed after a Pod was created is ignored until
-//! that Pod is deleted; no `controller-revision-hash`, no `currentRevision`/`updateRevision`),
-//! `OrderedReady`, `spec.ordinals`, `updateStrategy`.
+//! A lost machine (`StandInKubelet::lose_machine`): the Pods whose claim is on it stop, the claim's
+//! directory is deleted, and while that claim (the same uid) exists the Pod is not run: its status
+//! says `Pending` with `PodScheduled=False`, reason `Unschedulable`, as a Pod bound to a local
+//! volume on a vanished node does. Deleting the claim and the Pod (the operator's replacement)
+//! gives a new claim, an empty directory, and a Pod that runs.
+//!
+//! Update strategy: always `OnDelete`, whatever the spec says (a template changed after a Pod was
+//! created reaches it only when that Pod is deleted; the operator rolls its pods itself). Not
+//! simulated: `RollingUpdate`, `controller-revision-hash`, `currentRevision`/`updateRevision`,
+//! `OrderedReady`, `spec.ordinals`.
 
 use super::pod::{Slot, free_host};
 use super::{Kubelet, gc, now};
@@ -55,6 +62,8 @@ pub(super) struct Plan {
     pub(super) release: Vec<StatefulSet>,
     /// Problems worth a log line: (key, message).
     pub(super) complaints: Vec<(String, String)>,
+    /// Pods bound to a lost machine, run nowhere: (name, uid).
+    pub(super) unschedulable: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -68,8 +77,14 @@ impl Plan {
     }
 }
 
-/// Compares what the StatefulSets want with the Pods and the slots.
-pub(super) fn plan(sets: &[StatefulSet], pods: &[Pod], slots: &BTreeMap<String, Slot>) -> Plan {
+/// Compares what the StatefulSets want with the Pods and the slots. `lost`: the names of the Pods
+/// whose volume is on a lost machine (they cannot run anywhere).
+pub(super) fn plan(
+    sets: &[StatefulSet],
+    pods: &[Pod],
+    slots: &BTreeMap<String, Slot>,
+    lost: &BTreeSet<String>,
+) -> Plan {
     let mut plan = Plan::default();
     let live: HashMap<&str, &StatefulSet> = sets
         .iter()
@@ -108,6 +123,13 @@ pub(super) fn plan(sets: &[StatefulSet], pods: &[Pod], slots: &BTreeMap<String, 
             continue;
         }
         let sts_name = sts.metadata.name.as_deref().unwrap_or_default();
+        if lost.contains(name) && ordinal(name, sts_name).is_some_and(|i| i < replicas(sts)) {
+            if slot_uid == Some(uid) {
+                plan.stop.push((name.to_owned(), false));
+            }
+            plan.unschedulable.push((name.to_owned(), uid.to_owned()));
+            continue;
+        }
         match ordinal(name, sts_name) {
             Some(i) if i < replicas(sts) => match slot_uid {
                 Some(u) if u == uid => plan.refresh.push(pod.clone()),
@@ -286,7 +308,8 @@ fn set_status(sts: &StatefulSet, pods: &[Pod], now: &Time) -> Option<Value> {
 impl Kubelet {
     /// Plans, takes on the slot changes, then makes the API calls.
     pub(super) async fn control(&mut self, sets: &[StatefulSet], pods: &[Pod]) {
-        let plan = plan(sets, pods, &self.slots);
+        let lost = self.pods_on_lost_machines(pods).await;
+        let plan = plan(sets, pods, &self.slots, &lost);
         for pod in plan.refresh {
             if let Some(slot) = self.slots.get_mut(&pod.name_any()) {
                 slot.pod = pod;
@@ -318,6 +341,11 @@ impl Kubelet {
         }
         for sts in plan.release {
             self.release(&sts).await;
+        }
+        for (name, uid) in plan.unschedulable {
+            if !self.slots.contains_key(&name) {
+                self.report_unschedulable(&name, &uid).await;
+            }
         }
     }
 
@@ -406,7 +434,7 @@ mod tests {
     fn missing_pods_are_created_and_listed_ones_run_at_the_lowest_free_addresses() {
         let sts = demo("s", 4);
         let (p0, p1, p2) = (listed(&sts, 0, "p0"), listed(&sts, 1, "p1"), listed(&sts, 2, "p2"));
-        let plan = plan(std::slice::from_ref(&sts), &[p0.clone(), p1, p2], &slots(&[(&p0, 2)]));
+        let plan = plan(std::slice::from_ref(&sts), &[p0.clone(), p1, p2], &slots(&[(&p0, 2)]), &BTreeSet::new());
         assert_eq!(names(&plan.run), [("demo-1".to_owned(), 1), ("demo-2".to_owned(), 3)]);
         assert_eq!(plan.refresh.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["demo-0"]);
         assert_eq!(plan.create.iter().map(|(_, i)| *i).collect::<Vec<_>>(), [3]);
@@ -417,11 +445,16 @@ mod tests {
     fn scale_down_removes_one_pod_at_a_time_highest_first() {
         let sts = demo("s", 1);
         let pods: Vec<Pod> = (0..3).map(|i| listed(&sts, i, &format!("p{i}"))).collect();
-        let plan = plan(std::slice::from_ref(&sts), &pods, &slots(&[(&pods[0], 1), (&pods[1], 2), (&pods[2], 3)]));
+        let plan = plan(
+            std::slice::from_ref(&sts),
+            &pods,
+            &slots(&[(&pods[0], 1), (&pods[1], 2), (&pods[2], 3)]),
+            &BTreeSet::new(),
+        );
         assert_eq!(plan.stop, [("demo-2".to_owned(), true)]);
         assert!(plan.delete.is_empty() && plan.create.is_empty());
         // An excess Pod this kubelet does not run is deleted outright.
-        let plan = super::plan(&[sts], &pods, &slots(&[(&pods[0], 1)]));
+        let plan = super::plan(&[sts], &pods, &slots(&[(&pods[0], 1)]), &BTreeSet::new());
         assert_eq!(plan.delete, [("demo-2".to_owned(), "p2".to_owned())]);
     }
 
@@ -429,7 +462,7 @@ mod tests {
     fn a_replaced_pod_waits_for_the_old_process_to_stop() {
         let sts = demo("s", 1);
         let (old, new) = (listed(&sts, 0, "old"), listed(&sts, 0, "new"));
-        let plan = plan(&[sts], &[new], &slots(&[(&old, 1)]));
+        let plan = plan(&[sts], &[new], &slots(&[(&old, 1)]), &BTreeSet::new());
         assert_eq!(plan.stop, [("demo-0".to_owned(), false)], "the old object is gone: nothing to delete");
         assert!(plan.run.is_empty() && plan.create.is_empty(), "no second process under one name");
     }
@@ -438,10 +471,10 @@ mod tests {
     fn a_gone_pod_is_not_created_again_until_its_process_stopped() {
         let sts = demo("s", 1);
         let p0 = listed(&sts, 0, "p0");
-        let plan = plan(std::slice::from_ref(&sts), &[], &slots(&[(&p0, 1)]));
+        let plan = plan(std::slice::from_ref(&sts), &[], &slots(&[(&p0, 1)]), &BTreeSet::new());
         assert_eq!(plan.stop, [("demo-0".to_owned(), false)]);
         assert!(plan.create.is_empty());
-        assert_eq!(super::plan(&[sts], &[], &BTreeMap::new()).create.len(), 1);
+        assert_eq!(super::plan(&[sts], &[], &BTreeMap::new(), &BTreeSet::new()).create.len(), 1);
     }
 
     #[test]
@@ -449,7 +482,7 @@ mod tests {
         let sts = demo("s", 2);
         let mut p1 = listed(&sts, 1, "p1");
         p1.metadata.deletion_timestamp = Some(now());
-        let plan = plan(&[sts], &[p1.clone()], &slots(&[(&p1, 1)]));
+        let plan = plan(&[sts], &[p1.clone()], &slots(&[(&p1, 1)]), &BTreeSet::new());
         assert_eq!(plan.stop, [("demo-1".to_owned(), true)]);
         assert_eq!(plan.create.iter().map(|(_, i)| *i).collect::<Vec<_>>(), [0]);
     }
