@@ -7,6 +7,8 @@ use std::time::Duration;
 
 /// `GET`: the cluster as the node sees it ([`ClusterStatus`]).
 pub const ADMIN_STATUS_PATH: &str = "/v1/admin/status";
+/// `GET`: what this one node holds ([`crate::NodeUsage`]).
+pub const ADMIN_USAGE_PATH: &str = "/v1/admin/usage";
 /// `PUT`: change the whole membership and K ([`ViewRequest`] → [`ViewChanged`]).
 pub const ADMIN_VIEW_PATH: &str = "/v1/admin/view";
 
@@ -59,6 +61,12 @@ impl AdminClient {
     /// The cluster as `node` (`host:port`) sees it.
     pub async fn status(&self, node: &str) -> Result<ClusterStatus, ClientError> {
         let req = self.http.get(format!("http://{node}{ADMIN_STATUS_PATH}")).timeout(self.status_timeout);
+        answer(node, self.authorized(req).send().await).await
+    }
+
+    /// What `node` itself holds (keys and bytes).
+    pub async fn usage(&self, node: &str) -> Result<crate::NodeUsage, ClientError> {
+        let req = self.http.get(format!("http://{node}{ADMIN_USAGE_PATH}")).timeout(self.status_timeout);
         answer(node, self.authorized(req).send().await).await
     }
 

@@ -17,7 +17,7 @@ mod client;
 pub mod hw4;
 mod routing;
 
-pub use admin::{ADMIN_STATUS_PATH, ADMIN_VIEW_PATH, AdminClient};
+pub use admin::{ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, AdminClient};
 pub use client::{ClientError, KvClient, Stored, percent_encode};
 pub use routing::{CLUSTER_MAP_PATH, ClusterMap, PartitionSlots, Router, SLOT_COUNT, slot_of, slot_ranges};
 
@@ -294,6 +294,17 @@ pub struct ClusterStatus {
     pub partitions: Vec<PartitionStatus>,
     /// The latest view change driven or observed by this node, with cluster-wide movement totals.
     pub rebalance: RebalanceProgress,
+}
+
+/// `GET /v1/admin/usage`: what one node holds (not gathered from others).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    /// The node that answered.
+    pub node: String,
+    pub live_keys: u64,
+    /// Key and value bytes of its live keys (its data before any storage overhead).
+    pub live_bytes: u64,
+    pub tombstones: u64,
 }
 
 /// `PUT /v1/admin/view` answer.

@@ -210,6 +210,36 @@ pub struct KVStoreClusterStatus {
     /// `viewchange/epoch-5`, `statefulset`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_by: Option<String>,
+    /// Before a change that leaves fewer partitions (a scale-in, a higher replicationFactor): what
+    /// each node would hold, and whether that fits the pods' volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_plan: Option<CapacityPlanStatus>,
+}
+
+/// What a change would make each node hold (see `docs/operations.md`, "Capacity").
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityPlanStatus {
+    /// Nodes and replicationFactor of the change.
+    pub members: i64,
+    pub replication_factor: i64,
+    /// Partitions after the change, and the nodes that hold one (the rest proxy).
+    pub partitions: i64,
+    pub storing_nodes: i64,
+    /// Distinct live keys in the cluster now, and their key and value bytes.
+    pub total_keys: i64,
+    pub total_bytes: i64,
+    /// What the fullest storing node would hold.
+    pub per_node_keys: i64,
+    pub per_node_bytes: i64,
+    /// The volume that needs (data, B-tree and log), and each pod's volume.
+    pub needed_bytes: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_bytes: Option<i64>,
+    /// Whether it fits; a change that does not is refused.
+    pub fits: bool,
+    /// The same in words.
+    pub summary: String,
 }
 
 /// A view change in progress, as the nodes report it.

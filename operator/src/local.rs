@@ -243,6 +243,7 @@ fn action(step: &Step) -> String {
         Step::RestartPod { ordinal } => format!("restarting pod {ordinal}"),
         Step::ReplaceMember { ordinal } => format!("replacing member {ordinal}"),
         Step::Paused { next } => format!("paused (spec.paused); would be {}", action(next)),
+        Step::Refused { refusal } => refusal.explain(),
     }
 }
 
@@ -258,7 +259,11 @@ fn progress_line(report: &StepReport) -> Option<String> {
         Action::AwaitViewChange { ours: false } => {
             Some("a view change is under way on the nodes — waiting for it".to_owned())
         }
-        _ => Some(describe(&obs.step, obs.status.as_ref())),
+        _ => Some(match &obs.capacity {
+            // The capacity plan of a change that leaves fewer partitions, with the step.
+            Some(plan) => format!("{}\n  capacity: {}", describe(&obs.step, obs.status.as_ref()), plan.summary()),
+            None => describe(&obs.step, obs.status.as_ref()),
+        }),
     }
 }
 

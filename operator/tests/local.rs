@@ -1,5 +1,6 @@
 //! `kvs-operator local` end to end: real node processes on loopback, driven by edits of the
-//! KVStoreCluster file — scale out, change K, scale in, stop, resume — with every key checked.
+//! KVStoreCluster file — scale out, change K, scale in (each printing its capacity plan), stop,
+//! resume, pause and unpause — with every key checked.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -9,8 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn write_spec(path: &Path, replicas: u32, k: u32) {
+    write_spec_with(path, replicas, k, "");
+}
+
+/// The spec with `extra` spec lines (indented by two spaces).
+fn write_spec_with(path: &Path, replicas: u32, k: u32, extra: &str) {
     let yaml = format!(
-        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: t\nspec:\n  replicas: {replicas}\n  replicationFactor: {k}\n"
+        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: t\nspec:\n  replicas: {replicas}\n  replicationFactor: {k}\n{extra}"
     );
     std::fs::write(path, yaml).unwrap();
     // The watcher compares modification times; make sure this edit gets a new one.
@@ -20,6 +26,7 @@ fn write_spec(path: &Path, replicas: u32, k: u32) {
 fn start(net: &LoopbackNet, spec: &Path, data: &Path) -> NodeProcess {
     let mut command = NodeCommand::new(env!("CARGO_BIN_EXE_kvs-operator"))
         .env("KVS_NODE_BIN", node_binary().unwrap().display().to_string());
+    command.log = Some(data.with_extension("log"));
     command.args = ["local", "-f", &spec.display().to_string(), "--data-dir", &data.display().to_string()]
         .into_iter()
         .map(str::to_owned)
@@ -95,6 +102,15 @@ async fn local_mode_scales_changes_k_and_resumes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_keys(&net, &http, 2, 100).await;
+    // Each change that left fewer partitions printed its capacity plan first.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    for plan in [
+        "capacity: 6 nodes at replicationFactor 3: 2 partitions",
+        "capacity: 2 nodes at replicationFactor 2: 1 partitions",
+    ] {
+        assert!(log.contains(plan), "no {plan:?} in the operator's output:\n{log}");
+    }
+    assert!(log.contains("fits the 1.0 GiB volumes"), "{log}");
     // Ctrl-C stops everything cleanly; running again resumes with the data.
     interrupt(&mut op).await;
     assert!(
@@ -104,6 +120,18 @@ async fn local_mode_scales_changes_k_and_resumes() {
     let mut op = start(&net, &spec, &data);
     wait_for_view(&net, 2, 2).await;
     assert_keys(&net, &http, 2, 100).await;
+    // Paused: a scale-out is held back and said so; unpaused, it happens.
+    write_spec_with(&spec, 4, 2, "  paused: true\n");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = "paused (spec.paused); would be setting pods to 4";
+    while !std::fs::read_to_string(data.with_extension("log")).unwrap().contains(held) {
+        assert!(Instant::now() < deadline, "no {held:?} line within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(http.get(format!("http://{}/healthz", addr(&net, 2))).send().await.is_err(), "no pod added while paused");
+    write_spec(&spec, 4, 2);
+    wait_for_view(&net, 4, 2).await;
+    assert_keys(&net, &http, 4, 100).await;
     interrupt(&mut op).await;
 }
 

@@ -20,7 +20,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::{Client, client::Body};
-use kvs_api::{ClusterStatus, Layout, RebalanceProgress};
+use kvs_api::{ClusterStatus, Layout, NodeUsage, RebalanceProgress};
 use kvs_operator::controller::{Context, FINALIZER, reconcile};
 use kvs_operator::crd::{KVStoreCluster, KVStoreClusterSpec};
 use kvs_operator::metrics::Metrics;
@@ -220,6 +220,8 @@ struct ScriptedNodes {
     tokens: Mutex<Vec<Option<String>>>,
     /// View changes still to refuse (as a node answers 409 to a concurrent change).
     refusals: Mutex<u32>,
+    /// Live bytes every node reports holding (`GET /v1/admin/usage`).
+    bytes_per_node: Mutex<u64>,
 }
 
 #[async_trait::async_trait]
@@ -236,6 +238,13 @@ impl NodeAdmin for ScriptedNodes {
             anyhow::bail!("{primary} answered 409 Conflict: another view change is in progress");
         }
         Ok(())
+    }
+
+    async fn usage(&self, pods: &[Pod]) -> Vec<NodeUsage> {
+        let bytes = *self.bytes_per_node.lock().unwrap();
+        let usage =
+            |p: &Pod| NodeUsage { node: p.identity.clone(), live_keys: bytes / 100, live_bytes: bytes, tombstones: 0 };
+        pods.iter().filter(|p| p.started).map(usage).collect()
     }
 }
 
@@ -472,6 +481,33 @@ async fn scaling_out_grows_the_statefulset_waits_for_the_pods_then_moves_data() 
     let posted = s.posted_views().await;
     assert_eq!(posted, vec![("10.0.0.0:8080".to_owned(), (0..6).map(identity).collect(), 2)], "posted once, to pod 0");
     assert_eq!(s.status()["phase"], "Rebalancing");
+    s.assert_rbac_covers_every_call();
+}
+
+#[tokio::test]
+async fn a_scale_in_that_does_not_fit_the_volumes_is_refused_with_the_numbers() {
+    let s = established(6, 2).await;
+    s.pods(6, 6);
+    s.nodes_report(6, 2, None);
+    // 3 partitions of 100 MiB each: 2 nodes would each hold 300 MiB, needing 4 × 300 MiB + 32 MiB,
+    // more than 1Gi.
+    *s.nodes.bytes_per_node.lock().unwrap() = 100 << 20;
+    s.cluster(2, 2);
+    s.reconcile().await;
+    assert!(s.nodes.posted.lock().unwrap().is_empty(), "no view change was posted");
+    assert_eq!(s.sts_replicas(), 6);
+    let status = s.status();
+    assert_eq!(status["phase"], "Failed");
+    let degraded = s.condition("Degraded");
+    assert_eq!(degraded["reason"], "InsufficientStorage");
+    assert!(degraded["message"].as_str().unwrap().contains("does NOT fit the 1.0 GiB volumes"), "{degraded}");
+    let plan = &status["capacityPlan"];
+    assert_eq!((plan["partitions"].as_i64(), plan["perNodeBytes"].as_i64()), (Some(1), Some(300 << 20)));
+    assert_eq!((plan["fits"].as_bool(), plan["volumeBytes"].as_i64()), (Some(false), Some(1 << 30)));
+    // A scale-in that fits goes ahead: 3 × 50 MiB on each node needs 632 MiB.
+    *s.nodes.bytes_per_node.lock().unwrap() = 50 << 20;
+    s.reconcile().await;
+    assert_eq!(s.posted_views().await.len(), 1);
     s.assert_rbac_covers_every_call();
 }
 

@@ -13,7 +13,8 @@
 //! - a **broken image** halts the roll after one pod with `Stalled` naming that pod; the good image
 //!   back, the roll finishes;
 //! - a pod whose **machine is lost** (stand-in: Unschedulable, volume gone) is replaced past the
-//!   deadline, and every key is readable again with both replicas holding them.
+//!   deadline, and every key is readable again with both replicas holding them;
+//! - a **scale-in that does not fit** the pods' volumes is refused with the numbers, nothing moves.
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
@@ -156,7 +157,8 @@ async fn lost_volumes_rolls_pause_and_stalls() {
     std::fs::write(
         &manifest,
         "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 4\n  \
-         replicationFactor: 2\n  image: kvstore/kvs-node:1.0\n  progressDeadlineSeconds: 5\n",
+         replicationFactor: 2\n  image: kvstore/kvs-node:1.0\n  progressDeadlineSeconds: 5\n  storage:\n    size: \
+         40Ki\n",
     )
     .unwrap();
     kubectl(&["-n", &ns, "apply", "-f", manifest.to_str().unwrap()]);
@@ -321,6 +323,27 @@ async fn lost_volumes_rolls_pause_and_stalls() {
     assert_eq!(mine, partner, "the replacement reported Ready with {mine:?} keys while its partner holds {partner:?}");
     wait_running(&ns, "demo", 4, 2, "whole again after the replacement").await;
     assert_keys(&pods, "demo", KEYS, "after a member replacement").await;
+    // A scale-in whose data would not fit the 40Ki volumes is refused with the numbers, and
+    // nothing moves; back to 4 replicas, the cluster runs again.
+    kubectl(&["-n", &ns, "scale", "kvsc", "demo", "--replicas=2"]);
+    let refused = eventually("the scale-in refused", STEP, || async {
+        let c = kvsc(&ns, "demo");
+        let seen = c["status"]["observedGeneration"] == c["metadata"]["generation"];
+        (seen && condition(&c, "Degraded")["reason"] == "InsufficientStorage").then_some(c)
+    })
+    .await;
+    assert_eq!(refused["status"]["phase"], "Failed");
+    let plan = &refused["status"]["capacityPlan"];
+    assert_eq!((plan["partitions"].as_i64(), plan["fits"].as_bool()), (Some(1), Some(false)), "{plan:#}");
+    assert_eq!(plan["volumeBytes"].as_i64(), Some(40 << 10));
+    assert!(plan["totalKeys"].as_i64().unwrap() >= KEYS as i64, "{plan:#}");
+    let message = condition(&refused, "Degraded")["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("does NOT fit the 40.0 KiB volumes"), "{message}");
+    assert_eq!(list(&pods).await.len(), 4, "no pod removed");
+    let view = node_status(&address, &token).await.unwrap().layout.unwrap();
+    assert_eq!(view.members().count(), 4, "no view change posted");
+    kubectl(&["-n", &ns, "scale", "kvsc", "demo", "--replicas=4"]);
+    wait_running(&ns, "demo", 4, 2, "back to the spec that fits").await;
     let events = kubectl(&["-n", &ns, "get", "events.events.k8s.io", "-o", "jsonpath={.items[*].reason}"]);
     for reason in ["RollingPod", "Stalled", "MemberReplaced"] {
         assert!(events.contains(reason), "no {reason} event in: {events}");

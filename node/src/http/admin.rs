@@ -1,5 +1,5 @@
 //! Administrative routes: the native whole-view change (`PUT /v1/admin/view`), cluster status
-//! (`GET /v1/admin/status`), and HW4's single-node `PUT /kv-store/update_view?type=add|remove`.
+//! (`GET /v1/admin/status`), what this node holds (`GET /v1/admin/usage`), and HW4's single-node `PUT /kv-store/update_view?type=add|remove`.
 //! When the node has a cluster token, all of them require it.
 
 use super::ApiError;
@@ -13,13 +13,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use kvs_api::{ADMIN_STATUS_PATH, ADMIN_VIEW_PATH, ClusterStatus, ViewChanged, ViewRequest, hw4};
+use kvs_api::{
+    ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, ClusterStatus, NodeUsage, ViewChanged, ViewRequest, hw4,
+};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Node>> {
     Router::new()
         .route(ADMIN_VIEW_PATH, put(put_view))
         .route(ADMIN_STATUS_PATH, get(status))
+        .route(ADMIN_USAGE_PATH, get(usage))
         .route("/kv-store/update_view", put(update_view))
 }
 
@@ -58,6 +61,17 @@ async fn put_view(
 async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<ClusterStatus>, ApiError> {
     authorize(&node, &headers)?;
     Ok(Json(node.cluster_status().await))
+}
+
+async fn usage(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<NodeUsage>, ApiError> {
+    authorize(&node, &headers)?;
+    let stats = node.store().digests().stats();
+    Ok(Json(NodeUsage {
+        node: node.id().to_owned(),
+        live_keys: stats.live_keys,
+        live_bytes: stats.live_bytes,
+        tombstones: stats.tombstones,
+    }))
 }
 
 async fn update_view(State(node): State<Arc<Node>>, headers: HeaderMap, params: Params) -> Result<Response, ApiError> {

@@ -80,6 +80,10 @@ pub enum StoreError {
 pub struct StoreStats {
     pub live_keys: u64,
     pub tombstones: u64,
+    /// Key and value bytes of the live keys (what the node holds for clients, before any storage
+    /// overhead).
+    #[serde(default)]
+    pub live_bytes: u64,
 }
 
 /// The storage boundary. Reads are synchronous (they never wait for writers); writes are async
@@ -126,8 +130,11 @@ pub struct SlotDigests {
     slots: Vec<AtomicU64>,
     /// Records (live and tombstones) per slot.
     records: Vec<AtomicI64>,
+    /// Key and value bytes of the live records, per slot.
+    bytes: Vec<AtomicI64>,
     live_keys: AtomicI64,
     tombstones: AtomicI64,
+    live_bytes: AtomicI64,
 }
 
 impl Default for SlotDigests {
@@ -135,8 +142,10 @@ impl Default for SlotDigests {
         SlotDigests {
             slots: (0..SLOT_COUNT).map(|_| AtomicU64::new(0)).collect(),
             records: (0..SLOT_COUNT).map(|_| AtomicI64::new(0)).collect(),
+            bytes: (0..SLOT_COUNT).map(|_| AtomicI64::new(0)).collect(),
             live_keys: AtomicI64::new(0),
             tombstones: AtomicI64::new(0),
+            live_bytes: AtomicI64::new(0),
         }
     }
 }
@@ -161,6 +170,11 @@ impl SlotDigests {
                 delta ^= version_hash(key, record);
                 let counter = if record.is_deleted() { &self.tombstones } else { &self.live_keys };
                 counter.fetch_add(sign, Ordering::AcqRel);
+                if let Some(value) = &record.value {
+                    let size = sign * (key.len() + value.len()) as i64;
+                    self.bytes[slot as usize].fetch_add(size, Ordering::AcqRel);
+                    self.live_bytes.fetch_add(size, Ordering::AcqRel);
+                }
             }
         }
         self.slots[slot as usize].fetch_xor(delta, Ordering::AcqRel);
@@ -170,8 +184,10 @@ impl SlotDigests {
     pub fn clear_slot(&self, slot: Slot, live: i64, tombstones: i64) {
         self.slots[slot as usize].store(0, Ordering::Release);
         self.records[slot as usize].store(0, Ordering::Release);
+        let bytes = self.bytes[slot as usize].swap(0, Ordering::AcqRel);
         self.live_keys.fetch_sub(live, Ordering::AcqRel);
         self.tombstones.fetch_sub(tombstones, Ordering::AcqRel);
+        self.live_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Current key counts.
@@ -179,6 +195,7 @@ impl SlotDigests {
         StoreStats {
             live_keys: self.live_keys.load(Ordering::Acquire).max(0) as u64,
             tombstones: self.tombstones.load(Ordering::Acquire).max(0) as u64,
+            live_bytes: self.live_bytes.load(Ordering::Acquire).max(0) as u64,
         }
     }
 }

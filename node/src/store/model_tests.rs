@@ -68,7 +68,11 @@ fn check(store: &dyn Store, model: &BTreeMap<String, Record>) -> Result<(), Test
         prop_assert_eq!(store.digests().get(slot as u16), *d, "slot {}", slot);
     }
     let live = model.values().filter(|r| !r.is_deleted()).count() as u64;
-    prop_assert_eq!(store.digests().stats(), StoreStats { live_keys: live, tombstones: model.len() as u64 - live });
+    let live_bytes = model.iter().filter_map(|(k, r)| Some((k.len() + r.value.as_ref()?.len()) as u64)).sum();
+    prop_assert_eq!(
+        store.digests().stats(),
+        StoreStats { live_keys: live, tombstones: model.len() as u64 - live, live_bytes }
+    );
     Ok(())
 }
 

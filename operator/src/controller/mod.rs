@@ -22,7 +22,7 @@ pub mod validate;
 
 use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
 use crate::metrics::Metrics;
-use crate::rebalance::{self, Driver, NodeAdmin, Pod, Step, StepError, Target};
+use crate::rebalance::{self, Driver, NodeAdmin, Step, StepError, Target};
 use apply::KubeBackend;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -151,7 +151,7 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
                 publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
             let activity = Activity::Invalid(invalid.to_string());
-            write_status(cluster, ctx, &activity, None, None, &[], None).await?;
+            write_status(cluster, ctx, &activity, None, None).await?;
             // Nothing to do until the spec changes.
             return Ok(Action::await_change());
         }
@@ -217,18 +217,9 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
         }
         rebalance::Action::AwaitViewChange { .. } | rebalance::Action::Nothing => {}
     }
-    let policy = &valid.spec.policy;
-    let deadline = Some((valid.spec.progress_deadline, policy.auto_replace));
-    let new_status = write_status(
-        cluster,
-        ctx,
-        &activity,
-        Some(&valid.spec.target),
-        deadline,
-        &observation.pods,
-        observation.status.as_ref(),
-    )
-    .await?;
+    let deadline = Some((valid.spec.progress_deadline, valid.spec.policy.auto_replace));
+    let new_status =
+        write_status(cluster, ctx, &activity, Some((&valid.spec.target, deadline)), Some(&observation)).await?;
     announce_stall(ctx, cluster, &new_status).await;
     // Something to wait on (even with nothing to do) is looked at often, so a stall is seen soon
     // after its deadline.
@@ -260,21 +251,20 @@ async fn write_status(
     cluster: &KVStoreCluster,
     ctx: &Context,
     activity: &Activity,
-    target: Option<&Target>,
-    deadline: Option<(Duration, bool)>,
-    pods: &[Pod],
-    nodes: Option<&kvs_api::ClusterStatus>,
+    spec: Option<(&Target, Option<(Duration, bool)>)>,
+    observation: Option<&rebalance::Observation>,
 ) -> Result<KVStoreClusterStatus, Error> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let new: KVStoreClusterStatus = status::status(&Observed {
         generation: cluster.metadata.generation.unwrap_or_default(),
-        target,
+        target: spec.map(|s| s.0),
         activity,
-        pods,
-        nodes,
+        pods: observation.map_or(&[], |o| o.pods.as_slice()),
+        nodes: observation.and_then(|o| o.status.as_ref()),
+        capacity: observation.and_then(|o| o.capacity.as_ref()),
         selector: build::selector_string(&cluster.name_any()),
         name: &cluster.name_any(),
-        deadline,
+        deadline: spec.and_then(|s| s.1),
         now: &now,
         previous: cluster.status.as_ref(),
     });

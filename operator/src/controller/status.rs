@@ -2,9 +2,9 @@
 //! one reconcile observed. Conditions keep their `lastTransitionTime` while their status stays the
 //! same, so `kubectl describe` shows when a cluster really became (un)available.
 
-use crate::crd::{Condition, KVStoreClusterStatus, RebalanceStatus};
+use crate::crd::{CapacityPlanStatus, Condition, KVStoreClusterStatus, RebalanceStatus};
 use crate::rebalance::progress::{is_stalled, waiting_since};
-use crate::rebalance::{Blocker, Pod, Step, Target};
+use crate::rebalance::{Blocker, CapacityPlan, Pod, Step, Target};
 use k8s_openapi::jiff::Timestamp;
 use kvs_api::{ClusterPhase, ClusterStatus, ConditionStatus, ConditionType};
 use std::time::Duration;
@@ -28,6 +28,8 @@ pub struct Observed<'a> {
     pub activity: &'a Activity,
     pub pods: &'a [Pod],
     pub nodes: Option<&'a ClusterStatus>,
+    /// For a change that leaves fewer partitions: what each node would hold.
+    pub capacity: Option<&'a CapacityPlan>,
     pub selector: String,
     /// The cluster's name (pods are `<name>-<ordinal>`).
     pub name: &'a str,
@@ -106,6 +108,9 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
             "RollingPods",
             format!("restarting pod {}-{ordinal} on the current template", o.name),
         ),
+        Activity::Step(Step::Refused { refusal }) => {
+            cond(ConditionType::Progressing, false, refusal.reason(), refusal.explain())
+        }
         Activity::Step(Step::Paused { next }) => cond(
             ConditionType::Progressing,
             false,
@@ -120,6 +125,9 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         layout.map(|l| l.members().filter(|m| !ready(m)).map(String::as_str).collect()).unwrap_or_default();
     let degraded = match (o.activity, o.target.and_then(Target::degraded)) {
         (Activity::Invalid(msg), _) => cond(ConditionType::Degraded, true, "InvalidSpec", msg.clone()),
+        (Activity::Step(Step::Refused { refusal }), _) => {
+            cond(ConditionType::Degraded, true, refusal.reason(), refusal.explain())
+        }
         (_, Some(msg)) => cond(ConditionType::Degraded, true, "TooFewReplicas", msg),
         _ if !not_ready.is_empty() => cond(
             ConditionType::Degraded,
@@ -164,7 +172,7 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
     };
     let paused = matches!(o.activity, Activity::Step(Step::Paused { .. }));
 
-    let phase = if matches!(o.activity, Activity::Invalid(_)) {
+    let phase = if matches!(o.activity, Activity::Invalid(_) | Activity::Step(Step::Refused { .. })) {
         ClusterPhase::Failed
     } else if paused {
         ClusterPhase::Paused
@@ -205,6 +213,25 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         blocked_by: stall.map(|(b, _)| b.blocked_by(&pod_name)),
         waiting_for: waiting.as_ref().map(|w| w.0.clone()),
         waiting_since: waiting.map(|w| w.1),
+        capacity_plan: o.capacity.map(capacity_status),
+    }
+}
+
+fn capacity_status(p: &CapacityPlan) -> CapacityPlanStatus {
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    CapacityPlanStatus {
+        members: p.members.into(),
+        replication_factor: p.replication_factor.into(),
+        partitions: p.partitions.into(),
+        storing_nodes: p.storing_nodes.into(),
+        total_keys: int(p.total_keys),
+        total_bytes: int(p.total_bytes),
+        per_node_keys: int(p.per_node_keys),
+        per_node_bytes: int(p.per_node_bytes),
+        needed_bytes: int(p.needed_bytes),
+        volume_bytes: p.volume_bytes.map(int),
+        fits: p.fits(),
+        summary: p.summary(),
     }
 }
 
@@ -219,6 +246,7 @@ fn describe(step: &Step, name: &str) -> String {
         Step::ReplaceMember { ordinal } => format!("replace member {name}-{ordinal} (fresh volume)"),
         Step::RestartPod { ordinal } => format!("restart pod {name}-{ordinal} on the current template"),
         Step::Paused { next } => describe(next, name),
+        Step::Refused { refusal } => refusal.explain(),
         Step::Done => "nothing".into(),
     }
 }
@@ -290,6 +318,7 @@ mod tests {
             activity,
             pods,
             nodes,
+            capacity: None,
             selector: "s".into(),
             name: "demo",
             deadline: Some((Duration::from_secs(600), true)),

@@ -94,7 +94,12 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
         storage_size: spec.storage.size.clone(),
         storage_class_name: spec.storage.storage_class_name.clone(),
         max_value_bytes: spec.max_value_bytes,
-        policy: Policy { paused: spec.paused, auto_replace: spec.auto_replace, replace_after: deadline },
+        policy: Policy {
+            paused: spec.paused,
+            auto_replace: spec.auto_replace,
+            replace_after: deadline,
+            volume_bytes: quantity_bytes(&spec.storage.size),
+        },
         progress_deadline: deadline,
     })
 }
@@ -109,14 +114,33 @@ pub fn validate_cluster(cluster: &KVStoreCluster) -> Result<ValidCluster, Invali
     })
 }
 
-/// A plain Kubernetes quantity: digits (with an optional fraction) and an optional binary or
-/// decimal suffix.
-fn is_quantity(s: &str) -> bool {
+/// A plain Kubernetes quantity in bytes: digits (with an optional fraction) and an optional binary
+/// or decimal suffix; `None` for anything else.
+pub fn quantity_bytes(s: &str) -> Option<u64> {
     let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(digits_end);
-    !number.is_empty()
-        && number.parse::<f64>().is_ok()
-        && ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E"].contains(&suffix)
+    let number: f64 = number.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let scale: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        _ => return None,
+    };
+    Some((number * scale).min(u64::MAX as f64) as u64)
+}
+
+fn is_quantity(s: &str) -> bool {
+    quantity_bytes(s).is_some()
 }
 
 #[cfg(test)]
@@ -173,6 +197,10 @@ mod tests {
         s.image = "img".into();
         s.storage.size = "lots".into();
         assert!(validate(&s).unwrap_err().to_string().contains("like 1Gi"));
+        assert_eq!(quantity_bytes("1Gi"), Some(1 << 30));
+        assert_eq!(quantity_bytes("40Ki"), Some(40 << 10));
+        assert_eq!(quantity_bytes("1.5G"), Some(1_500_000_000));
+        assert_eq!(quantity_bytes("lots"), None);
         for ok in ["1Gi", "500Mi", "10", "1.5G"] {
             s.storage.size = ok.into();
             assert!(validate(&s).is_ok(), "{ok}");

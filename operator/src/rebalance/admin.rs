@@ -7,7 +7,7 @@
 //! own task and the driver only asks whether it has finished.
 
 use super::plan::Pod;
-use kvs_api::ClusterStatus;
+use kvs_api::{ClusterStatus, NodeUsage};
 use std::sync::Arc;
 
 /// The nodes' admin API, as the driver needs it.
@@ -18,6 +18,8 @@ pub trait NodeAdmin: Send + Sync + 'static {
     /// Posts a membership and K to the node at `primary` (an address); returns when the data has
     /// moved.
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()>;
+    /// What each running pod holds (pods that do not answer are left out).
+    async fn usage(&self, pods: &[Pod]) -> Vec<NodeUsage>;
 }
 
 /// [`NodeAdmin`] over the nodes' admin API.
@@ -37,6 +39,11 @@ impl NodeAdmin for kvs_api::AdminClient {
     async fn change_view(&self, primary: &str, members: Vec<String>, replication_factor: u32) -> anyhow::Result<()> {
         kvs_api::AdminClient::change_view(self, primary, members, replication_factor).await?;
         Ok(())
+    }
+
+    async fn usage(&self, pods: &[Pod]) -> Vec<NodeUsage> {
+        let asks = pods.iter().filter(|p| p.started).map(|p| kvs_api::AdminClient::usage(self, &p.address));
+        futures::future::join_all(asks).await.into_iter().filter_map(Result::ok).collect()
     }
 }
 

@@ -15,6 +15,7 @@
 //!   a step that cannot observe changes nothing and leaves it for the next.
 
 use super::admin::{NodeAdmin, ViewChangeTask};
+use super::capacity::{self, CapacityPlan, Refusal};
 use super::plan::{Pod, Policy, Step, Target, plan};
 use kvs_api::ClusterStatus;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub struct Observation {
     /// The nodes report a view change in progress (perhaps one posted before a restart): wait for
     /// it instead of acting on `step`.
     pub changing: bool,
+    /// For a view change that leaves fewer partitions: what each node would hold.
+    pub capacity: Option<CapacityPlan>,
 }
 
 /// Observes the pods and the view and plans the next step towards `target` under `policy`.
@@ -55,9 +58,25 @@ pub async fn observe(
 ) -> anyhow::Result<Observation> {
     let pods = backend.pods().await?;
     let status = admin.status(&pods).await;
-    let step = plan(target, policy, backend.replicas(), &pods, status.as_ref());
+    let mut step = plan(target, policy, backend.replicas(), &pods, status.as_ref());
     let changing = status.as_ref().is_some_and(|s| s.pending_epoch.is_some());
-    Ok(Observation { step, pods, status, changing })
+    let mut capacity = None;
+    let view = status.as_ref().and_then(|s| s.layout.as_ref());
+    if let (Step::ChangeView { members, replication_factor, .. }, Some(view)) = (&step, view) {
+        let (n, k) = (members.len() as u32, *replication_factor);
+        if capacity::shrinks(view, n, k) {
+            let usage = admin.usage(&pods).await;
+            match capacity::preview(view, &usage, n, k, policy.volume_bytes) {
+                Ok(plan) if plan.fits() => capacity = Some(plan),
+                Ok(plan) => {
+                    capacity = Some(plan.clone());
+                    step = Step::Refused { refusal: Refusal::DoesNotFit(plan) };
+                }
+                Err(why) => step = Step::Refused { refusal: Refusal::Unmeasured(why) },
+            }
+        }
+    }
+    Ok(Observation { step, pods, status, changing, capacity })
 }
 
 /// What a step did about the plan.
@@ -158,7 +177,7 @@ impl Driver {
                     Ok(()) => Action::Replaced { ordinal: *ordinal },
                     Err(error) => Action::PodActionFailed { ordinal: *ordinal, error },
                 },
-                Step::WaitForPods { .. } | Step::Paused { .. } | Step::Done => Action::Nothing,
+                Step::WaitForPods { .. } | Step::Paused { .. } | Step::Refused { .. } | Step::Done => Action::Nothing,
             }
         };
         Ok(StepReport { finished, observation, action })
@@ -231,6 +250,16 @@ mod tests {
             self.posted.lock().expect("not poisoned").push(members);
             self.release.notified().await;
             anyhow::bail!("409 Conflict")
+        }
+
+        async fn usage(&self, pods: &[Pod]) -> Vec<kvs_api::NodeUsage> {
+            let usage = |p: &Pod| kvs_api::NodeUsage {
+                node: p.identity.clone(),
+                live_keys: 10,
+                live_bytes: 1000,
+                tombstones: 0,
+            };
+            pods.iter().map(usage).collect()
         }
     }
 

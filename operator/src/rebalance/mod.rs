@@ -9,11 +9,13 @@
 //! and reporters around it.
 
 pub mod admin;
+pub mod capacity;
 pub mod driver;
 pub mod plan;
 pub mod progress;
 
 pub use admin::{NodeAdmin, ViewChangeTask};
+pub use capacity::{CapacityPlan, Refusal};
 pub use driver::{Action, Backend, Driver, FinishedViewChange, Observation, StepError, StepReport, observe};
 pub use plan::{Pod, Policy, Step, Target, plan};
 pub use progress::Blocker;
@@ -25,6 +27,7 @@ mod tests {
         let sources = [
             ("mod.rs", include_str!("mod.rs")),
             ("admin.rs", include_str!("admin.rs")),
+            ("capacity.rs", include_str!("capacity.rs")),
             ("driver.rs", include_str!("driver.rs")),
             ("plan.rs", include_str!("plan.rs")),
             ("progress.rs", include_str!("progress.rs")),

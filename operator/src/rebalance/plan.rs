@@ -23,6 +23,7 @@
 //!
 //! `paused` turns every action into [`Step::Paused`] naming the action it holds back.
 
+use super::capacity::Refusal;
 use kvs_api::ClusterStatus;
 use std::time::Duration;
 
@@ -57,11 +58,13 @@ pub struct Policy {
     pub auto_replace: bool,
     /// How long a pod must stay unschedulable before it is replaced.
     pub replace_after: Duration,
+    /// Each pod's volume (`spec.storage.size`), to check a change that leaves fewer partitions.
+    pub volume_bytes: Option<u64>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { paused: false, auto_replace: true, replace_after: Duration::from_secs(600) }
+        Policy { paused: false, auto_replace: true, replace_after: Duration::from_secs(600), volume_bytes: None }
     }
 }
 
@@ -111,6 +114,9 @@ pub enum Step {
     RestartPod { ordinal: u32 },
     /// `spec.paused`: this step is held back.
     Paused { next: Box<Step> },
+    /// A view change that leaves fewer partitions is held back: what each node would hold does not
+    /// fit its volume, or could not be measured (see [`super::capacity`]).
+    Refused { refusal: Refusal },
     /// The cluster matches the spec.
     Done,
 }
@@ -118,7 +124,7 @@ pub enum Step {
 impl Step {
     /// Whether taking this step changes the cluster (waiting and being done do not).
     pub fn acts(&self) -> bool {
-        !matches!(self, Step::WaitForPods { .. } | Step::Paused { .. } | Step::Done)
+        !matches!(self, Step::WaitForPods { .. } | Step::Paused { .. } | Step::Refused { .. } | Step::Done)
     }
 }
 

@@ -71,7 +71,8 @@ impl Blocker {
             Step::ChangeView { members, replication_factor, .. } => {
                 Some(Blocker::ChangeView { members: members.len(), replication_factor: *replication_factor })
             }
-            Step::Paused { .. } => None,
+            // Not a wait: the Degraded condition says what is refused and why.
+            Step::Paused { .. } | Step::Refused { .. } => None,
             // In sync as far as the planner goes, but a member may be down: the cluster still
             // waits for it (Kubernetes restarts it, or a person must act).
             Step::Done => {
