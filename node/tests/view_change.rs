@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Cluster, get, put, status, update_view};
+use common::{Cluster, change_view, get, put, status, update_view};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -255,4 +255,26 @@ async fn t70_view_change_while_a_replica_is_paused() {
         let counts: Vec<u64> = p["live_keys"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert!(counts.iter().all(|&n| n == counts[0]), "replicas agree after the paused one caught up: {p}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t80_a_new_partition_whose_joiners_all_fail_to_answer_is_refused_then_made() {
+    let mut c = Cluster::start(4, 2, &[]).await;
+    write_keys(&c, "j", 100).await;
+    // Nodes 4 and 5 of this net would form the new partition 2, but nothing listens there yet
+    // (a joining pod whose name does not resolve yet looks the same).
+    let members: Vec<String> = (0..6).map(|i| c.net.node(i)).collect();
+    let first = c.addrs()[0].clone();
+    let refused = kvs_api::AdminClient::default().change_view(&first, members.clone(), 2).await.unwrap_err();
+    assert_eq!(refused.status(), Some(503), "{refused}");
+    assert!(refused.to_string().contains("new partition 2"), "{refused}");
+    assert_eq!(agreed_layout(&c).await["epoch"], 1, "nothing was committed");
+    // Once they run, the same change goes through and every key is served by the new partitions.
+    for i in 4..6 {
+        c.spawn_joiner(i, 2).await;
+    }
+    let changed = change_view(&first, &members, 2).await;
+    assert_eq!(changed.layout.partitions.len(), 3);
+    assert_eq!(agreed_layout(&c).await["epoch"], 2);
+    assert_all_readable(&c, "j", 100).await;
 }

@@ -62,21 +62,32 @@ pub fn kvsc(ns: &str, name: &str) -> Value {
 }
 
 /// Waits until the cluster's status is Running and Available with `replicas` ready members in
-/// `partitions` partitions, for the current generation; returns the resource.
+/// `partitions` partitions, for the current generation; returns the resource. On timeout the panic
+/// shows the last status seen and the cluster's Events, so a failure says where it stood.
 pub async fn wait_running(ns: &str, name: &str, replicas: usize, partitions: i64, what: &str) -> Value {
-    eventually(what, STEP, || async {
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
         let c = kvsc(ns, name);
         let s = &c["status"];
-        let available = s["conditions"].as_array()?.iter().any(|c| c["type"] == "Available" && c["status"] == "True");
+        let available = s["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Available" && c["status"] == "True"));
         let done = s["phase"] == "Running"
             && s["partitions"].as_i64() == Some(partitions)
-            && s["members"].as_array()?.len() == replicas
+            && s["members"].as_array().is_some_and(|m| m.len() == replicas)
             && s["readyReplicas"].as_i64() == Some(replicas as i64)
             && s["observedGeneration"] == c["metadata"]["generation"]
             && available;
-        done.then(|| c.clone())
-    })
-    .await
+        if done {
+            return c;
+        }
+        if std::time::Instant::now() >= deadline {
+            let events =
+                kubectl(&["-n", ns, "get", "events.events.k8s.io", "-o", "custom-columns=REASON:.reason,NOTE:.note"]);
+            panic!("timed out after {STEP:?} waiting for {what}; last status:\n{s:#}\nevents:\n{events}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// What tells one run of a pod from the next: its uid and its containers' restart count.

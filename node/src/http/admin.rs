@@ -35,6 +35,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::InProgress { .. } | ChangeError::Refused { .. } => StatusCode::CONFLICT,
             ChangeError::NoView
             | ChangeError::NoLiveMember
+            | ChangeError::NewPartitionUnreachable { .. }
             | ChangeError::SourcesFailed
             | ChangeError::Stuck { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };

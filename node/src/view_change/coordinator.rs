@@ -133,6 +133,22 @@ impl Node {
         if !live.iter().any(|n| new_view.contains(n)) {
             return Err(ChangeError::NoLiveMember);
         }
+        // A partition made only of nodes that join now, none of which answered: nobody could
+        // receive its slots, and a joining node has no view to learn this one from later. Refuse
+        // (the caller retries once they are reachable) rather than commit a partition nobody serves.
+        let unreachable = new_view
+            .layout()
+            .partitions
+            .iter()
+            .enumerate()
+            .find(|(_, members)| members.iter().all(|m| !current.contains(m) && !live.contains(m)));
+        if let Some((partition, members)) = unreachable {
+            for promised in &live {
+                let abort = ChangeStep::Abort { epoch, proposer: me.clone() };
+                let _ = self.call_node(promised, abort, timeout).await;
+            }
+            return Err(ChangeError::NewPartitionUnreachable { partition: partition as u32, members: members.clone() });
+        }
         phase_done(RebalancePhase::Preparing);
 
         // 2. Begin: pending view everywhere, dual-writes from here on.

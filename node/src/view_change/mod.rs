@@ -34,6 +34,7 @@ pub mod promise;
 mod transfer;
 
 use crate::protocol::Refusal;
+use crate::view::NodeId;
 use kvs_api::RebalanceProgress;
 use std::sync::Mutex;
 
@@ -54,6 +55,10 @@ pub enum ChangeError {
     NoView,
     #[error("view change failed: no member of the new view is reachable")]
     NoLiveMember,
+    #[error(
+        "view change refused: none of the joining nodes {members:?} of new partition {partition} answered; start them (or wait until they are reachable) and retry"
+    )]
+    NewPartitionUnreachable { partition: u32, members: Vec<NodeId> },
     #[error("view change failed: sources kept failing during the transfer; the change can be retried")]
     SourcesFailed,
     #[error("the pending view change to epoch {epoch} did not complete on this node after resuming it; retry")]

@@ -114,6 +114,16 @@ impl Backend for KubeBackend {
         let mut out: Vec<Pod> =
             list.items.iter().filter_map(|p| node_pod(name, namespace, p, &self.template_hash, now)).collect();
         out.sort_by_key(|p| p.ordinal);
+        // A pod that runs but is not Ready may be one waiting to join (no view, so `/readyz` says
+        // 503): it counts as started only once it serves HTTP, or a view change posted now would
+        // find it not listening yet.
+        let serving = futures::future::join_all(
+            out.iter().map(|p| async move { !p.started || p.ready || serves_http(&p.address).await }),
+        )
+        .await;
+        for (pod, serving) in out.iter_mut().zip(serving) {
+            pod.started &= serving;
+        }
         Ok(out)
     }
 
@@ -135,6 +145,15 @@ impl Backend for KubeBackend {
         delete_if_present(&self.pods, &pod).await?;
         Ok(())
     }
+}
+
+/// Whether the node at `address` answers `/healthz` (it serves HTTP at all).
+async fn serves_http(address: &str) -> bool {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = HTTP.get_or_init(|| {
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build().unwrap_or_default()
+    });
+    http.get(format!("http://{address}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> kube::Result<()>
