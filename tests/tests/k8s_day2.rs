@@ -264,6 +264,12 @@ async fn lost_volumes_rolls_pause_and_stalls() {
     }
     let failures = load.failures.lock().unwrap().clone();
     let history = load.history.lock().unwrap().clone();
+    eprintln!(
+        "the roll: {} writes by {WRITERS} writers, {} failed; pods rolled: {}",
+        history.len(),
+        failures.len(),
+        rolled.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {} requests failed during the roll: {failures:?}",
