@@ -5,9 +5,22 @@ use kvs_e2e::chaos::{Plan, run};
 use kvs_e2e::cluster::{Network, namespaces_available};
 
 async fn check(network: Network, seed: u64, seconds: f64) {
-    let plan = Plan { network, seed, seconds, members: 4, spares: 2, k: 2, clients: 6, keys: 30, history_out: None };
+    // The whole history and the nemesis's timeline, kept for a post-mortem (a failure names it).
+    let history = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{network:?}-seed-{seed}.json"));
+    let plan = Plan {
+        network,
+        seed,
+        seconds,
+        members: 4,
+        spares: 2,
+        k: 2,
+        clients: 6,
+        keys: 30,
+        history_out: Some(history.clone()),
+    };
     let summary = run(plan).await.expect("the run completes");
     println!("{}", summary.table());
+    println!("history and nemesis timeline: {}", history.display());
     assert!(summary.acknowledged_writes > 50, "the workload made progress: {}", summary.acknowledged_writes);
     assert_eq!(summary.lost, 0, "lost writes:\n{}", summary.table());
     assert_eq!(summary.causal_violations, 0, "causal violations:\n{}", summary.table());
