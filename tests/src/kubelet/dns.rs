@@ -1,6 +1,7 @@
 //! Cluster DNS, as a hosts file. `<root>/hosts` has one line
-//! `<podIP> <hostname>.<subdomain>.<namespace>.svc.cluster.local` per Pod that has started and is
-//! not being stopped; every process gets `KVS_HOSTS_FILE=<root>/hosts` ([`HOSTS_FILE_ENV`]) and
+//! `<podIP> <hostname>.<subdomain>.<namespace>.svc.cluster.local` per Pod that has its IP (a slot
+//! here, started or not, as cluster DNS publishes a headless Service's not-ready addresses) and is
+//! not being stopped, written before the tick starts processes; every process gets `KVS_HOSTS_FILE=<root>/hosts` ([`HOSTS_FILE_ENV`]) and
 //! resolves through it the names cluster DNS would. Unlike real DNS it does not require a headless
 //! Service named `subdomain`.
 //!
@@ -19,7 +20,7 @@ pub const HOSTS_FILE_ENV: &str = "KVS_HOSTS_FILE";
 fn entries(slots: &BTreeMap<String, Slot>, namespace: &str) -> Vec<(String, String)> {
     slots
         .values()
-        .filter(|s| s.container.started_once && s.container.stopping.is_none())
+        .filter(|s| s.container.stopping.is_none())
         .filter_map(|s| {
             let spec = s.pod.spec.as_ref()?;
             let subdomain = spec.subdomain.as_deref().filter(|d| !d.is_empty())?;
@@ -77,7 +78,7 @@ mod tests {
     }
 
     #[test]
-    fn only_started_pods_with_a_subdomain_not_being_stopped_are_named() {
+    fn pods_with_an_ip_and_a_subdomain_not_being_stopped_are_named() {
         let slot = |name: &str, host: u8, subdomain: Option<&str>| {
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": { "name": name, "uid": name },
@@ -96,6 +97,13 @@ mod tests {
         if let Some(s) = slots.get_mut("a-1") {
             s.container.stop(Duration::ZERO, true, Instant::now());
         }
-        assert_eq!(entries(&slots, "t"), [("127.0.61.1".to_owned(), "a-0.nodes.t.svc.cluster.local".to_owned())]);
+        // a-2 has not started yet but has its IP: named, as cluster DNS names not-ready addresses.
+        assert_eq!(
+            entries(&slots, "t"),
+            [
+                ("127.0.61.1".to_owned(), "a-0.nodes.t.svc.cluster.local".to_owned()),
+                ("127.0.61.4".to_owned(), "a-2.nodes.t.svc.cluster.local".to_owned())
+            ]
+        );
     }
 }

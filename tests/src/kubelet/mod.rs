@@ -409,6 +409,10 @@ impl Kubelet {
         };
         self.resolved("listing");
         self.control(&sets, &pods).await;
+        // A Pod's name resolves once it has an IP, before its process starts (cluster DNS
+        // publishes not-ready addresses of the headless Service), so peers can reach a node as
+        // soon as it serves.
+        self.write_hosts();
         self.supervise().await;
         self.probe().await;
         self.write_pod_statuses().await;
