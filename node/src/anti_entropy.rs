@@ -245,9 +245,13 @@ impl Node {
     }
 
     /// Asks one other member (round-robin) for its view and adopts it if it is newer: how a node
-    /// that was down or paused during a view change catches up.
+    /// that was down or paused during a view change catches up. A member that answers with an
+    /// older view, or none, is handed this one: a node that joined in a change and missed its
+    /// commit has no view and so no peer to ask (its pending view, if it got that far, names
+    /// them, and it asks those meanwhile).
     async fn gossip_view(&self) {
-        let Some(view) = self.view() else { return };
+        let Some(view) = self.view().or_else(|| self.pending()) else { return };
+        let committed = self.view().is_some_and(|v| v.epoch() == view.epoch());
         let others: Vec<String> =
             view.all_members().into_iter().filter(|m| m != self.id() && !self.liveness.is_dead(m)).collect();
         if others.is_empty() {
@@ -257,12 +261,22 @@ impl Node {
         let tick = self.gossip_cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.gossip_rounds.inc();
         let peer = &others[tick % others.len()];
-        if let Ok(PeerResponse::Hello(info)) =
+        let Ok(PeerResponse::Hello(info)) =
             self.call_peer(peer, &PeerRequest::Hello, self.settings.replica_deadline).await
-            && let Some(layout) = info.layout
-            && layout.epoch > view.epoch()
-        {
-            self.adopt_view(layout);
+        else {
+            return;
+        };
+        match info.layout {
+            Some(layout) if layout.epoch > view.epoch() || (!committed && layout.epoch == view.epoch()) => {
+                self.adopt_view(layout)
+            }
+            theirs if committed && theirs.as_ref().is_none_or(|l| l.epoch < view.epoch()) => {
+                let handed = PeerRequest::AdoptView(view.layout().clone());
+                if let Err(e) = self.call_peer(peer, &handed, self.settings.replica_deadline).await {
+                    tracing::debug!(%peer, error = %e, "could not hand a member that is behind the view");
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -8,8 +8,9 @@
 //! - repair: [`PeerRequest::DigestSummary`], [`PeerRequest::SyncSlots`], [`PeerRequest::SlotDigests`];
 //! - view changes: [`PeerRequest::Change`] with a [`ChangeStep`] of the five-phase protocol.
 //!
-//! Plus [`PeerRequest::Hello`] (layout and progress) and [`PeerRequest::Ping`] (the failure
-//! detector's HTTP fallback).
+//! Plus [`PeerRequest::Hello`] (layout and progress), [`PeerRequest::AdoptView`] (a committed view
+//! handed to a member that is behind) and [`PeerRequest::Ping`] (the failure detector's HTTP
+//! fallback).
 
 use crate::causal::VectorClock;
 use crate::placement::{PartitionId, Slot};
@@ -56,6 +57,12 @@ pub enum PeerRequest {
     Hello,
     /// Heartbeat of the failure detector's HTTP fallback (answered with `Pong`, doing nothing else).
     Ping,
+    // New variants go last: postcard numbers variants by position, and a rolling upgrade runs
+    // old and new nodes side by side.
+    /// "This is a committed view that names you, and your `Hello` showed an older one or none:
+    /// adopt it." How a node that joined in a change but missed its commit learns the view — it
+    /// has none of its own, so it knows no peer to ask (see `anti_entropy::gossip_view`).
+    AdoptView(Layout),
 }
 
 impl PeerRequest {

@@ -74,6 +74,10 @@ impl Node {
             }
             PeerRequest::Change(step) => self.answer_change(step).await,
             PeerRequest::Hello => PeerResponse::Hello(Box::new(self.hello())),
+            PeerRequest::AdoptView(layout) => {
+                self.adopt_view(layout);
+                PeerResponse::Ack
+            }
             PeerRequest::Ping => PeerResponse::Pong,
         }
     }

@@ -52,6 +52,12 @@ impl SimStore {
         SimStore { inner: MemoryStore::new(), rng: Mutex::new(StdRng::seed_from_u64(seed)) }
     }
 
+    /// A new, empty disk for the same machine (seeded from this one's generator, so runs repeat).
+    fn replacement(&self) -> SimStore {
+        let seed = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner).random();
+        SimStore::new(seed)
+    }
+
     fn delay(&self) -> Duration {
         let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Duration::from_micros(rng.random_range(20..1_500))
@@ -204,6 +210,16 @@ impl SimCluster {
         if self.machines[i].background.is_none() {
             self.boot(i);
         }
+    }
+
+    /// Gives the stopped machine at `id` a new, empty disk (its volume is lost): its data and its
+    /// saved view are gone; a restart starts from its initial view, or none for a spare.
+    pub fn wipe_disk(&mut self, id: &str) {
+        let i = self.index(id);
+        assert!(self.machines[i].background.is_none(), "wipe a crashed machine's disk, not a running one's");
+        let m = &mut self.machines[i];
+        m.store = Arc::new(m.store.replacement());
+        m.views = Arc::default();
     }
 
     pub fn is_up(&self, id: &str) -> bool {

@@ -10,7 +10,10 @@
 //! - **crash**: nothing listens there; a call is refused at once (`PeerError::Unreachable`), a
 //!   message under way is lost and a request being handled is cut off mid-way;
 //! - **isolate** (a partition) and **pause** (SIGSTOP): messages to and from the node wait in
-//!   the network, silently, and are delivered when the fault heals.
+//!   the network, silently, and are delivered when the fault heals;
+//! - **lose** (a test's targeted fault, never the nemesis's): requests a rule picks fail as a
+//!   reset connection does, before they reach the receiver — e.g. exactly one step of a view
+//!   change to one node.
 
 use kvs_node::node::Node;
 use kvs_node::peers::{PeerError, Peers};
@@ -35,10 +38,14 @@ struct Endpoint {
     paused: bool,
 }
 
+/// Picks the requests the network loses: `(from, to, request)`.
+pub type LossRule = Arc<dyn Fn(&str, &str, &PeerRequest) -> bool + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     endpoints: BTreeMap<String, Endpoint>,
     isolated: BTreeSet<String>,
+    loses: Option<LossRule>,
 }
 
 /// Why a message cannot go now.
@@ -109,6 +116,16 @@ impl SimNet {
         }
         drop(s);
         self.changed.notify_waiters();
+    }
+
+    /// From now on, the requests `rule` picks are lost (`None`: none is).
+    pub fn set_loss(&self, rule: Option<LossRule>) {
+        lock(&self.state).loses = rule;
+    }
+
+    fn loses(&self, from: &str, to: &str, request: &PeerRequest) -> bool {
+        let rule = lock(&self.state).loses.clone();
+        rule.is_some_and(|lose| lose(from, to, request))
     }
 
     /// The live process at `id`, if any.
@@ -228,6 +245,9 @@ impl Peers for SimPeers {
     async fn call(&self, peer: &str, request: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
         if self.net.incarnation(&self.me) != self.incarnation {
             return Err(PeerError::Unreachable { peer: peer.to_owned(), detail: "this process has crashed".into() });
+        }
+        if self.net.loses(&self.me, peer, request) {
+            return Err(PeerError::Unreachable { peer: peer.to_owned(), detail: "connection reset (lost)".into() });
         }
         let bytes = postcard::to_stdvec(request).expect("requests encode");
         let answer = self.net.deliver(&self.me, peer, move |node| async move {

@@ -134,8 +134,8 @@ impl Node {
             return Err(ChangeError::NoLiveMember);
         }
         // A partition made only of nodes that join now, none of which answered: nobody could
-        // receive its slots, and a joining node has no view to learn this one from later. Refuse
-        // (the caller retries once they are reachable) rather than commit a partition nobody serves.
+        // receive its slots, so its keys would have no owner holding them. Refuse (the caller
+        // retries once they are reachable) rather than commit a partition nobody serves.
         let unreachable = new_view
             .layout()
             .partitions

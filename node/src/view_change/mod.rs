@@ -19,12 +19,16 @@
 //!    an owner and pushing anything the owner lacks (the final catch-up pass).
 //!
 //! Nodes that are dead are skipped; a node that was dead or paused learns the new view later from
-//! any peer (see `anti_entropy`) and runs the same catch-up-then-prune, in the background. Every
+//! any peer (see `anti_entropy`) and runs the same catch-up-then-prune, in the background. A
+//! joining node that missed the begin or the commit has no view to ask from: the members' view
+//! gossip finds it behind and hands it the view ([`PeerRequest::AdoptView`]), and it catches up
+//! before it serves (see `catch_up`). Every
 //! phase is idempotent, so a retried or resumed change redoes safely. The decisions — promises,
 //! which source sends what, what to do with a request — are pure ([`promise`], [`assign`],
 //! [`decide`]); the rest is I/O around them.
 //!
 //! [`WriteFence`]: crate::fence::WriteFence
+//! [`PeerRequest::AdoptView`]: crate::protocol::PeerRequest::AdoptView
 
 pub mod assign;
 mod coordinator;
