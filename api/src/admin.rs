@@ -11,6 +11,8 @@ pub const ADMIN_STATUS_PATH: &str = "/v1/admin/status";
 pub const ADMIN_USAGE_PATH: &str = "/v1/admin/usage";
 /// `PUT`: change the whole membership and K ([`ViewRequest`] → [`ViewChanged`]).
 pub const ADMIN_VIEW_PATH: &str = "/v1/admin/view";
+/// `POST`: what that change would do, without doing it ([`ViewRequest`] → [`crate::ViewPlan`]).
+pub const ADMIN_VIEW_PLAN_PATH: &str = "/v1/admin/view/plan";
 
 /// How long a status probe may take by default (a node gathers it from every member).
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +94,20 @@ impl AdminClient {
     ) -> Result<ViewChanged, ClientError> {
         let body = ViewRequest { members, replication_factor, transfer_rate };
         let req = self.http.put(format!("http://{node}{ADMIN_VIEW_PATH}")).timeout(self.change_timeout).json(&body);
+        answer(node, self.authorized(req).send().await).await
+    }
+
+    /// What changing the cluster to `members` at `replication_factor` would move, per node,
+    /// without changing anything.
+    pub async fn plan_view(
+        &self,
+        node: &str,
+        members: Vec<String>,
+        replication_factor: u32,
+    ) -> Result<crate::ViewPlan, ClientError> {
+        let body = ViewRequest { members, replication_factor, transfer_rate: None };
+        let req =
+            self.http.post(format!("http://{node}{ADMIN_VIEW_PLAN_PATH}")).timeout(self.status_timeout).json(&body);
         answer(node, self.authorized(req).send().await).await
     }
 }

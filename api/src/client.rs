@@ -71,6 +71,13 @@ impl KvClient {
         Ok(client)
     }
 
+    /// Continues a session from a causal context saved earlier ([`KvClient::context`]), e.g. by a
+    /// command-line tool between runs: reads then see every write that context had seen.
+    pub fn with_context(self, context: impl Into<String>) -> Self {
+        *self.context.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = context.into();
+        self
+    }
+
     /// The node this session talks to (routed: its seed).
     pub fn node(&self) -> &str {
         &self.node

@@ -17,7 +17,7 @@ mod client;
 pub mod hw4;
 mod routing;
 
-pub use admin::{ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, AdminClient};
+pub use admin::{ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, ADMIN_VIEW_PLAN_PATH, AdminClient};
 pub use client::{ClientError, KvClient, Stored, percent_encode};
 pub use routing::{CLUSTER_MAP_PATH, ClusterMap, PartitionSlots, Router, SLOT_COUNT, slot_of, slot_ranges};
 
@@ -113,7 +113,8 @@ pub struct ViewRequest {
 
 /// Where a view change is. The driving node (the primary receiver) goes `preparing`, `beginning`,
 /// `transferring`, `committing`, `pruning`, then `done` or `failed`; `idle` before any change. A
-/// source node reports its own part as `pending` (begun, not sending yet), `transferring`, `sent`.
+/// source node reports its own part as `pending` (begun, not sending yet), `transferring`, `sent`;
+/// a node's cluster status during a change another node drives says `pending`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
@@ -135,7 +136,8 @@ pub enum RebalancePhase {
     Done,
     /// The last change failed (`RebalanceProgress::error` says why; it can be retried).
     Failed,
-    /// A source node: the change has begun, it has not been asked to send yet.
+    /// A source node: the change has begun, it has not been asked to send yet. In a cluster
+    /// status: a change is under way that another node drives.
     Pending,
     /// A source node: everything it had to send was sent.
     Sent,
@@ -314,6 +316,36 @@ pub struct ViewChanged {
     /// False when the cluster already had this membership and K (nothing was done).
     pub changed: bool,
     pub moved_keys: u64,
+}
+
+/// `POST /v1/admin/view/plan` answer: what a view change ([`ViewRequest`]) would do, without
+/// doing it. Counts are records (live keys and tombstones: a transfer moves both), read from one
+/// replica of each partition at the moment of asking.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewPlan {
+    pub current: Layout,
+    /// The layout the change would commit (the same rule as `PUT /v1/admin/view`).
+    pub target: Layout,
+    /// Every node of either layout, in id order.
+    pub nodes: Vec<NodePlan>,
+    /// Slots whose owners change.
+    pub moved_slots: u32,
+    /// Records the change would send (a slot's records once to each new owner that lacks them).
+    pub moved_records: u64,
+    /// Partitions no replica of which answered: their slots count as empty above.
+    pub unmeasured_partitions: Vec<u32>,
+}
+
+/// One node in a [`ViewPlan`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePlan {
+    pub node: String,
+    /// Records of the slots it owns now, and after the change.
+    pub records_now: u64,
+    pub records_after: u64,
+    /// Records it would receive (slots it gains) and drop (slots it loses).
+    pub records_in: u64,
+    pub records_out: u64,
 }
 
 #[cfg(test)]

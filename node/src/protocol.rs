@@ -63,6 +63,8 @@ pub enum PeerRequest {
     /// adopt it." How a node that joined in a change but missed its commit learns the view — it
     /// has none of its own, so it knows no peer to ask (see `anti_entropy::gossip_view`).
     AdoptView(Layout),
+    /// Records this node holds in each of these slots (a view-change preview counts them).
+    SlotCounts { slots: Vec<Slot> },
 }
 
 impl PeerRequest {
@@ -145,6 +147,9 @@ pub enum PeerResponse {
     Pong,
     /// The receiver did not do it, and why.
     Refused(Refusal),
+    /// Answer to `SlotCounts`: records per requested slot, in request order. (New variants go
+    /// last, as in `PeerRequest`.)
+    SlotCounts(Vec<u64>),
 }
 
 /// Result of a coordinated operation.

@@ -74,6 +74,7 @@ impl Node {
             }
             PeerRequest::Change(step) => self.answer_change(step).await,
             PeerRequest::Hello => PeerResponse::Hello(Box::new(self.hello())),
+            PeerRequest::SlotCounts { slots } => PeerResponse::SlotCounts(self.slot_counts(&slots)),
             PeerRequest::AdoptView(layout) => {
                 self.adopt_view(layout);
                 PeerResponse::Ack

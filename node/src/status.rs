@@ -6,7 +6,7 @@ use crate::node::Node;
 use crate::protocol::{HelloInfo, PeerRequest, PeerResponse};
 use crate::view::NodeId;
 use futures::future::join_all;
-use kvs_api::{ClusterStatus, PartitionStatus, RebalanceProgress};
+use kvs_api::{ClusterStatus, PartitionStatus, RebalancePhase, RebalanceProgress};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -46,6 +46,11 @@ impl Node {
         let infos: HashMap<NodeId, Option<HelloInfo>> = join_all(calls).await.into_iter().collect();
         let info = |m: &String| infos.get(m).and_then(Option::as_ref);
         let mut rebalance = self.changes.driven();
+        if let Some(pending) = self.pending().filter(|p| p.epoch() != rebalance.epoch) {
+            // A change another node drives: its progress is what its sources report (below).
+            rebalance =
+                RebalanceProgress { epoch: pending.epoch(), phase: RebalancePhase::Pending, ..Default::default() };
+        }
         let sources: Vec<&RebalanceProgress> = infos
             .values()
             .flatten()

@@ -1,5 +1,5 @@
-//! Administrative routes: the native whole-view change (`PUT /v1/admin/view`), cluster status
-//! (`GET /v1/admin/status`), what this node holds (`GET /v1/admin/usage`), and HW4's single-node `PUT /kv-store/update_view?type=add|remove`.
+//! Administrative routes: the native whole-view change (`PUT /v1/admin/view`) and its dry run
+//! (`POST /v1/admin/view/plan`), cluster status (`GET /v1/admin/status`), what this node holds (`GET /v1/admin/usage`), and HW4's single-node `PUT /kv-store/update_view?type=add|remove`.
 //! When the node has a cluster token, all of them require it.
 
 use super::ApiError;
@@ -11,16 +11,18 @@ use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use kvs_api::{
-    ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, ClusterStatus, NodeUsage, ViewChanged, ViewRequest, hw4,
+    ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, ADMIN_VIEW_PLAN_PATH, ClusterStatus, NodeUsage, ViewChanged,
+    ViewPlan, ViewRequest, hw4,
 };
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Node>> {
     Router::new()
         .route(ADMIN_VIEW_PATH, put(put_view))
+        .route(ADMIN_VIEW_PLAN_PATH, post(plan_view))
         .route(ADMIN_STATUS_PATH, get(status))
         .route(ADMIN_USAGE_PATH, get(usage))
         .route("/kv-store/update_view", put(update_view))
@@ -49,14 +51,30 @@ async fn put_view(
     body: Result<Json<ViewRequest>, JsonRejection>,
 ) -> Result<Json<ViewChanged>, ApiError> {
     authorize(&node, &headers)?;
+    let req = view_request(body)?;
+    let rate = req.transfer_rate.unwrap_or(node.settings().transfer_rate);
+    Ok(Json(node.change_view_paced(req.members, req.replication_factor, rate).await?))
+}
+
+async fn plan_view(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<ViewRequest>, JsonRejection>,
+) -> Result<Json<ViewPlan>, ApiError> {
+    authorize(&node, &headers)?;
+    let req = view_request(body)?;
+    Ok(Json(node.plan_view(req.members, req.replication_factor).await?))
+}
+
+/// The body of a view change or its plan, or a 4xx saying what to send.
+fn view_request(body: Result<Json<ViewRequest>, JsonRejection>) -> Result<ViewRequest, ApiError> {
     let Json(req) = body.map_err(|e| {
         ApiError::new(
             e.status(),
             format!("{}; send {{\"members\": [\"host:port\", ...], \"replication_factor\": K}}", e.body_text()),
         )
     })?;
-    let rate = req.transfer_rate.unwrap_or(node.settings().transfer_rate);
-    Ok(Json(node.change_view_paced(req.members, req.replication_factor, rate).await?))
+    Ok(req)
 }
 
 async fn status(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<ClusterStatus>, ApiError> {

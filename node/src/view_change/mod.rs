@@ -34,6 +34,7 @@ pub mod assign;
 mod coordinator;
 pub mod decide;
 mod participant;
+pub mod preview;
 pub mod promise;
 mod transfer;
 
