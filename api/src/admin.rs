@@ -53,7 +53,28 @@ impl AdminClient {
         self
     }
 
-    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// The HTTP client, for long calls (a backup's reads, a restore): their budget is the change
+    /// timeout.
+    pub(crate) fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    pub(crate) fn long_call(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        self.authorized(req.timeout(self.change_timeout))
+    }
+
+    /// Posts `body` as JSON to `path` on `node` (within the status timeout) and decodes the answer.
+    pub(crate) async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        node: &str,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let req = self.http.post(format!("http://{node}{path}")).timeout(self.status_timeout).json(body);
+        answer(node, self.authorized(req).send().await).await
+    }
+
+    pub(crate) fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(token) => req.header(HEADER_CLUSTER_TOKEN, token),
             None => req,

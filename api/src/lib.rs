@@ -13,6 +13,7 @@
 //! - the compatibility ("HW4") API, `/kv-store/...`: form bodies in, JSON out.
 
 mod admin;
+pub mod backup;
 mod client;
 pub mod hw4;
 mod routing;

@@ -12,11 +12,13 @@
 //!   forward, coordinate, replicate), [`view_change`] (coordinator, participant, transfer, with
 //!   its decisions as pure state machines), [`anti_entropy`] (replica repair, and with it
 //!   [`catch_up`]: whether a started node holds its partition's data), [`heartbeat`]
-//!   (the failure detector's heartbeats, off the request path), `status`, `rpc` (answering peers);
+//!   (the failure detector's heartbeats, off the request path), [`backup`] (reading a partition
+//!   as of a cut while clients write, and restoring), `status`, `rpc` (answering peers);
 //! - surface: [`http`] (thin handlers), [`metrics`], [`config`].
 
 pub mod admission;
 pub mod anti_entropy;
+pub mod backup;
 pub mod catch_up;
 pub mod causal;
 pub mod config;

@@ -4,10 +4,12 @@
 //! - `/kv-store/...` — the compatibility ("HW4") API (`hw4`)
 //! - `/v1/kv/{key}` — the native API (`native`)
 //! - `/v1/admin/view`, `/v1/admin/status`, HW4 `update_view` — view changes and status (`admin`)
+//! - `/v1/admin/backup/...`, `/v1/admin/restore` — consistent backups and restores (`backup`)
 //! - `/internal/v1/rpc` — node-to-node RPC (`internal`)
 //! - `/metrics`, `/healthz`, `/readyz` — operations (`ops`)
 
 mod admin;
+mod backup;
 mod error;
 mod hw4;
 mod internal;
@@ -47,6 +49,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .merge(hw4::routes())
         .merge(admin::routes())
+        .merge(backup::routes().layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT)))
         .merge(native::routes())
         .merge(internal::routes().layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT)))
         .merge(ops::routes())

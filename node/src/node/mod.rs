@@ -150,6 +150,8 @@ pub struct Node {
     /// This node itself, for background tasks it spawns.
     me: std::sync::Weak<Node>,
     pub(crate) store: Arc<dyn Store>,
+    /// Backups holding a cut here (the store above remembers versions for them; see `backup`).
+    pub(crate) holds: Arc<crate::backup::Holds>,
     pub(crate) peers: Arc<dyn Peers>,
     /// Which peers are alive (evidence of death only, never slowness).
     pub(crate) liveness: Liveness,
@@ -176,6 +178,8 @@ impl Node {
     /// A node from all its parts (a simulated cluster gives it a simulated clock and disk).
     pub fn from_parts(parts: Parts) -> Arc<Self> {
         let Parts { settings, initial, store, peers, clock, view_store } = parts;
+        let holds = Arc::new(crate::backup::Holds::default());
+        let store: Arc<dyn Store> = Arc::new(crate::backup::HoldingStore::new(store, holds.clone()));
         let hlc = Hlc::starting_after(store.max_timestamp());
         let metrics = Metrics::default();
         let liveness = Liveness::new(settings.detector, metrics.peer_deaths.clone());
@@ -210,6 +214,7 @@ impl Node {
             view_installed_at: std::sync::atomic::AtomicU64::new(hlc.peek()),
             gossip_cursor: std::sync::atomic::AtomicUsize::new(0),
             store,
+            holds,
             peers,
             liveness,
             admission,

@@ -167,7 +167,7 @@ impl Node {
     }
 
     /// Pulls records of `slots` that differ from `peer` (both on `view`), newest-wins.
-    async fn pull_differing(&self, view: &View, peer: &str, slots: &[Slot]) -> Result<(), TransferError> {
+    pub(crate) async fn pull_differing(&self, view: &View, peer: &str, slots: &[Slot]) -> Result<(), TransferError> {
         for chunk in slots.chunks(DIGEST_CHUNK) {
             let differing = self.differing_slots(peer, chunk).await?;
             for part in differing.chunks(SYNC_CHUNK) {
