@@ -42,9 +42,9 @@ pub struct HoldRequest {
     pub ttl_seconds: u64,
 }
 
-/// Answer to a hold: the node's clock once holding — at least every timestamp it has issued,
-/// observed or stored, so a cut at the greatest of all members' answers covers every write
-/// acknowledged before the hold.
+/// Answer to a hold: the node's clock once holding — at least its wall clock and every timestamp
+/// it has issued, observed or stored, so a cut at the greatest of all members' answers covers
+/// every write acknowledged before the hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
     pub node: String,

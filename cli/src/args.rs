@@ -79,6 +79,17 @@ pub enum Command {
     },
     /// What a view change would move, per node, without making it.
     Plan(PlanArgs),
+    /// Back the cluster up (a consistent cut while clients keep writing), or verify a backup.
+    Backup(BackupArgs),
+    /// Restore a backup into this (empty) cluster, whatever its size and K.
+    Restore {
+        /// Where the backup is (s3://bucket/prefix, gs://…, az://…, file:///dir or a path).
+        #[arg(long)]
+        from: String,
+        /// Restore into a cluster that already holds keys (the newer version of each key wins).
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Print a shell completion script (e.g. `kvsctl completion bash > /etc/bash_completion.d/kvsctl`).
     Completion {
         #[arg(value_enum)]
@@ -106,4 +117,27 @@ pub struct PlanArgs {
     /// Replicas per partition after the change (default: unchanged).
     #[arg(long)]
     pub replication_factor: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub action: Option<BackupAction>,
+    /// Where to write it: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///dir
+    /// or a path (credentials from the environment, see docs/cli.md). Must hold no backup yet.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The cluster's name, recorded in the manifest.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupAction {
+    /// Re-read a backup and check every file against its manifest (counts, sizes, SHA-256).
+    Verify {
+        /// Where the backup is.
+        url: String,
+    },
 }

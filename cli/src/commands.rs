@@ -3,6 +3,7 @@
 use crate::args::{Output, PlanArgs};
 use crate::error::CliError;
 use crate::members::resize;
+use crate::progress::{Bar, PRINT_EVERY};
 use crate::render;
 use crate::session::{ContextFile, Session};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,9 +13,6 @@ use std::time::{Duration, Instant};
 
 /// How often `status` asks again while a view change runs.
 const POLL_EVERY: Duration = Duration::from_millis(250);
-/// How often, at most, a progress line is printed when standard error is not a terminal (and the
-/// phase did not change).
-const PRINT_EVERY: Duration = Duration::from_secs(5);
 
 fn print_json(doc: &impl serde::Serialize) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(doc).map_err(|e| CliError::Invalid(e.to_string()))?;
@@ -197,4 +195,65 @@ pub async fn plan(session: &Session, output: Output, args: &PlanArgs) -> Result<
             Ok(())
         }
     }
+}
+
+fn backup_error(e: kvs_backup::BackupError) -> CliError {
+    use kvs_backup::BackupError as E;
+    match e {
+        E::Refused(_) | E::NoBackup { .. } | E::Damaged { .. } | E::Format(_) => CliError::Invalid(e.to_string()),
+        E::Destination(kvs_backup::DestinationError::Unsupported { .. }) => CliError::Invalid(e.to_string()),
+        _ => CliError::Unavailable(e.to_string()),
+    }
+}
+
+fn destination(url: &str) -> Result<kvs_backup::Destination, CliError> {
+    kvs_backup::Destination::open(url).map_err(|e| backup_error(e.into()))
+}
+
+fn summary(m: &kvs_backup::Manifest) -> String {
+    format!(
+        "{} records ({} keys, {} deletions) in {} partition files, {} bytes; view epoch {}, cut {}",
+        render::count(m.records),
+        render::count(m.live_keys),
+        render::count(m.tombstones),
+        m.partitions.len(),
+        render::count(m.bytes),
+        m.view_epoch,
+        m.cut
+    )
+}
+
+fn print_manifest(output: Output, verb: &str, url: &str, m: &kvs_backup::Manifest) -> Result<(), CliError> {
+    match output {
+        Output::Json => print_json(m),
+        Output::Table => {
+            println!("{verb} {url}: {}", summary(m));
+            Ok(())
+        }
+    }
+}
+
+pub async fn backup(session: &Session, output: Output, to: &str, cluster_name: Option<String>) -> Result<(), CliError> {
+    let dest = destination(to)?;
+    let options = kvs_backup::BackupOptions { cluster_name, ..Default::default() };
+    let bar = Bar::new();
+    let manifest = kvs_backup::backup(&session.cluster(), &dest, &options, &bar).await.map_err(backup_error);
+    bar.finish();
+    print_manifest(output, "backed up to", to, &manifest?)
+}
+
+pub async fn verify(output: Output, url: &str) -> Result<(), CliError> {
+    let dest = destination(url)?;
+    let bar = Bar::new();
+    let report = kvs_backup::verify(&dest, &bar).await.map_err(backup_error);
+    bar.finish();
+    print_manifest(output, "verified", url, &report?.manifest)
+}
+
+pub async fn restore(session: &Session, output: Output, from: &str, overwrite: bool) -> Result<(), CliError> {
+    let dest = destination(from)?;
+    let bar = Bar::new();
+    let manifest = kvs_backup::restore(&session.cluster(), &dest, overwrite, &bar).await.map_err(backup_error);
+    bar.finish();
+    print_manifest(output, "restored from", from, &manifest?)
 }

@@ -5,16 +5,18 @@
 //! - [`commands`]: one function per command;
 //! - [`render`]: what is printed, as tables or JSON (pure);
 //! - [`members`]: naming the members of a resized cluster (pure);
+//! - [`progress`]: progress bars of long work;
 //! - [`error`]: errors and their exit codes.
 
 mod args;
 mod commands;
 mod error;
 mod members;
+mod progress;
 mod render;
 mod session;
 
-use args::{Cli, Command};
+use args::{BackupAction, BackupArgs, Cli, Command};
 use clap::{CommandFactory, Parser};
 use error::CliError;
 use session::{ContextFile, Session};
@@ -22,9 +24,16 @@ use std::process::ExitCode;
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let output = cli.global.output;
-    if let Command::Completion { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "kvsctl", &mut std::io::stdout());
-        return Ok(());
+    match &cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "kvsctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        // Verifying reads the backup only: no cluster, so no endpoint or token is needed.
+        Command::Backup(BackupArgs { action: Some(BackupAction::Verify { url }), .. }) => {
+            return commands::verify(output, url).await;
+        }
+        _ => {}
     }
     let session = Session::new(&cli.global)?;
     match cli.command {
@@ -39,6 +48,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { no_wait } => commands::status(&session, output, no_wait).await,
         Command::Plan(args) => commands::plan(&session, output, &args).await,
+        Command::Backup(BackupArgs { to: Some(to), cluster_name, .. }) => {
+            commands::backup(&session, output, &to, cluster_name).await
+        }
+        Command::Backup(_) => {
+            Err(CliError::Invalid("say where: kvsctl backup --to URL, or kvsctl backup verify URL".into()))
+        }
+        Command::Restore { from, overwrite } => commands::restore(&session, output, &from, overwrite).await,
         Command::Completion { .. } => Ok(()),
     }
 }

@@ -64,6 +64,11 @@ impl Session {
     pub fn admin(&self) -> AdminClient {
         AdminClient::new(self.token.clone()).with_status_timeout(self.timeout)
     }
+
+    /// The cluster as a backup runner reaches it.
+    pub fn cluster(&self) -> kvs_backup::Cluster {
+        kvs_backup::Cluster { endpoints: self.endpoints.clone(), admin: self.admin() }
+    }
 }
 
 fn read_token(path: &Path) -> Result<String, CliError> {

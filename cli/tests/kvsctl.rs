@@ -2,92 +2,15 @@
 //! with the causal context kept in a file, exit codes, endpoint fail-over, the cluster token,
 //! a plan that changes nothing, and `status` following a view change to its end.
 
-use kvs_api::{AdminClient, ClusterStatus, ViewPlan};
-use kvs_testkit::net::LoopbackNet;
-use kvs_testkit::process::{NodeCommand, NodeProcess, node_binary, wait_healthy};
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use common::{Cluster, kvsctl, ok, path, text};
+use kvs_api::ViewPlan;
 use std::time::Duration;
-
-const TOKEN: &str = "kvsctl-test-token";
-
-struct Cluster {
-    net: LoopbackNet,
-    /// Held so the processes run (and their data stays) until the test ends.
-    _nodes: Vec<(NodeProcess, tempfile::TempDir)>,
-    token_file: tempfile::NamedTempFile,
-}
-
-impl Cluster {
-    /// `members` nodes at K=2 with a cluster token, plus `spares` started without a view.
-    async fn start(members: usize, spares: usize) -> Cluster {
-        let bin = node_binary().expect("the node binary");
-        let net = LoopbackNet::take();
-        let view: Vec<String> = (0..members).map(|i| net.node(i)).collect();
-        let mut nodes = Vec::new();
-        for i in 0..members + spares {
-            let dir = tempfile::tempdir().expect("a data directory");
-            let mut command =
-                NodeCommand::node(&bin, &net.node(i), dir.path(), "warn").env("K", "2").env("KVS_CLUSTER_TOKEN", TOKEN);
-            if i < members {
-                command = command.env("VIEW", view.join(","));
-            }
-            nodes.push((NodeProcess::start(command).expect("a node starts"), dir));
-        }
-        for i in 0..members + spares {
-            wait_healthy(&net.node(i), Duration::from_secs(30)).await.expect("the node answers");
-        }
-        let mut token_file = tempfile::NamedTempFile::new().expect("a token file");
-        writeln!(token_file, "{TOKEN}").expect("the token is written");
-        Cluster { net, _nodes: nodes, token_file }
-    }
-
-    fn addr(&self, i: usize) -> String {
-        self.net.node(i)
-    }
-
-    fn admin(&self) -> AdminClient {
-        AdminClient::new(Some(TOKEN.into()))
-    }
-
-    async fn status(&self) -> ClusterStatus {
-        self.admin().status(&self.addr(0)).await.expect("status")
-    }
-}
-
-/// Runs kvsctl with `args`, `stdin` as its input, and the endpoints in the environment.
-fn kvsctl(endpoints: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvsctl"))
-        .args(args)
-        .env("KVS_ENDPOINTS", endpoints)
-        .env_remove("KVS_TOKEN_FILE")
-        .env_remove("KVS_CONTEXT_FILE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kvsctl runs");
-    child.stdin.take().expect("stdin").write_all(stdin).expect("stdin is written");
-    child.wait_with_output().expect("kvsctl ends")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn ok(out: Output) -> Output {
-    assert!(out.status.success(), "kvsctl failed ({}): {}{}", out.status, text(&out.stdout), text(&out.stderr));
-    out
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("a UTF-8 path")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_context_exit_codes_failover_and_token() {
-    let c = Cluster::start(4, 0).await;
+    let c = Cluster::start(4, 0, 2).await;
     let dir = tempfile::tempdir().expect("a directory");
     let ctx = dir.path().join("context");
     let ctx = path(&ctx);
@@ -140,7 +63,7 @@ async fn keys_context_exit_codes_failover_and_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plan_changes_nothing_and_status_follows_a_change_to_its_end() {
-    let c = Cluster::start(4, 2).await;
+    let c = Cluster::start(4, 2, 2).await;
     let client = kvs_api::KvClient::new(c.addr(0), Duration::from_secs(10));
     const KEYS: u64 = 300;
     for i in 0..KEYS {

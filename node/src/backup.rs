@@ -224,8 +224,9 @@ impl Node {
     pub fn backup_hold(&self, backup: &str, ttl: Duration) -> u64 {
         self.holds.hold(backup, ttl);
         // After the hold is active: every version stored from now on is remembered, and every
-        // one stored before is at or below this.
-        self.hlc.peek().max(self.store.max_timestamp())
+        // one stored before is at or below this. The wall clock makes the cut the moment the
+        // backup began (as people read it), not the last write's.
+        self.hlc.peek().max(self.store.max_timestamp()).max(self.clock.wall_micros())
     }
 
     pub fn backup_release(&self, backup: &str) {
@@ -288,7 +289,8 @@ impl Node {
     }
 
     /// Stores restored records on every owner of their keys under the current view; all of them
-    /// must take them (a restore is complete or it failed).
+    /// must take them (a restore is complete or it failed). Restored records carry no causal
+    /// clock (see below): sessions of the backed-up cluster do not carry over.
     pub async fn restore_records(&self, records: Vec<BackupRecord>) -> Result<u64, String> {
         let view = self.view().ok_or("this node has no view yet; restore through a member")?;
         if self.pending().is_some() {
@@ -296,7 +298,12 @@ impl Node {
         }
         let mut by_partition: BTreeMap<u32, Vec<(String, Record)>> = BTreeMap::new();
         for b in records {
-            let (key, record) = from_backup(b);
+            let (key, mut record) = from_backup(b);
+            // The clock names the backed-up cluster's nodes: a context carrying them would have
+            // this cluster's replicas wait for writes they can never be sent. A consistent cut is
+            // causally closed, so once the restore is complete nothing a restored version depends
+            // on is missing: it keeps its version (newest-wins still orders it) and no clock.
+            record.clock = VectorClock::new();
             by_partition.entry(view.partition_of_key(&key)).or_default().push((key, record));
         }
         let mut stored = 0;

@@ -1,0 +1,310 @@
+//! Backups as a user takes them with kvsctl, against node processes: a consistent cut under a
+//! writer, to a directory and to S3 (a real S3 API server, moto, on loopback), verified, restored
+//! into a cluster of another size and K and compared key by key with what the writers were told;
+//! and backups whose replicas die midway, which resume on another replica or fail cleanly.
+
+mod common;
+
+use common::{Cluster, ok, text};
+use kvs_api::{KvClient, WriteResponse};
+use kvs_backup::{BackupError, BackupOptions, Destination, Manifest, Progress};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Keys written before the backup (`KVS_BACKUP_TEST_KEYS` overrides it).
+const KEYS: usize = 100_000;
+/// Client sessions writing at once.
+const WRITERS: usize = 32;
+
+/// Every acknowledged write of a key: its version timestamp and value (`None`: a delete).
+type Acks = HashMap<String, Vec<(u64, Option<String>)>>;
+
+fn keys() -> usize {
+    std::env::var("KVS_BACKUP_TEST_KEYS").ok().and_then(|k| k.parse().ok()).unwrap_or(KEYS)
+}
+
+fn ack(acks: &mut Acks, key: String, written: &WriteResponse, value: Option<String>) {
+    acks.entry(key).or_default().push((written.timestamp, value));
+}
+
+/// Writes `key{i}` for every i (a value each, every 50th deleted again), from `WRITERS` sessions.
+async fn load(node: &str, n: usize) -> Acks {
+    let tasks = (0..WRITERS).map(|w| {
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            // Straight to an owner of each key: no forwarding hop (the load is most of the test).
+            let client = KvClient::routed(node, Duration::from_secs(30)).await.expect("a routed client");
+            let mut acks = Acks::new();
+            for i in (w..n).step_by(WRITERS) {
+                let (key, value) = (format!("key{i}"), format!("v{i}"));
+                let written = client.put(&key, value.clone()).await.expect("a write before the backup");
+                ack(&mut acks, key.clone(), &written, Some(value));
+                if i % 50 == 0 {
+                    let deleted = client.delete(&key).await.expect("a delete before the backup");
+                    ack(&mut acks, key, &deleted, None);
+                }
+            }
+            acks
+        })
+    });
+    let mut all = Acks::new();
+    for task in futures::future::join_all(tasks).await {
+        for (key, mut versions) in task.expect("a loader") {
+            all.entry(key).or_default().append(&mut versions);
+        }
+    }
+    all
+}
+
+/// Overwrites existing keys and writes new ones until `stop`; every outcome must be a success.
+async fn write_until(node: String, n: usize, stop: Arc<AtomicBool>) -> Acks {
+    let client = KvClient::new(node, Duration::from_secs(30));
+    let mut acks = Acks::new();
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let (key, value) = match i % 2 {
+            0 => (format!("key{}", (i * 7919) % n), format!("during{i}")),
+            _ => (format!("new{i}"), format!("during{i}")),
+        };
+        let written = client.put(&key, value.clone()).await.expect("a write during the backup");
+        ack(&mut acks, key, &written, Some(value));
+        i += 1;
+    }
+    acks
+}
+
+/// Each key's state at `cut`: its newest acknowledged version at or below it.
+fn state_at(acks: &Acks, cut: u64) -> HashMap<&str, Option<&str>> {
+    acks.iter()
+        .map(|(key, versions)| {
+            let at = versions.iter().filter(|(ts, _)| *ts <= cut).max_by_key(|(ts, _)| *ts);
+            (key.as_str(), at.and_then(|(_, v)| v.as_deref()))
+        })
+        .collect()
+}
+
+/// A real S3 API server (moto) on this test's loopback net.
+struct S3 {
+    process: Child,
+    endpoint: String,
+}
+
+impl S3 {
+    async fn start(c: &Cluster) -> S3 {
+        let program = std::env::var("KVS_MOTO_SERVER").unwrap_or_else(|_| {
+            let cached = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
+                .join(".cache/kvs-moto/bin/moto_server");
+            if cached.exists() { cached.display().to_string() } else { "moto_server".into() }
+        });
+        let addr = c.net.node(99);
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let process = Command::new(&program)
+            .args(["-H", host, "-p", port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {program} ({e}): run ./scripts/test (it installs moto), or set KVS_MOTO_SERVER")
+            });
+        // Owned from here on: dropped (killed and waited for) whatever happens below.
+        let s3 = S3 { process, endpoint: format!("http://{addr}") };
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if http.get(&s3.endpoint).send().await.is_ok() {
+                return s3;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto did not answer on {} within 30 s", s3.endpoint);
+    }
+
+    async fn bucket(&self, name: &str) {
+        let created = reqwest::Client::new().put(format!("{}/{name}", self.endpoint)).send().await.expect("moto");
+        assert!(created.status().is_success(), "creating bucket {name}: {}", created.status());
+    }
+
+    /// The environment kvsctl reads S3 settings from.
+    fn env(&self) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// kvsctl with `env` added, in a blocking thread (writers keep running meanwhile).
+async fn kvsctl_with(endpoints: String, args: Vec<String>, env: Vec<(&'static str, String)>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kvsctl"));
+        command.args(&args).env("KVS_ENDPOINTS", &endpoints).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        command.output().expect("kvsctl runs")
+    })
+    .await
+    .expect("the kvsctl thread")
+}
+
+fn manifest_of(out: &std::process::Output) -> Manifest {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("a manifest ({e}): {}", text(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_at_k3() {
+    let n = keys();
+    let a = Cluster::start(4, 0, 2).await;
+    let s3 = S3::start(&a).await;
+    s3.bucket("kvs-backups").await;
+    let loading = std::time::Instant::now();
+    let mut acks = load(&a.addr(0), n).await;
+    println!("loaded {n} keys in {:?}", loading.elapsed());
+    let acknowledged_before: u64 = acks.values().flatten().map(|(ts, _)| *ts).max().expect("writes");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(a.addr(1), n, stop.clone()));
+    let dir = tempfile::tempdir().expect("a directory");
+    let to_dir = dir.path().join("backup-1").display().to_string();
+    let token = a.token_path().to_owned();
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let started = std::time::Instant::now();
+    let out =
+        kvsctl_with(a.endpoints(), args(&["-o", "json", "backup", "--to", &to_dir, "--token-file", &token]), vec![])
+            .await;
+    let to_dir_manifest = manifest_of(&ok(out));
+    let dir_took = started.elapsed();
+    let started = std::time::Instant::now();
+    let out = kvsctl_with(
+        a.endpoints(),
+        args(&["-o", "json", "backup", "--to", "s3://kvs-backups/nightly/1", "--token-file", &token]),
+        s3.env().to_vec(),
+    )
+    .await;
+    let manifest = manifest_of(&ok(out));
+    let s3_took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let during = writer.await.expect("the writer");
+    let written_during: usize = during.values().map(Vec::len).sum();
+    for (key, mut versions) in during {
+        acks.entry(key).or_default().append(&mut versions);
+    }
+    println!(
+        "{n} keys; backups took {dir_took:?} (directory) and {s3_took:?} (S3) while a writer made {written_during} writes; \
+         S3 backup: {} records, {} bytes",
+        manifest.records, manifest.bytes
+    );
+    assert!(written_during > 0, "the writer wrote during the backups");
+    assert!(manifest.cut >= acknowledged_before, "the cut covers every write acknowledged before the backup");
+    assert!(to_dir_manifest.cut <= manifest.cut);
+
+    // Both verify; a backup location is never overwritten.
+    ok(kvsctl_with(String::new(), args(&["backup", "verify", &to_dir]), vec![]).await);
+    ok(kvsctl_with(String::new(), args(&["backup", "verify", "s3://kvs-backups/nightly/1"]), s3.env().to_vec()).await);
+    let again = kvsctl_with(a.endpoints(), args(&["backup", "--to", &to_dir, "--token-file", &token]), vec![]).await;
+    assert_eq!(again.status.code(), Some(4), "{}", text(&again.stderr));
+
+    // Restore into 6 nodes at K=3: exactly the state at the cut, key by key.
+    let b = Cluster::start(6, 0, 3).await;
+    let b_token = b.token_path().to_owned();
+    let restore = ["restore", "--from", "s3://kvs-backups/nightly/1", "--token-file", &b_token];
+    ok(kvsctl_with(b.endpoints(), args(&restore), s3.env().to_vec()).await);
+    let refused = kvsctl_with(b.endpoints(), args(&restore), s3.env().to_vec()).await;
+    assert_eq!(refused.status.code(), Some(4), "a second restore into data is refused: {}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("already holds"), "{}", text(&refused.stderr));
+
+    let expected = state_at(&acks, manifest.cut);
+    let live = expected.values().filter(|v| v.is_some()).count() as u64;
+    assert_eq!(manifest.live_keys, live, "the backup holds exactly the keys live at the cut");
+    let reader = Arc::new(KvClient::routed(b.addr(0), Duration::from_secs(30)).await.expect("a routed client"));
+    let keys: Vec<(String, Option<String>)> =
+        expected.iter().map(|(k, v)| (k.to_string(), v.map(str::to_owned))).collect();
+    let wrong = Arc::new(Mutex::new(Vec::new()));
+    let checked = Arc::new(AtomicU64::new(0));
+    let chunks: Vec<Vec<(String, Option<String>)>> =
+        keys.chunks(keys.len().div_ceil(WRITERS)).map(<[_]>::to_vec).collect();
+    let readers = chunks.into_iter().map(|chunk| {
+        let (reader, wrong, checked) = (reader.clone(), wrong.clone(), checked.clone());
+        tokio::spawn(async move {
+            for (key, want) in chunk {
+                let got = reader.get(&key).await.expect("a read after the restore");
+                let got = got.map(|s| String::from_utf8_lossy(&s.value).into_owned());
+                if got != want {
+                    wrong.lock().unwrap().push(format!("{key}: {got:?}, expected {want:?}"));
+                }
+                checked.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    });
+    let reading = std::time::Instant::now();
+    for r in futures::future::join_all(readers).await {
+        r.expect("a reader");
+    }
+    println!("read {} keys back in {:?}", expected.len(), reading.elapsed());
+    let wrong = wrong.lock().unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} keys differ from the cut, e.g. {:?}",
+        wrong.len(),
+        checked.load(Ordering::Relaxed),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(checked.load(Ordering::Relaxed) as usize, expected.len());
+}
+
+/// Kills the replica being read once the backup has read its first page.
+struct KillOnFirstPage<'a> {
+    cluster: &'a Cluster,
+    victim: String,
+    killed: AtomicBool,
+}
+
+impl Progress for KillOnFirstPage<'_> {
+    fn stage(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {
+        if !self.killed.swap(true, Ordering::SeqCst) {
+            self.cluster.kill(&self.victim);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_resumes_on_another_replica_and_fails_cleanly_when_none_is_left() {
+    let c = Cluster::start(4, 0, 2).await;
+    load(&c.addr(0), 5_000).await;
+    let map =
+        KvClient::routed(c.addr(0), Duration::from_secs(10)).await.expect("a client").cluster_map().expect("a map");
+    let first = map.partitions[0].members.clone();
+    let cluster = kvs_backup::Cluster { endpoints: vec![c.addr(2), c.addr(3)], admin: c.admin() };
+    // One partition at a time, small pages: partition 0 is read first, from its first replica.
+    let options = BackupOptions { parallel: 1, page_records: 100, ..BackupOptions::default() };
+    let dir = tempfile::tempdir().expect("a directory");
+
+    let resumed = Destination::open(&dir.path().join("resumed").display().to_string()).expect("a directory");
+    let kill_first = KillOnFirstPage { cluster: &c, victim: first[0].clone(), killed: AtomicBool::new(false) };
+    let manifest = kvs_backup::backup(&cluster, &resumed, &options, &kill_first).await.expect("a backup that resumed");
+    assert!(kill_first.killed.load(Ordering::SeqCst), "the replica being read was killed");
+    // 5,000 keys, every 50th deleted: 4,900 live and 100 deletions, each once.
+    assert_eq!((manifest.live_keys, manifest.tombstones), (4_900, 100), "every key once, none twice");
+    kvs_backup::verify(&resumed, &kvs_backup::Silent).await.expect("the resumed backup verifies");
+
+    // Partition 0's last replica dies too: the backup fails, naming it, and leaves no backup.
+    let failed = Destination::open(&dir.path().join("failed").display().to_string()).expect("a directory");
+    let kill_last = KillOnFirstPage { cluster: &c, victim: first[1].clone(), killed: AtomicBool::new(false) };
+    let error = kvs_backup::backup(&cluster, &failed, &options, &kill_last).await.expect_err("no replica left");
+    assert!(kill_last.killed.load(Ordering::SeqCst));
+    assert!(matches!(error, BackupError::PartitionFailed { partition: 0, .. }), "{error}");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("failed")).expect("the directory").flatten().collect();
+    assert!(left.is_empty(), "a failed backup leaves nothing: {left:?}");
+    let no_backup = kvs_backup::verify(&failed, &kvs_backup::Silent).await.expect_err("nothing to verify");
+    assert!(matches!(no_backup, BackupError::NoBackup { .. }), "{no_backup}");
+}
