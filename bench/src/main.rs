@@ -9,6 +9,7 @@
 //! `scripts/bench` drives kvstore and etcd with one outside tool (`wrk`) for the headline table, and
 //! uses this tool for what `wrk` cannot do (routed and causal clients, replicated Redis writes).
 
+mod backup;
 mod conn;
 mod converge;
 mod load;
@@ -34,6 +35,23 @@ enum Cmd {
     /// Load a cluster, then add one node and remove it again under client traffic; report the
     /// time, keys moved against the minimum, client throughput and errors during each move.
     Rebalance(RebalanceArgs),
+    /// Back a loaded cluster up to a directory under client traffic, verify the backup, and
+    /// restore it into a second, empty cluster: the throughput of each.
+    Backup(BackupArgs),
+}
+
+#[derive(Parser, Debug)]
+pub struct BackupArgs {
+    /// The source cluster, the preload, and the client traffic during the backup (`--seconds`:
+    /// the baseline measurement before it).
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where to write the backup (a directory that holds none).
+    #[arg(long)]
+    to: String,
+    /// Nodes of the empty cluster to restore into.
+    #[arg(long, value_delimiter = ',', required = true)]
+    restore_endpoints: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -169,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Converge(a) => converge::converge(a).await?,
         Cmd::Rebalance(a) => rebalance::rebalance(a).await?,
+        Cmd::Backup(a) => backup::backup(a).await?,
     }
     Ok(())
 }
