@@ -2,10 +2,13 @@
 //! status through `kubectl`, and the cluster's keys through its pods. Shared by the operator and the
 //! Helm workflow tests. Panics instead of returning errors: it is for tests only.
 
-use crate::k8s::{eventually, kubectl, pod_ready};
+use crate::k8s::{TestNamespace, api_client, eventually, fresh_namespace, kubectl, node_binary, pod_ready};
+use crate::kubelet::{KubeletOptions, StandInKubelet};
 use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
 use kube::api::{Api, ListParams};
-use kvs_api::KvClient;
+use kvs_api::{ClusterStatus, KvClient};
+use kvs_testkit::net::LoopbackNet;
 use kvs_testkit::process::{NodeCommand, NodeProcess};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -54,6 +57,54 @@ impl OperatorProcess {
         let process = NodeProcess::start(command).unwrap_or_else(|e| panic!("starting kvs-operator: {e}"));
         OperatorProcess { _process: process }
     }
+}
+
+/// What an operator end-to-end test runs against: a fresh namespace with the CRD applied, the
+/// stand-in kubelet, and one `kvs-operator run` process, on a loopback net of the test's own.
+/// Tests destructure it, binding every field (a field matched with `_` would be dropped at once:
+/// the volumes with `root`, the addresses with `net`); they are in the order they are dropped, last
+/// first.
+pub struct OperatorEnv {
+    pub client: Client,
+    pub namespace: TestNamespace,
+    /// The pods' and the operator's files (logs, volumes).
+    pub root: tempfile::TempDir,
+    pub net: LoopbackNet,
+    pub kubelet: StandInKubelet,
+    pub operator: OperatorProcess,
+    pub pods: Api<Pod>,
+}
+
+impl OperatorEnv {
+    /// Sets everything up in a namespace named after `prefix`.
+    pub async fn start(prefix: &str) -> OperatorEnv {
+        let client = api_client().await;
+        let namespace = fresh_namespace(&client, prefix).await;
+        let ns = namespace.name().to_owned();
+        let root = tempfile::tempdir().expect("a temporary directory");
+        let crd = workspace_root().join("crds/kvstorecluster.yaml");
+        kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().expect("a UTF-8 path")]);
+        kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
+        let net = LoopbackNet::take();
+        let opts =
+            KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };
+        let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.expect("the stand-in kubelet starts");
+        let http = net.service(8081);
+        let args: Vec<String> =
+            ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", &http]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let operator = OperatorProcess::start(&args, &[], &root.path().join("operator.log"));
+        let pods = Api::namespaced(client.clone(), &ns);
+        OperatorEnv { client, namespace, root, net, kubelet, operator, pods }
+    }
+}
+
+/// The cluster status `address` reports, if it answers within 5 s.
+pub async fn node_status(address: &str, token: &str) -> Option<ClusterStatus> {
+    let admin = kvs_api::AdminClient::new(Some(token.to_owned())).with_status_timeout(Duration::from_secs(5));
+    admin.status(address).await.ok()
 }
 
 /// `kubectl get kvsc NAME -o json`.

@@ -19,16 +19,12 @@
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::{Client, ResourceExt};
-use kvs_api::{ClientError, ClusterStatus, KvClient};
-use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary, pod_ready};
-use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
-use kvs_e2e::kvsc::{
-    OperatorProcess, STEP, assert_keys, kvsc, pod_incarnation, wait_running, workspace_root, write_keys,
-};
+use kvs_api::{ClientError, KvClient};
+use kvs_e2e::k8s::{eventually, kubectl, pod_ready};
+use kvs_e2e::kvsc::{OperatorEnv, STEP, assert_keys, kvsc, node_status, pod_incarnation, wait_running, write_keys};
 use kvs_testkit::history::{Kind, Op, Outcome, check_final};
-use kvs_testkit::net::LoopbackNet;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,11 +39,6 @@ fn patch(ns: &str, json: &str) {
 
 fn condition(c: &serde_json::Value, type_: &str) -> serde_json::Value {
     c["status"]["conditions"].as_array().into_iter().flatten().find(|x| x["type"] == type_).cloned().unwrap_or_default()
-}
-
-async fn node_status(address: &str, token: &str) -> Option<ClusterStatus> {
-    let admin = kvs_api::AdminClient::new(Some(token.to_owned())).with_status_timeout(Duration::from_secs(5));
-    admin.status(address).await.ok()
 }
 
 /// Live keys per member identity, as the node at `address` reports its partitions.
@@ -134,24 +125,9 @@ async fn writer(load: Arc<Load>, client_id: usize, started: Instant) {
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server (KUBECONFIG); scripts/test starts one"]
 async fn lost_volumes_rolls_pause_and_stalls() {
-    let client: Client = api_client().await;
-    let namespace = fresh_namespace(&client, "kvs-day2-e2e").await;
+    let OperatorEnv { client, namespace, root, net: _net, kubelet, operator: _operator, pods } =
+        OperatorEnv::start("kvs-day2-e2e").await;
     let ns = namespace.name().to_owned();
-    let root = tempfile::tempdir().unwrap();
-    let crd = workspace_root().join("crds/kvstorecluster.yaml");
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
-    kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
-    let net = LoopbackNet::take();
-    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };
-    let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
-    let http = net.service(8081);
-    let args: Vec<String> =
-        ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", &http]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let _operator = OperatorProcess::start(&args, &[], &root.path().join("operator.log"));
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     let manifest = root.path().join("cluster.yaml");
     std::fs::write(

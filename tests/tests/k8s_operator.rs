@@ -18,12 +18,10 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
-use kvs_api::ClusterStatus;
-use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
-use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
+use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl};
 use kvs_e2e::kvsc::{
-    OperatorProcess, STEP, assert_keys, kvsc, pod_addresses, pod_incarnation, wait_pod_back, wait_running,
-    workspace_root, write_keys,
+    OperatorEnv, OperatorProcess, STEP, assert_keys, kvsc, node_status, pod_addresses, pod_incarnation, wait_pod_back,
+    wait_running, workspace_root, write_keys,
 };
 use kvs_testkit::net::LoopbackNet;
 use std::collections::BTreeSet;
@@ -33,33 +31,12 @@ use std::time::Duration;
 
 const KEYS: usize = 1000;
 
-async fn node_status(address: &str, token: &str) -> Option<ClusterStatus> {
-    let admin = kvs_api::AdminClient::new(Some(token.to_owned())).with_status_timeout(Duration::from_secs(2));
-    admin.status(address).await.ok()
-}
-
 #[tokio::test]
 #[ignore = "needs a Kubernetes API server (KUBECONFIG); scripts/test starts one"]
 async fn operator_runs_scales_and_rebalances_a_cluster() {
-    let client: Client = api_client().await;
-    let namespace = fresh_namespace(&client, "kvs-operator-e2e").await;
+    let OperatorEnv { client, namespace, root: _root, net: _net, kubelet, operator: _operator, pods } =
+        OperatorEnv::start("kvs-operator-e2e").await;
     let ns = namespace.name().to_owned();
-    let root = tempfile::tempdir().unwrap();
-    let crd = workspace_root().join("crds/kvstorecluster.yaml");
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().unwrap()]);
-    kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
-    // The pods' addresses and the operator's HTTP endpoint, on a loopback net of this test's own.
-    let net = LoopbackNet::take();
-    let opts = KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };
-    let kubelet = StandInKubelet::start(client.clone(), &ns, opts).await.unwrap();
-    let http = net.service(8081);
-    let args: Vec<String> =
-        ["run", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "e2e", "--http-address", &http]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let _operator = OperatorProcess::start(&args, &[], &root.path().join("operator.log"));
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     // A 4-replica RF 2 cluster becomes Available with 2 partitions.
     let example = workspace_root().join("examples/cluster.yaml");
