@@ -51,7 +51,11 @@ pub async fn read_manifest(dest: &Destination) -> Result<Manifest, BackupError> 
 
 /// Streams one partition file, checking it against its manifest entry as it goes; `each` gets the
 /// records in order. Returns the problems found (none: the file is as the manifest says).
-async fn read_file<F, Fut>(dest: &Destination, entry: &PartitionFile, mut each: F) -> Result<Vec<String>, BackupError>
+pub async fn read_partition<F, Fut>(
+    dest: &Destination,
+    entry: &PartitionFile,
+    mut each: F,
+) -> Result<Vec<String>, BackupError>
 where
     F: FnMut(Vec<BackupRecord>) -> Fut,
     Fut: std::future::Future<Output = Result<(), BackupError>>,
@@ -101,7 +105,7 @@ pub async fn verify(dest: &Destination, progress: &dyn Progress) -> Result<Verif
     progress.stage("verifying", manifest.records);
     let mut problems = Vec::new();
     for entry in &manifest.partitions {
-        let found = read_file(dest, entry, |records| {
+        let found = read_partition(dest, entry, |records| {
             progress.advance(records.len() as u64);
             async { Ok(()) }
         })
@@ -145,7 +149,7 @@ pub async fn restore(
     for entry in &manifest.partitions {
         let mut batch: Vec<BackupRecord> = Vec::new();
         let mut bytes = 0;
-        let problems = read_file(dest, entry, |records| {
+        let problems = read_partition(dest, entry, |records| {
             let mut full = Vec::new();
             for r in records {
                 bytes += r.key.len() + r.value.as_ref().map_or(0, |v| v.len()) + 64;

@@ -1,5 +1,5 @@
 //! Backups as a user takes them with kvsctl, against node processes: a consistent cut under a
-//! writer, to a directory and to S3 (a real S3 API server, moto, on loopback), verified, restored
+//! writer (the 100,000 keys are stored through the nodes' bulk path, some more through clients), to a directory and to S3 (a real S3 API server, moto, on loopback), verified, restored
 //! into a cluster of another size and K and compared key by key with what the writers were told;
 //! and backups whose replicas die midway, which resume on another replica or fail cleanly.
 
@@ -10,8 +10,8 @@ use kvs_api::{KvClient, WriteResponse};
 use kvs_backup::{BackupError, BackupOptions, Destination, Manifest, Progress};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Keys written before the backup (`KVS_BACKUP_TEST_KEYS` overrides it).
@@ -59,18 +59,61 @@ async fn load(node: &str, n: usize) -> Acks {
     all
 }
 
-/// Overwrites existing keys and writes new ones until `stop`; every outcome must be a success.
+/// Stores `key{i}` for every i (a value each; every 50th deleted again) through the nodes' bulk
+/// path (`/v1/admin/restore`: durable on every owner before it answers), with versions stamped
+/// now: what a long-running cluster holds, without `n` client round trips in a debug build.
+async fn seed(admin: &kvs_api::AdminClient, node: &str, n: usize) -> Acks {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_micros() as u64;
+    let mut acks = Acks::new();
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let (key, value) = (format!("key{i}"), format!("v{i}"));
+        let mut versions = vec![(now + i as u64, Some(value))];
+        if i % 50 == 0 {
+            versions.push((now + (n + i) as u64, None));
+        }
+        for (timestamp, value) in &versions {
+            batch.push(kvs_api::backup::BackupRecord {
+                key: key.clone(),
+                value: value.as_ref().map(|v| bytes::Bytes::from(v.clone())),
+                timestamp: *timestamp,
+                writer: "seed".into(),
+                clock: Vec::new(),
+            });
+        }
+        acks.insert(key, versions);
+        if batch.len() >= 2_000 || i + 1 == n {
+            admin.restore(node, &std::mem::take(&mut batch)).await.expect("seeding");
+        }
+    }
+    acks
+}
+
+/// Overwrites and deletes existing keys and writes new ones until `stop`; every outcome must be a
+/// success.
 async fn write_until(node: String, n: usize, stop: Arc<AtomicBool>) -> Acks {
     let client = KvClient::new(node, Duration::from_secs(30));
     let mut acks = Acks::new();
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
-        let (key, value) = match i % 2 {
-            0 => (format!("key{}", (i * 7919) % n), format!("during{i}")),
-            _ => (format!("new{i}"), format!("during{i}")),
-        };
-        let written = client.put(&key, value.clone()).await.expect("a write during the backup");
-        ack(&mut acks, key, &written, Some(value));
+        let existing = format!("key{}", (i * 7919) % n);
+        match i % 3 {
+            0 => {
+                let deleted = client.delete(&existing).await.expect("a delete during the backup");
+                ack(&mut acks, existing, &deleted, None);
+            }
+            1 => {
+                let value = format!("during{i}");
+                let written = client.put(&existing, value.clone()).await.expect("a write during the backup");
+                ack(&mut acks, existing, &written, Some(value));
+            }
+            _ => {
+                let (key, value) = (format!("new{i}"), format!("during{i}"));
+                let written = client.put(&key, value.clone()).await.expect("a write during the backup");
+                ack(&mut acks, key, &written, Some(value));
+            }
+        }
         i += 1;
     }
     acks
@@ -167,8 +210,13 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     let s3 = S3::start(&a).await;
     s3.bucket("kvs-backups").await;
     let loading = std::time::Instant::now();
-    let mut acks = load(&a.addr(0), n).await;
-    println!("loaded {n} keys in {:?}", loading.elapsed());
+    let mut acks = seed(&a.admin(), &a.addr(0), n).await;
+    // And some through the client path, before the backup too.
+    let loaded = load(&a.addr(2), 2_000).await;
+    for (key, mut versions) in loaded {
+        acks.entry(key).or_default().append(&mut versions);
+    }
+    println!("stored {n} keys in {:?}", loading.elapsed());
     let acknowledged_before: u64 = acks.values().flatten().map(|(ts, _)| *ts).max().expect("writes");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -195,6 +243,7 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     stop.store(true, Ordering::Relaxed);
     let during = writer.await.expect("the writer");
     let written_during: usize = during.values().map(Vec::len).sum();
+    let touched: std::collections::HashSet<String> = during.keys().cloned().collect();
     for (key, mut versions) in during {
         acks.entry(key).or_default().append(&mut versions);
     }
@@ -225,40 +274,51 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     let expected = state_at(&acks, manifest.cut);
     let live = expected.values().filter(|v| v.is_some()).count() as u64;
     assert_eq!(manifest.live_keys, live, "the backup holds exactly the keys live at the cut");
-    let reader = Arc::new(KvClient::routed(b.addr(0), Duration::from_secs(30)).await.expect("a routed client"));
-    let keys: Vec<(String, Option<String>)> =
-        expected.iter().map(|(k, v)| (k.to_string(), v.map(str::to_owned))).collect();
-    let wrong = Arc::new(Mutex::new(Vec::new()));
-    let checked = Arc::new(AtomicU64::new(0));
-    let chunks: Vec<Vec<(String, Option<String>)>> =
-        keys.chunks(keys.len().div_ceil(WRITERS)).map(<[_]>::to_vec).collect();
-    let readers = chunks.into_iter().map(|chunk| {
-        let (reader, wrong, checked) = (reader.clone(), wrong.clone(), checked.clone());
-        tokio::spawn(async move {
-            for (key, want) in chunk {
-                let got = reader.get(&key).await.expect("a read after the restore");
-                let got = got.map(|s| String::from_utf8_lossy(&s.value).into_owned());
-                if got != want {
-                    wrong.lock().unwrap().push(format!("{key}: {got:?}, expected {want:?}"));
-                }
-                checked.fetch_add(1, Ordering::Relaxed);
+    // Every key, compared in bulk: back the restored cluster up and read its files.
+    let check = Destination::open(&dir.path().join("check").display().to_string()).expect("a directory");
+    let b_cluster = kvs_backup::Cluster { endpoints: vec![b.addr(0), b.addr(1)], admin: b.admin() };
+    let restored = kvs_backup::backup(&b_cluster, &check, &BackupOptions::default(), &kvs_backup::Silent)
+        .await
+        .expect("a backup of the restored cluster");
+    let mut held: HashMap<String, Option<String>> = HashMap::new();
+    for entry in &restored.partitions {
+        let problems = kvs_backup::restore::read_partition(&check, entry, |records| {
+            for r in records {
+                held.insert(r.key, r.value.map(|v| String::from_utf8_lossy(&v).into_owned()));
             }
+            async { Ok(()) }
         })
-    });
-    let reading = std::time::Instant::now();
-    for r in futures::future::join_all(readers).await {
-        r.expect("a reader");
+        .await
+        .expect("the check backup reads");
+        assert!(problems.is_empty(), "{problems:?}");
     }
-    println!("read {} keys back in {:?}", expected.len(), reading.elapsed());
-    let wrong = wrong.lock().unwrap();
-    assert!(
-        wrong.is_empty(),
-        "{} of {} keys differ from the cut, e.g. {:?}",
-        wrong.len(),
-        checked.load(Ordering::Relaxed),
-        &wrong[..wrong.len().min(5)]
+    let mut wrong: Vec<String> = expected
+        .iter()
+        .filter(|(key, want)| held.get(**key).cloned().flatten().as_deref() != **want)
+        .map(|(key, want)| format!("{key}: {:?}, expected {want:?}", held.get(*key)))
+        .collect();
+    wrong.extend(
+        held.iter()
+            .filter(|(key, value)| value.is_some() && !expected.contains_key(key.as_str()))
+            .map(|(key, value)| format!("{key}: {value:?}, never written")),
     );
-    assert_eq!(checked.load(Ordering::Relaxed) as usize, expected.len());
+    assert!(wrong.is_empty(), "{} keys differ from the cut, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+
+    // And as clients read them: every key a writer touched during the backup, and every 10th.
+    let reader = KvClient::routed(b.addr(0), Duration::from_secs(30)).await.expect("a routed client");
+    let reading = std::time::Instant::now();
+    let mut read = 0;
+    for (key, want) in &expected {
+        let sampled = key.strip_prefix("key").and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i % 10 == 0);
+        if !(sampled || touched.contains(*key)) {
+            continue;
+        }
+        let got = reader.get(key).await.expect("a read after the restore");
+        let got = got.map(|s| String::from_utf8_lossy(&s.value).into_owned());
+        assert_eq!(got.as_deref(), *want, "{key} read through the restored cluster");
+        read += 1;
+    }
+    println!("compared {} keys in bulk and read {read} through clients in {:?}", expected.len(), reading.elapsed());
 }
 
 /// Kills the replica being read once the backup has read its first page.
