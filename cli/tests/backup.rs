@@ -10,8 +10,8 @@ use kvs_api::{KvClient, WriteResponse};
 use kvs_backup::{BackupError, BackupOptions, Destination, Manifest, Progress};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Keys written before the backup (`KVS_BACKUP_TEST_KEYS` overrides it).
