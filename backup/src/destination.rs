@@ -24,6 +24,15 @@ pub enum DestinationError {
     Store { url: String, source: object_store::Error },
     #[error("{url}: {source}")]
     Io { url: String, source: std::io::Error },
+    #[error("{url}: {key:?} is not a setting of this kind of store (e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL)")]
+    UnknownOption { url: String, key: String },
+}
+
+/// A store's setting from its environment-variable name (`AWS_ENDPOINT_URL` → the S3 endpoint).
+fn config_key<K: std::str::FromStr>(url: &str, name: &str) -> Result<K, DestinationError> {
+    name.to_ascii_lowercase()
+        .parse()
+        .map_err(|_| DestinationError::UnknownOption { url: url.to_owned(), key: name.to_owned() })
 }
 
 /// A backup's location.
@@ -43,31 +52,41 @@ impl std::fmt::Debug for Destination {
 impl Destination {
     /// Resolves `url` (credentials come from the environment, see the module docs).
     pub fn open(url: &str) -> Result<Destination, DestinationError> {
+        Self::open_with(url, &[])
+    }
+
+    /// Resolves `url` with `options` on top of the environment: pairs named as the environment
+    /// names them (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_SERVICE_ACCOUNT`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, …), e.g. the keys of a Kubernetes Secret.
+    pub fn open_with(url: &str, options: &[(String, String)]) -> Result<Destination, DestinationError> {
         let store_err = |source| DestinationError::Store { url: url.to_owned(), source };
         let (scheme, rest) = url.split_once("://").unwrap_or(("file", url));
         let (store, prefix): (Arc<dyn ObjectStore>, &str) = match scheme {
             "s3" | "s3a" => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(store_err)?;
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                for (key, value) in options {
+                    builder = builder.with_config(config_key(url, key)?, value);
+                }
+                let store = builder.build().map_err(store_err)?;
                 (Arc::new(store), prefix)
             }
             "gs" => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(store_err)?;
+                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                for (key, value) in options {
+                    builder = builder.with_config(config_key(url, key)?, value);
+                }
+                let store = builder.build().map_err(store_err)?;
                 (Arc::new(store), prefix)
             }
             "az" | "azure" => {
                 let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(container)
-                    .build()
-                    .map_err(store_err)?;
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(container);
+                for (key, value) in options {
+                    builder = builder.with_config(config_key(url, key)?, value);
+                }
+                let store = builder.build().map_err(store_err)?;
                 (Arc::new(store), prefix)
             }
             "file" => {
@@ -164,5 +183,36 @@ impl Upload {
         if let Err(e) = self.writer.abort().await {
             tracing::warn!(object = %self.name, error = %e, "could not abort a partial upload");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::aws::AmazonS3ConfigKey;
+
+    #[test]
+    fn settings_are_named_as_the_environment_names_them() {
+        let key: AmazonS3ConfigKey = config_key("s3://b", "AWS_ENDPOINT_URL").unwrap();
+        assert_eq!(key, AmazonS3ConfigKey::Endpoint);
+        let key: AmazonS3ConfigKey = config_key("s3://b", "AWS_SECRET_ACCESS_KEY").unwrap();
+        assert_eq!(key, AmazonS3ConfigKey::SecretAccessKey);
+        let unknown = config_key::<AmazonS3ConfigKey>("s3://b", "PASSWORD").unwrap_err();
+        assert!(unknown.to_string().contains("\"PASSWORD\" is not a setting"), "{unknown}");
+        assert!(matches!(Destination::open("ftp://x/y"), Err(DestinationError::Unsupported { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_directory_holds_what_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Destination::open(&format!("file://{}/nested/backup", dir.path().display())).unwrap();
+        assert!(!dest.exists("manifest.json").await.unwrap());
+        dest.put("manifest.json", b"{}".to_vec()).await.unwrap();
+        let mut upload = dest.create("partition-0000.kvb").await.unwrap();
+        upload.write(b"abc").await.unwrap();
+        upload.write(b"def").await.unwrap();
+        upload.finish().await.unwrap();
+        assert_eq!(&dest.get("partition-0000.kvb").await.unwrap()[..], b"abcdef");
+        assert!(dest.exists("manifest.json").await.unwrap());
     }
 }

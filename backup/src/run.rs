@@ -94,10 +94,16 @@ pub async fn backup(
             progress,
         };
         let held: Vec<&str> = holds.iter().map(|h| h.node.as_str()).collect();
-        let reads = map.partitions.iter().map(|p| {
-            let replicas: Vec<String> = p.members.iter().filter(|m| held.contains(&m.as_str())).cloned().collect();
-            run.partition(p, replicas)
-        });
+        // Collected first: a stream over a closure that returns borrowing futures is not provably
+        // `Send`, and the operator runs backups on spawned tasks.
+        let reads: Vec<_> = map
+            .partitions
+            .iter()
+            .map(|p| {
+                let replicas: Vec<String> = p.members.iter().filter(|m| held.contains(&m.as_str())).cloned().collect();
+                run.partition(p, replicas)
+            })
+            .collect();
         let mut results: Vec<Result<PartitionFile, BackupError>> =
             futures::stream::iter(reads).buffer_unordered(options.parallel.max(1)).collect().await;
         if let Some(i) = results.iter().position(Result::is_err) {
