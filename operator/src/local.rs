@@ -100,18 +100,34 @@ impl LocalBackend {
         }
     }
 
-    /// Stops every pod cleanly (SIGTERM, then SIGKILL after 10 s), keeping the data.
+    /// Stops every pod cleanly, keeping the data: SIGTERM to all at once, then SIGKILL to those
+    /// still running after [`STOP_GRACE`] — so stopping takes at most that, however many pods.
     pub fn stop_all(&mut self) {
-        let ordinals: Vec<u32> = self.pods.keys().copied().collect();
-        for o in ordinals {
-            self.stop_pod(o);
+        let mut running: Vec<(u32, Child)> = std::mem::take(&mut self.pods).into_iter().collect();
+        for (_, child) in &running {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while !running.is_empty() && Instant::now() < deadline {
+            running.retain_mut(|(_, child)| !matches!(child.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (ordinal, mut child) in running {
+            println!(
+                "pod {ordinal} did not stop within {STOP_GRACE:?} of SIGTERM; killing it (its log: pod-{ordinal}/node.log)"
+            );
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
 
+/// How long a pod has to finish its requests and exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 fn terminate(child: &mut Child) {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;

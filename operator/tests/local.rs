@@ -112,7 +112,7 @@ async fn local_mode_scales_changes_k_and_resumes() {
     }
     assert!(log.contains("fits the 1.0 GiB volumes"), "{log}");
     // Ctrl-C stops everything cleanly; running again resumes with the data.
-    interrupt(&mut op).await;
+    interrupt(&mut op, &data).await;
     assert!(
         http.get(format!("http://{}/healthz", addr(&net, 0))).send().await.is_err(),
         "nodes stopped with the operator"
@@ -132,11 +132,12 @@ async fn local_mode_scales_changes_k_and_resumes() {
     write_spec(&spec, 4, 2);
     wait_for_view(&net, 4, 2).await;
     assert_keys(&net, &http, 4, 100).await;
-    interrupt(&mut op).await;
+    interrupt(&mut op, &data).await;
 }
 
-/// Ctrl-C, then wait (20 s at most) for the operator to stop its nodes and exit successfully.
-async fn interrupt(op: &mut NodeProcess) {
+/// Ctrl-C, then wait (20 s at most) for the operator to stop its nodes and exit successfully. On a
+/// timeout, shows the end of the operator's output and of every pod's log.
+async fn interrupt(op: &mut NodeProcess, data: &Path) {
     op.signal(Signal::INT);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -144,7 +145,22 @@ async fn interrupt(op: &mut NodeProcess) {
             assert!(status.success(), "operator exited with {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "operator did not stop");
+        if Instant::now() >= deadline {
+            let tail = |path: &Path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            };
+            let mut logs = format!("operator:\n{}", tail(&data.with_extension("log")));
+            // Pods log to <data>/<cluster>/pod-N/node.log.
+            for cluster in std::fs::read_dir(data).into_iter().flatten().flatten() {
+                for pod in std::fs::read_dir(cluster.path()).into_iter().flatten().flatten() {
+                    let log = pod.path().join("node.log");
+                    logs.push_str(&format!("\n{}:\n{}", log.display(), tail(&log)));
+                }
+            }
+            panic!("operator did not stop within 20 s of Ctrl-C\n{logs}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
