@@ -246,6 +246,14 @@ async fn lost_volumes_rolls_pause_and_stalls() {
         failures.len(),
         rolled.len()
     );
+    if !failures.is_empty() {
+        // For taking a failure apart afterwards: the end of every pod's log (all its restarts).
+        for pod in std::fs::read_dir(root.path().join("logs").join(&ns)).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(pod.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {}:\n{}", pod.path().display(), lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} of {} requests failed during the roll: {failures:?}",
