@@ -3,8 +3,7 @@
 //! throughput during the backup against their baseline.
 
 use crate::BackupArgs;
-use crate::LoadArgs;
-use crate::load::{load, measure, preload};
+use crate::load::{measure, preload_and_baseline};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -26,14 +25,7 @@ fn rates(step: &str, seconds: f64, m: &kvs_backup::Manifest) -> serde_json::Valu
 }
 
 pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    let t = Instant::now();
-    preload(&args.load).await?;
-    eprintln!("kvs-bench: preloaded {} keys in {:.1} s", args.load.keys, t.elapsed().as_secs_f64());
-    let baseline = load(LoadArgs { preload: false, ..args.load.clone() }).await?;
-    println!(
-        "{}",
-        serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors})
-    );
+    preload_and_baseline(&args.load).await?;
 
     let dest = kvs_backup::Destination::open(&args.to)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -65,6 +65,20 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<Report> {
 }
 
 /// Writes every key once, spread over the connections.
+/// Writes every key, then measures a baseline under the load shape, printing both (the start of
+/// every benchmark that changes a loaded cluster).
+pub async fn preload_and_baseline(args: &LoadArgs) -> anyhow::Result<Report> {
+    let t = Instant::now();
+    preload(args).await?;
+    eprintln!("kvs-bench: preloaded {} keys in {:.1} s", args.keys, t.elapsed().as_secs_f64());
+    let baseline = load(LoadArgs { preload: false, ..args.clone() }).await?;
+    println!(
+        "{}",
+        serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors})
+    );
+    Ok(baseline)
+}
+
 pub async fn preload(args: &LoadArgs) -> anyhow::Result<()> {
     let router = router(args).await?;
     let value = value_of(args.value_size);

@@ -1,8 +1,8 @@
 //! `kvs-bench rebalance`: add one node and remove it again under client traffic; the time, the keys
 //! moved against the minimum, and the clients' throughput and errors during each move.
 
-use crate::load::{load, measure, preload};
-use crate::{LoadArgs, RebalanceArgs};
+use crate::RebalanceArgs;
+use crate::load::{measure, preload_and_baseline};
 use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,14 +17,7 @@ pub async fn rebalance(args: RebalanceArgs) -> anyhow::Result<()> {
     let admin = kvs_api::AdminClient::default().with_change_timeout(Duration::from_secs(3600));
     let members = args.load.endpoints.clone();
     let primary = members[0].clone();
-    let t = Instant::now();
-    preload(&args.load).await?;
-    eprintln!("kvs-bench: preloaded {} keys in {:.1} s", args.load.keys, t.elapsed().as_secs_f64());
-    let baseline = load(LoadArgs { preload: false, ..args.load.clone() }).await?;
-    println!(
-        "{}",
-        serde_json::json!({"step": "baseline", "client_ops_per_sec": baseline.ops_per_sec, "p99_ms": baseline.p99_ms, "errors": baseline.errors})
-    );
+    preload_and_baseline(&args.load).await?;
     let with_new: Vec<String> = members.iter().cloned().chain([args.add.clone()]).collect();
     for (step, target) in [("add", with_new), ("remove", members.clone())] {
         let before = admin.status(&primary).await?;

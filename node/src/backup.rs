@@ -315,13 +315,7 @@ impl Node {
                     if owner == self.id() {
                         return self.apply_replicated(records).await.map(|_| ()).map_err(|e| e.to_string());
                     }
-                    let request = PeerRequest::Replicate {
-                        records,
-                        from: self.id().to_owned(),
-                        cap: 0,
-                        pending: Vec::new(),
-                        view_epoch: None,
-                    };
+                    let request = PeerRequest::hand_over(records, self.id());
                     match self.call_peer(owner, &request, self.settings.replica_deadline).await {
                         Ok(PeerResponse::Replicated) => Ok(()),
                         Ok(other) => Err(format!("{owner} answered {other:?}")),

@@ -68,6 +68,12 @@ pub enum PeerRequest {
 }
 
 impl PeerRequest {
+    /// Records `from` hands over without vouching for anything (a transfer, a restore): not
+    /// coordinated there, so they carry no announcement (`cap` 0) and no view epoch.
+    pub fn hand_over(records: Vec<(String, Record)>, from: &str) -> PeerRequest {
+        PeerRequest::Replicate { records, from: from.to_owned(), cap: 0, pending: Vec::new(), view_epoch: None }
+    }
+
     /// Heartbeats must not wait behind data calls: a queue is slowness, not death.
     pub fn is_heartbeat(&self) -> bool {
         matches!(self, PeerRequest::Ping)

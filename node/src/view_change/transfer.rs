@@ -142,13 +142,7 @@ impl Node {
         let keys = records.len() as u64;
         let bytes: u64 = records.iter().map(|(_, r)| r.value.as_ref().map_or(0, |v| v.len() as u64)).sum();
         // Transfers carry others' writes: they vouch for nothing (floor 0).
-        let request = PeerRequest::Replicate {
-            records,
-            from: self.id().to_owned(),
-            cap: 0,
-            pending: Vec::new(),
-            view_epoch: None,
-        };
+        let request = PeerRequest::hand_over(records, self.id());
         let mut last_error = String::new();
         for attempt in 0..BATCH_ATTEMPTS {
             match self.call_peer(receiver, &request, TRANSFER_BATCH_DEADLINE).await {
