@@ -14,6 +14,12 @@
 //! Only the answer to the latest ping teaches the detector a peer's rhythm (answers read late, in
 //! a burst, would teach it nonsense).
 //!
+//! Names are looked up on a thread of their own too ([`Resolver`]): a lookup that hangs (cluster
+//! DNS timing out for a pod that is being replaced) must not stop this thread from answering and
+//! judging, or a slow resolver would look like the death of every peer and of this node. A peer
+//! whose name does not resolve yet is not pinged (and goes silent, as it should: nobody can
+//! reach it by name).
+//!
 //! **HTTP, as a fallback.** A peer whose heartbeats have not been answered for five intervals
 //! (datagrams may not get through: a firewall that passes only TCP) is also sent the `Ping` RPC
 //! over the normal peer transport, every interval: its answers count as "heard" (never as
@@ -29,18 +35,18 @@ use crate::peers::PeerError;
 use crate::protocol::PeerRequest;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 /// Longest one HTTP ping is kept waiting for.
 const PING_LIMIT: Duration = Duration::from_secs(30);
-/// How long a peer name's resolved address is used before it is looked up again (a pod that
-/// comes back may have a new address).
-const RESOLVE_TTL: Duration = Duration::from_secs(5);
+/// How often every peer's name is looked up again (a pod that comes back may have a new
+/// address). A peer the heartbeat thread has no address for is looked up at once.
+const RESOLVE_EVERY: Duration = Duration::from_secs(2);
 /// Pongs are accepted for this many of the latest pings sent to a peer.
 const RECENT_SEQS: u64 = 64;
 
@@ -91,11 +97,12 @@ impl UdpHeartbeats {
     pub fn start(node: Arc<Node>, addr: SocketAddr) -> std::io::Result<Self> {
         let socket = UdpSocket::bind(addr)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let resolver = Resolver::start(&node)?;
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("kvs-heartbeats".into())
-                .spawn(move || UdpLoop::new(node, socket).run(&stop))?
+                .spawn(move || UdpLoop::new(node, socket, resolver).run(&stop))?
         };
         Ok(UdpHeartbeats { stop, thread: Some(thread) })
     }
@@ -123,18 +130,17 @@ struct UdpLoop {
     socket: UdpSocket,
     token: Option<String>,
     interval: Duration,
-    /// Peer name → its address and when it was looked up.
-    resolved: HashMap<String, (SocketAddr, Instant)>,
+    resolver: Resolver,
     /// Peer name → sequence number of the latest ping sent to it.
     sent: HashMap<String, u64>,
     seq: u64,
 }
 
 impl UdpLoop {
-    fn new(node: Arc<Node>, socket: UdpSocket) -> Self {
+    fn new(node: Arc<Node>, socket: UdpSocket, resolver: Resolver) -> Self {
         let token = node.settings().cluster_token.clone();
         let interval = node.liveness.config().heartbeat_interval;
-        UdpLoop { node, socket, token, interval, resolved: HashMap::new(), sent: HashMap::new(), seq: 0 }
+        UdpLoop { node, socket, token, interval, resolver, sent: HashMap::new(), seq: 0 }
     }
 
     fn run(mut self, stop: &AtomicBool) {
@@ -163,7 +169,7 @@ impl UdpLoop {
         self.seq += 1;
         let ping = encode(self.token.as_deref(), Beat::Ping { from: self.node.id().to_owned(), seq: self.seq });
         for peer in &peers {
-            if let Some(addr) = self.address_of(peer) {
+            if let Some(addr) = self.resolver.address_of(peer) {
                 let _ = self.socket.send_to(&ping, addr);
                 self.sent.insert(peer.clone(), self.seq);
             }
@@ -202,26 +208,68 @@ impl UdpLoop {
             None => tracing::debug!(%from, "ignoring a datagram that is not a valid heartbeat"),
         }
     }
+}
 
-    /// `peer`'s address (names looked up again every [`RESOLVE_TTL`]); `None` if it does not
-    /// resolve right now.
-    fn address_of(&mut self, peer: &str) -> Option<SocketAddr> {
-        if let Some((addr, at)) = self.resolved.get(peer)
-            && at.elapsed() < RESOLVE_TTL
-        {
-            return Some(*addr);
-        }
-        let addr = self.node.resolve_peer(peer).or_else(|| peer.to_socket_addrs().ok()?.next());
-        match addr {
-            Some(a) => {
-                self.resolved.insert(peer.to_owned(), (a, Instant::now()));
-            }
-            None => {
-                self.resolved.remove(peer);
-            }
-        }
-        addr
+/// Peer addresses for the heartbeat thread, looked up on a thread of their own so that a slow
+/// lookup never holds heartbeats up. The heartbeat thread only reads the table (and asks for a
+/// lookup of a name it lacks); the lookup thread refreshes every watched peer every
+/// [`RESOLVE_EVERY`]. It holds the node weakly and ends with the heartbeat thread (the sending
+/// half of its channel), so a lookup in progress never delays a node's shutdown.
+struct Resolver {
+    table: Arc<Mutex<HashMap<String, SocketAddr>>>,
+    wanted: mpsc::Sender<String>,
+}
+
+impl Resolver {
+    fn start(node: &Arc<Node>) -> std::io::Result<Self> {
+        let table = Arc::new(Mutex::new(HashMap::new()));
+        let (wanted, requests) = mpsc::channel();
+        let (node, shared) = (Arc::downgrade(node), table.clone());
+        std::thread::Builder::new().name("kvs-resolve".into()).spawn(move || Self::run(&node, &shared, &requests))?;
+        Ok(Resolver { table, wanted })
     }
+
+    /// `peer`'s address as last looked up; `None` (and a lookup asked for) if it has none.
+    fn address_of(&self, peer: &str) -> Option<SocketAddr> {
+        let found = lock(&self.table).get(peer).copied();
+        if found.is_none() {
+            let _ = self.wanted.send(peer.to_owned());
+        }
+        found
+    }
+
+    fn run(node: &Weak<Node>, table: &Mutex<HashMap<String, SocketAddr>>, requests: &mpsc::Receiver<String>) {
+        let mut next_round = Instant::now();
+        loop {
+            let wait = next_round.saturating_duration_since(Instant::now());
+            // Asked-for names come once per heartbeat while unresolved: look each up once.
+            let names: BTreeSet<String> = match requests.recv_timeout(wait) {
+                Ok(first) => std::iter::once(first).chain(requests.try_iter()).collect(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    next_round = Instant::now() + RESOLVE_EVERY;
+                    let Some(node) = node.upgrade() else { return };
+                    let peers = node.peers_to_watch();
+                    lock(table).retain(|p, _| peers.contains(p));
+                    peers.into_iter().collect()
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            for name in names {
+                let Some(node) = node.upgrade() else { return };
+                let addr = node.resolve_peer(&name).or_else(|| name.to_socket_addrs().ok()?.next());
+                drop(node);
+                let mut table = lock(table);
+                match addr {
+                    Some(a) => table.insert(name, a),
+                    None => table.remove(&name),
+                };
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the peer-transport heartbeats are for.

@@ -3,6 +3,7 @@
 //! `http::error`.
 
 use crate::admission::Overloaded;
+use crate::peers::PeerError;
 use crate::placement::PartitionId;
 use crate::protocol::{Durability, Refusal};
 use crate::store::StoreError;
@@ -12,8 +13,10 @@ use crate::store::StoreError;
 pub enum KvError {
     #[error("this node has no view yet: start it with VIEW, or add it to a cluster with update_view")]
     NoView,
-    #[error("key value store is not available: no replica of partition {partition} answered")]
-    Unavailable { partition: PartitionId },
+    /// Every owner failed; `failures` says how each did (in the order tried), so that the client
+    /// (and the log) can tell a cluster that lost a partition from a node that lost its peers.
+    #[error("key value store is not available: no replica of partition {partition} answered{}", tried(failures))]
+    Unavailable { partition: PartitionId, failures: Vec<PeerError> },
     #[error("this node does not own partition {partition} in view {epoch}")]
     NotOwner { partition: PartitionId, epoch: u64 },
     #[error("this node is on view epoch {mine}, the sender on {theirs}")]
@@ -58,6 +61,15 @@ pub enum KvError {
     Storage(#[from] StoreError),
 }
 
+/// ` (a: why; b: why)` for the owners tried, or nothing.
+fn tried(failures: &[PeerError]) -> String {
+    if failures.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    format!(" ({})", each.join("; "))
+}
+
 impl KvError {
     /// The refusal an owner sends back for a forwarded operation.
     pub(crate) fn to_refusal(&self) -> Refusal {
@@ -65,7 +77,7 @@ impl KvError {
             KvError::EpochMismatch { mine, theirs } => Refusal::EpochMismatch { mine, theirs },
             KvError::NotOwner { partition, epoch } => Refusal::NotOwner { partition, epoch },
             KvError::NoView => Refusal::NoView,
-            KvError::CausalUnavailable { partition } | KvError::Unavailable { partition } => {
+            KvError::CausalUnavailable { partition } | KvError::Unavailable { partition, .. } => {
                 Refusal::CausalUnavailable { partition }
             }
             KvError::TooFewReplicas { partition, alive, replicas, min_copies } => {

@@ -52,6 +52,7 @@ impl Node {
         // answered": report that if no owner does better.
         let mut causal_refusal = false;
         let mut catching_up = false;
+        let mut failures = Vec::new();
         for owner in self.liveness.order(rotated) {
             self.metrics.forwarded.inc();
             let sent_at = self.clock.wall_micros();
@@ -66,14 +67,17 @@ impl Node {
             match self.call_peer(owner, &request, self.settings.forward_deadline).await {
                 Ok(PeerResponse::Coordinated(c)) => return Ok(c),
                 Ok(other) => {
-                    tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request")
+                    tracing::warn!(peer = %owner, response = ?other, "unexpected answer to a forwarded request");
+                    let detail = format!("answered a forwarded request with {other:?}");
+                    failures.push(PeerError::Protocol { peer: owner.clone(), detail });
                 }
                 Err(PeerError::Refused { refusal, .. }) => match refusal {
                     // Views differ. If the owner's is newer, this node must catch up.
-                    Refusal::EpochMismatch { mine: theirs, .. } => {
+                    refusal @ Refusal::EpochMismatch { mine: theirs, .. } => {
                         if theirs > view.epoch() {
                             newer_view_at = Some(owner.clone());
                         }
+                        failures.push(PeerError::Refused { peer: owner.clone(), refusal });
                     }
                     // The owner had missed a view change and has caught up: every owner under this
                     // node's view is out of date, so learn the newer view from it and route again,
@@ -85,10 +89,11 @@ impl Node {
                     r @ (Refusal::TooFewReplicas { .. }
                     | Refusal::UnderReplicated { .. }
                     | Refusal::MinCopiesAboveReplicas { .. }) => return Err(KvError::from_refusal(r)),
-                    r => {
-                        causal_refusal |= matches!(r, Refusal::CausalUnavailable { .. });
-                        catching_up |= matches!(r, Refusal::CatchingUp { .. });
-                        tracing::debug!(peer = %owner, refusal = %r, "owner refused a forwarded request; trying the next replica");
+                    refusal => {
+                        causal_refusal |= matches!(refusal, Refusal::CausalUnavailable { .. });
+                        catching_up |= matches!(refusal, Refusal::CatchingUp { .. });
+                        tracing::debug!(peer = %owner, %refusal, "owner refused a forwarded request; trying the next replica");
+                        failures.push(PeerError::Refused { peer: owner.clone(), refusal });
                     }
                 },
                 Err(e) => {
@@ -99,6 +104,7 @@ impl Node {
                         let wait = Duration::from_micros(safe_from.saturating_sub(self.clock.wall_micros()));
                         tokio::time::sleep(wait).await;
                     }
+                    failures.push(e);
                 }
             }
         }
@@ -106,7 +112,11 @@ impl Node {
             Some(peer) => Err(KvError::StaleView { peer }),
             None if causal_refusal => Err(KvError::CausalUnavailable { partition }),
             None if catching_up => Err(KvError::CatchingUp { partition }),
-            None => Err(KvError::Unavailable { partition }),
+            None => {
+                let error = KvError::Unavailable { partition, failures };
+                tracing::warn!(key, %error, "forwarding failed on every owner");
+                Err(error)
+            }
         }
     }
 }

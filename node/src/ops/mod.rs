@@ -119,7 +119,7 @@ impl Node {
                     refreshed = true;
                 }
                 Err(KvError::StaleView { .. } | KvError::StaleWrite { .. }) => {
-                    return Err(KvError::Unavailable { partition });
+                    return Err(KvError::Unavailable { partition, failures: Vec::new() });
                 }
                 other => return other,
             }

@@ -7,7 +7,9 @@
 //!   `metadata.uid`, `status.podIP`), `secretKeyRef` and `configMapKeyRef` read through the API.
 //!   A missing Secret, ConfigMap or key (not marked `optional`) is an error, which keeps the
 //!   container waiting ([`super::runtime`]). Every process also gets `HOSTNAME` and
-//!   [`super::HOSTS_FILE_ENV`]. `args` get the same `$(VAR)` expansion.
+//!   [`super::HOSTS_FILE_ENV`]. `args` get the same `$(VAR)` expansion. A test aid, not a kubelet
+//!   behaviour: when the test runs with `KVS_TEST_LOG` set (as every multi-process test honours
+//!   it) and the Pod sets no `RUST_LOG`, the container gets `RUST_LOG` from it.
 //! - **Pod network.** Real Pods each have a network namespace, so they all bind `0.0.0.0`; here they
 //!   share the host's loopback, so an env var `LISTEN=0.0.0.0:<port>` is rewritten to
 //!   `LISTEN=<podIP>:<port>`.
@@ -60,6 +62,11 @@ impl Kubelet {
             env.push((var.name.clone(), value));
         }
         env.push(("HOSTNAME".into(), pod.name_any()));
+        if let Ok(filter) = std::env::var("KVS_TEST_LOG")
+            && !env.iter().any(|(k, _)| k == "RUST_LOG")
+        {
+            env.push(("RUST_LOG".into(), filter));
+        }
         env.push((super::HOSTS_FILE_ENV.into(), self.shared.hosts_file().display().to_string()));
         let args = container.args.iter().flatten().map(|a| rewrite_mounts(&expand(a, &vars), &mounts)).collect();
         Ok(Launch { env, args })
