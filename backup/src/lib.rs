@@ -21,6 +21,7 @@ pub use restore::{VerifyReport, restore, verify};
 pub use run::{BackupOptions, backup};
 
 use kvs_api::{AdminClient, ClientError, ClusterStatus};
+use std::collections::HashMap;
 
 /// Why a backup, a verification or a restore did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +70,23 @@ impl Progress for Silent {
 pub struct Cluster {
     pub endpoints: Vec<String>,
     pub admin: AdminClient,
+    /// Where to reach a member, by its identity, when the identity itself does not resolve from
+    /// where the runner runs (the operator calls pods by their IPs, as its controller does).
+    /// Members not listed are called by their identity.
+    pub addresses: HashMap<String, String>,
 }
 
 impl Cluster {
+    /// A cluster reached through `endpoints`, its members by their identities.
+    pub fn new(endpoints: Vec<String>, admin: AdminClient) -> Self {
+        Cluster { endpoints, admin, addresses: HashMap::new() }
+    }
+
+    /// Where to call `member`.
+    pub fn address_of<'a>(&'a self, member: &'a str) -> &'a str {
+        self.addresses.get(member).map_or(member, String::as_str)
+    }
+
     /// The cluster status from the first endpoint that answers.
     pub async fn status(&self) -> Result<ClusterStatus, BackupError> {
         let mut failures = Vec::new();

@@ -137,7 +137,7 @@ pub async fn backup(
     .await;
     renewing.abort();
     for h in &holds {
-        if let Err(e) = cluster.admin.backup_release(&h.node, &backup).await {
+        if let Err(e) = cluster.admin.backup_release(cluster.address_of(&h.node), &backup).await {
             tracing::warn!(node = %h.node, error = %e, "could not release a backup hold; it expires by itself");
         }
     }
@@ -162,7 +162,7 @@ async fn cluster_map(cluster: &Cluster, epoch: u64) -> Result<kvs_api::ClusterMa
 
 /// Holds on every member that answers; also returns why the others did not.
 async fn hold_all(cluster: &Cluster, backup: &str, members: &[String], ttl: Duration) -> (Vec<Held>, Vec<String>) {
-    let calls = members.iter().map(|m| cluster.admin.backup_hold(m, backup, ttl.as_secs().max(1)));
+    let calls = members.iter().map(|m| cluster.admin.backup_hold(cluster.address_of(m), backup, ttl.as_secs().max(1)));
     let (mut held, mut refusals) = (Vec::new(), Vec::new());
     for (member, answer) in members.iter().zip(futures::future::join_all(calls).await) {
         match answer {
@@ -182,7 +182,7 @@ fn renew(cluster: Cluster, backup: String, nodes: Vec<String>, ttl: Duration) ->
         loop {
             tokio::time::sleep(ttl / 3).await;
             for node in &nodes {
-                let _ = cluster.admin.backup_hold(node, &backup, ttl.as_secs().max(1)).await;
+                let _ = cluster.admin.backup_hold(cluster.address_of(node), &backup, ttl.as_secs().max(1)).await;
             }
         }
     })
@@ -210,7 +210,7 @@ impl Cut<'_> {
                 catch_up,
                 max_records: self.page_records,
             };
-            let page = match self.cluster.admin.backup_read(node, &request).await {
+            let page = match self.cluster.admin.backup_read(self.cluster.address_of(node), &request).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(%node, partition = p.id, error = %e, "backup read failed; trying another replica");

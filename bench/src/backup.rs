@@ -10,7 +10,7 @@ use std::time::Instant;
 
 fn cluster(endpoints: &[String]) -> kvs_backup::Cluster {
     let admin = kvs_api::AdminClient::default().with_change_timeout(std::time::Duration::from_secs(3600));
-    kvs_backup::Cluster { endpoints: endpoints.to_vec(), admin }
+    kvs_backup::Cluster::new(endpoints.to_vec(), admin)
 }
 
 fn rates(step: &str, seconds: f64, m: &kvs_backup::Manifest) -> serde_json::Value {

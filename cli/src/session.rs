@@ -67,7 +67,7 @@ impl Session {
 
     /// The cluster as a backup runner reaches it.
     pub fn cluster(&self) -> kvs_backup::Cluster {
-        kvs_backup::Cluster { endpoints: self.endpoints.clone(), admin: self.admin() }
+        kvs_backup::Cluster::new(self.endpoints.clone(), self.admin())
     }
 }
 

@@ -8,8 +8,9 @@ mod common;
 use common::{Cluster, ok, text};
 use kvs_api::{KvClient, WriteResponse};
 use kvs_backup::{BackupError, BackupOptions, Destination, Manifest, Progress};
+use kvs_testkit::s3::MotoServer;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -129,65 +130,6 @@ fn state_at(acks: &Acks, cut: u64) -> HashMap<&str, Option<&str>> {
         .collect()
 }
 
-/// A real S3 API server (moto) on this test's loopback net.
-struct S3 {
-    process: Child,
-    endpoint: String,
-}
-
-impl S3 {
-    async fn start(c: &Cluster) -> S3 {
-        let program = std::env::var("KVS_MOTO_SERVER").unwrap_or_else(|_| {
-            let cached = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
-                .join(".cache/kvs-moto/bin/moto_server");
-            if cached.exists() { cached.display().to_string() } else { "moto_server".into() }
-        });
-        let addr = c.net.node(99);
-        let (host, port) = addr.rsplit_once(':').expect("host:port");
-        let process = Command::new(&program)
-            .args(["-H", host, "-p", port])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {program} ({e}): run ./scripts/test (it installs moto), or set KVS_MOTO_SERVER")
-            });
-        // Owned from here on: dropped (killed and waited for) whatever happens below.
-        let s3 = S3 { process, endpoint: format!("http://{addr}") };
-        let http = reqwest::Client::new();
-        for _ in 0..300 {
-            if http.get(&s3.endpoint).send().await.is_ok() {
-                return s3;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("moto did not answer on {} within 30 s", s3.endpoint);
-    }
-
-    async fn bucket(&self, name: &str) {
-        let created = reqwest::Client::new().put(format!("{}/{name}", self.endpoint)).send().await.expect("moto");
-        assert!(created.status().is_success(), "creating bucket {name}: {}", created.status());
-    }
-
-    /// The environment kvsctl reads S3 settings from.
-    fn env(&self) -> [(&'static str, String); 5] {
-        [
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-        ]
-    }
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
 /// kvsctl with `env` added, in a blocking thread (writers keep running meanwhile).
 async fn kvsctl_with(endpoints: String, args: Vec<String>, env: Vec<(&'static str, String)>) -> std::process::Output {
     tokio::task::spawn_blocking(move || {
@@ -207,7 +149,7 @@ fn manifest_of(out: &std::process::Output) -> Manifest {
 async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_at_k3() {
     let n = keys();
     let a = Cluster::start(4, 0, 2).await;
-    let s3 = S3::start(&a).await;
+    let s3 = MotoServer::start(&a.net.node(99)).await;
     s3.bucket("kvs-backups").await;
     let loading = std::time::Instant::now();
     let mut acks = seed(&a.admin(), &a.addr(0), n).await;
@@ -235,7 +177,7 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     let out = kvsctl_with(
         a.endpoints(),
         args(&["-o", "json", "backup", "--to", "s3://kvs-backups/nightly/1", "--token-file", &token]),
-        s3.env().to_vec(),
+        s3.settings().to_vec(),
     )
     .await;
     let manifest = manifest_of(&ok(out));
@@ -258,7 +200,8 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
 
     // Both verify; a backup location is never overwritten.
     ok(kvsctl_with(String::new(), args(&["backup", "verify", &to_dir]), vec![]).await);
-    ok(kvsctl_with(String::new(), args(&["backup", "verify", "s3://kvs-backups/nightly/1"]), s3.env().to_vec()).await);
+    ok(kvsctl_with(String::new(), args(&["backup", "verify", "s3://kvs-backups/nightly/1"]), s3.settings().to_vec())
+        .await);
     let again = kvsctl_with(a.endpoints(), args(&["backup", "--to", &to_dir, "--token-file", &token]), vec![]).await;
     assert_eq!(again.status.code(), Some(4), "{}", text(&again.stderr));
 
@@ -266,8 +209,8 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     let b = Cluster::start(6, 0, 3).await;
     let b_token = b.token_path().to_owned();
     let restore = ["restore", "--from", "s3://kvs-backups/nightly/1", "--token-file", &b_token];
-    ok(kvsctl_with(b.endpoints(), args(&restore), s3.env().to_vec()).await);
-    let refused = kvsctl_with(b.endpoints(), args(&restore), s3.env().to_vec()).await;
+    ok(kvsctl_with(b.endpoints(), args(&restore), s3.settings().to_vec()).await);
+    let refused = kvsctl_with(b.endpoints(), args(&restore), s3.settings().to_vec()).await;
     assert_eq!(refused.status.code(), Some(4), "a second restore into data is refused: {}", text(&refused.stderr));
     assert!(text(&refused.stderr).contains("already holds"), "{}", text(&refused.stderr));
 
@@ -276,7 +219,7 @@ async fn a_backup_under_writes_is_a_consistent_cut_that_restores_into_six_nodes_
     assert_eq!(manifest.live_keys, live, "the backup holds exactly the keys live at the cut");
     // Every key, compared in bulk: back the restored cluster up and read its files.
     let check = Destination::open(&dir.path().join("check").display().to_string()).expect("a directory");
-    let b_cluster = kvs_backup::Cluster { endpoints: vec![b.addr(0), b.addr(1)], admin: b.admin() };
+    let b_cluster = kvs_backup::Cluster::new(vec![b.addr(0), b.addr(1)], b.admin());
     let restored = kvs_backup::backup(&b_cluster, &check, &BackupOptions::default(), &kvs_backup::Silent)
         .await
         .expect("a backup of the restored cluster");
@@ -344,7 +287,7 @@ async fn a_backup_resumes_on_another_replica_and_fails_cleanly_when_none_is_left
     let map =
         KvClient::routed(c.addr(0), Duration::from_secs(10)).await.expect("a client").cluster_map().expect("a map");
     let first = map.partitions[0].members.clone();
-    let cluster = kvs_backup::Cluster { endpoints: vec![c.addr(2), c.addr(3)], admin: c.admin() };
+    let cluster = kvs_backup::Cluster::new(vec![c.addr(2), c.addr(3)], c.admin());
     // One partition at a time, small pages: partition 0 is read first, from its first replica.
     let options = BackupOptions { parallel: 1, page_records: 100, ..BackupOptions::default() };
     let dir = tempfile::tempdir().expect("a directory");

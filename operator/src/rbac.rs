@@ -17,9 +17,13 @@ pub struct Rule {
 /// The operator's permissions. Watching a kind needs `list` and `watch`; server-side apply is a
 /// `patch` (which creates the object if it is missing).
 pub const RULES: &[Rule] = &[
-    // The custom resource: watched; the finalizer is added and removed with a patch.
-    Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["list", "watch", "patch"] },
+    // The custom resource: watched; the finalizer is added and removed with a patch; read by the
+    // backup controller to find a backup's cluster.
+    Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["get", "list", "watch", "patch"] },
     Rule { group: "kvstore.dev", resource: "kvstoreclusters/status", verbs: &["patch"] },
+    // Backups: watched; their outcome is written to their status.
+    Rule { group: "kvstore.dev", resource: "kvstorebackups", verbs: &["list", "watch"] },
+    Rule { group: "kvstore.dev", resource: "kvstorebackups/status", verbs: &["patch"] },
     // Children: server-side applied, watched (owned), deleted on cleanup. The StatefulSet is also
     // read: its current size and the view its pod template carries.
     Rule { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "patch", "delete"] },

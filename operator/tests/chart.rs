@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use kube::ResourceExt;
 use kvs_operator::rbac::RULES;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -231,20 +231,29 @@ fn deployment_runs_the_operator_as_specified() {
 
 #[test]
 #[ignore = "needs helm and a Kubernetes API server (KUBECONFIG); scripts/test starts one"]
-fn rendered_crd_is_the_generated_crd_plus_keep() {
-    let generated = kvs_operator::crd::KVStoreCluster::crd();
-    let crd_of = |sets: &[&str]| -> Vec<CustomResourceDefinition> {
-        of_kind(&objects(&template(sets).expect("renders")), "CustomResourceDefinition")
+fn rendered_crds_are_the_generated_crds_plus_keep() {
+    let generated: BTreeMap<String, CustomResourceDefinition> =
+        kvs_operator::crd::definitions().into_iter().map(|(_, crd)| (crd.name_any(), crd)).collect();
+    let crds_of = |sets: &[&str]| -> BTreeMap<String, CustomResourceDefinition> {
+        let crds: Vec<CustomResourceDefinition> =
+            of_kind(&objects(&template(sets).expect("renders")), "CustomResourceDefinition");
+        crds.into_iter().map(|crd| (crd.name_any(), crd)).collect()
     };
 
-    let mut kept = crd_of(&[]).pop().expect("the CRD is installed by default");
-    let annotations = kept.metadata.annotations.take().expect("annotated");
-    assert_eq!(annotations, BTreeMap::from([("helm.sh/resource-policy".to_owned(), "keep".to_owned())]));
-    assert_eq!(kept, generated, "the rendered CRD is the generated one plus the keep annotation");
+    let mut kept = crds_of(&[]);
+    assert_eq!(
+        kept.keys().collect::<Vec<_>>(),
+        generated.keys().collect::<Vec<_>>(),
+        "every CRD is installed by default"
+    );
+    for crd in kept.values_mut() {
+        let annotations = crd.metadata.annotations.take().expect("annotated");
+        assert_eq!(annotations, BTreeMap::from([("helm.sh/resource-policy".to_owned(), "keep".to_owned())]));
+    }
+    assert_eq!(kept, generated, "the rendered CRDs are the generated ones plus the keep annotation");
 
-    let plain = crd_of(&["crds.keep=false"]).pop().expect("rendered");
-    assert_eq!(plain, generated, "without crds.keep, exactly the generated CRD");
-    assert!(crd_of(&["crds.install=false"]).is_empty());
+    assert_eq!(crds_of(&["crds.keep=false"]), generated, "without crds.keep, exactly the generated CRDs");
+    assert!(crds_of(&["crds.install=false"]).is_empty());
 }
 
 #[test]
@@ -369,10 +378,14 @@ fn helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it() {
 
     // A CRD already on the server (applied with kubectl, or kept by an earlier release) is adopted
     // the way docs/operations.md says: by giving it this release's ownership metadata.
-    if kubectl(&["get", "crd", CRD_NAME], None).is_ok() {
-        let owner = [format!("meta.helm.sh/release-name={release}"), format!("meta.helm.sh/release-namespace={ns}")];
-        kubectl(&["annotate", "crd", CRD_NAME, "--overwrite", &owner[0], &owner[1]], None).expect("annotate");
-        kubectl(&["label", "crd", CRD_NAME, "--overwrite", "app.kubernetes.io/managed-by=Helm"], None).expect("label");
+    for (_, crd) in kvs_operator::crd::definitions() {
+        let name = crd.name_any();
+        if kubectl(&["get", "crd", &name], None).is_ok() {
+            let owner =
+                [format!("meta.helm.sh/release-name={release}"), format!("meta.helm.sh/release-namespace={ns}")];
+            kubectl(&["annotate", "crd", &name, "--overwrite", &owner[0], &owner[1]], None).expect("annotate");
+            kubectl(&["label", "crd", &name, "--overwrite", "app.kubernetes.io/managed-by=Helm"], None).expect("label");
+        }
     }
     helm(&["install", &release, chart, "--namespace", &ns]).expect("helm install");
     let original = schema_description(&served_crd()).map(str::to_owned);
@@ -393,13 +406,18 @@ fn helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it() {
     helm(&["upgrade", &release, chart, "--namespace", &ns]).expect("helm upgrade back");
     assert_eq!(schema_description(&served_crd()).map(str::to_owned), original);
 
-    // Uninstalling keeps the CRD (helm.sh/resource-policy: keep), and so every user's clusters.
+    // Uninstalling keeps the CRDs (helm.sh/resource-policy: keep), and so every user's clusters
+    // and backups.
     helm(&["uninstall", &release, "--namespace", &ns]).expect("helm uninstall");
-    let kept = served_crd();
-    assert_eq!(kept["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
-    assert!(kept["metadata"]["deletionTimestamp"].is_null(), "the CRD is being deleted");
-    // Leave it unowned, as a CRD applied with kubectl would be, for whoever installs next.
-    kubectl(&["annotate", "crd", CRD_NAME, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-"], None)
-        .expect("annotate");
-    kubectl(&["label", "crd", CRD_NAME, "app.kubernetes.io/managed-by-"], None).expect("label");
+    for (_, crd) in kvs_operator::crd::definitions() {
+        let name = crd.name_any();
+        let kept: serde_json::Value =
+            serde_json::from_str(&kubectl(&["get", "crd", &name, "-o", "json"], None).expect("kept")).expect("JSON");
+        assert_eq!(kept["metadata"]["annotations"]["helm.sh/resource-policy"], "keep", "{name}");
+        assert!(kept["metadata"]["deletionTimestamp"].is_null(), "{name} is being deleted");
+        // Leave it unowned, as a CRD applied with kubectl would be, for whoever installs next.
+        kubectl(&["annotate", "crd", &name, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-"], None)
+            .expect("annotate");
+        kubectl(&["label", "crd", &name, "app.kubernetes.io/managed-by-"], None).expect("label");
+    }
 }

@@ -7,6 +7,7 @@
 //!   or a namespace-network id per test, leased through a file lock).
 //! - [`k8s_request`]: the attributes the Kubernetes API server derives from a request, for the test
 //!   doubles that stand in for parts of it.
+//! - [`s3`]: a real S3 API server (moto) on a test's own loopback address.
 //! - [`history`]: operation histories and the checker that judges them (no lost acknowledged
 //!   write, no causal read going back in time), used by the real-process fault-injection runs
 //!   (`kvs-e2e`) and the deterministic simulator (`kvs-sim`).
@@ -15,3 +16,4 @@ pub mod history;
 pub mod k8s_request;
 pub mod net;
 pub mod process;
+pub mod s3;

@@ -59,7 +59,7 @@ impl OperatorProcess {
     }
 }
 
-/// What an operator end-to-end test runs against: a fresh namespace with the CRD applied, the
+/// What an operator end-to-end test runs against: a fresh namespace with the CRDs applied, the
 /// stand-in kubelet, and one `kvs-operator run` process, on a loopback net of the test's own.
 /// Tests destructure it, binding every field (a field matched with `_` would be dropped at once:
 /// the volumes with `root`, the addresses with `net`); they are in the order they are dropped, last
@@ -82,9 +82,11 @@ impl OperatorEnv {
         let namespace = fresh_namespace(&client, prefix).await;
         let ns = namespace.name().to_owned();
         let root = tempfile::tempdir().expect("a temporary directory");
-        let crd = workspace_root().join("crds/kvstorecluster.yaml");
-        kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crd.to_str().expect("a UTF-8 path")]);
-        kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
+        let crds = workspace_root().join("crds");
+        kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().expect("a UTF-8 path")]);
+        for crd in ["kvstoreclusters", "kvstorebackups"] {
+            kubectl(&["wait", "--for=condition=established", &format!("crd/{crd}.kvstore.dev"), "--timeout=30s"]);
+        }
         let net = LoopbackNet::take();
         let opts =
             KubeletOptions { node_bin: node_binary(), root: root.path().to_owned(), address_prefix: net.prefix() };

@@ -1,7 +1,8 @@
 //! The user's workflow from the README's "On Kubernetes" section, end to end against a real API
 //! server: `helm install` the chart → the operator runs → `kubectl apply -f
-//! examples/cluster.yaml` → Available → `kubectl patch` to 6 replicas → rebalanced → `kubectl
-//! scale --replicas=2` → drained and shrunk → delete the cluster → `helm uninstall`.
+//! examples/cluster.yaml` → Available → a `KVStoreBackup` → Succeeded → `kubectl patch` to 6
+//! replicas → rebalanced → `kubectl scale --replicas=2` → drained and shrunk → delete the cluster
+//! → `helm uninstall`.
 //!
 //! The test server has no kubelet, so two stand-ins play its part: `kvs_e2e::kubelet` runs the node
 //! pods, and this test runs the operator the way the chart's Deployment describes it — its
@@ -27,7 +28,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 const KEYS: usize = 300;
-const CRD: &str = "customresourcedefinitions/kvstoreclusters.kvstore.dev";
+const CRDS: [&str; 2] =
+    ["customresourcedefinitions/kvstoreclusters.kvstore.dev", "customresourcedefinitions/kvstorebackups.kvstore.dev"];
 
 fn helm(args: &[&str]) -> String {
     let out = Command::new("helm")
@@ -38,19 +40,21 @@ fn helm(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Lets this release take over a CRD that an earlier test applied with kubectl (Helm refuses to
+/// Lets this release take over the CRDs that an earlier test applied with kubectl (Helm refuses to
 /// overwrite objects it does not own). On a fresh cluster there is nothing to adopt.
-fn adopt_existing_crd(release: &str, ns: &str) {
-    let exists = Command::new("kubectl").args(["get", CRD]).output().is_ok_and(|o| o.status.success());
-    if exists {
-        kubectl(&[
-            "annotate",
-            "--overwrite",
-            CRD,
-            &format!("meta.helm.sh/release-name={release}"),
-            &format!("meta.helm.sh/release-namespace={ns}"),
-        ]);
-        kubectl(&["label", "--overwrite", CRD, "app.kubernetes.io/managed-by=Helm"]);
+fn adopt_existing_crds(release: &str, ns: &str) {
+    for crd in CRDS {
+        let exists = Command::new("kubectl").args(["get", crd]).output().is_ok_and(|o| o.status.success());
+        if exists {
+            kubectl(&[
+                "annotate",
+                "--overwrite",
+                crd,
+                &format!("meta.helm.sh/release-name={release}"),
+                &format!("meta.helm.sh/release-namespace={ns}"),
+            ]);
+            kubectl(&["label", "--overwrite", crd, "app.kubernetes.io/managed-by=Helm"]);
+        }
     }
 }
 
@@ -135,9 +139,11 @@ async fn helm_install_then_create_scale_and_uninstall() {
     let root = tempfile::tempdir().unwrap();
 
     // helm install (the README's command, in this test's namespace).
-    adopt_existing_crd(release, &ns);
+    adopt_existing_crds(release, &ns);
     helm(&["install", release, chart.to_str().unwrap(), "--namespace", &ns]);
-    kubectl(&["wait", "--for=condition=established", "crd/kvstoreclusters.kvstore.dev", "--timeout=30s"]);
+    for crd in CRDS {
+        kubectl(&["wait", "--for=condition=established", crd, "--timeout=30s"]);
+    }
     let notes = helm(&["status", release, "--namespace", &ns]);
     assert!(notes.contains("kubectl get kvsc"), "NOTES tell the user what to do next:\n{notes}");
     let role: ClusterRole = Api::all(client.clone()).get(release).await.unwrap();
@@ -168,6 +174,21 @@ async fn helm_install_then_create_scale_and_uninstall() {
     wait_running(&ns, "demo", 4, 2, "the example cluster: 4 nodes, 2 partitions").await;
     write_keys(&pods, "demo", KEYS).await;
 
+    // A backup as a custom resource (to a directory: the operator runs on this machine) → Succeeded.
+    let backup = root.path().join("backup.yaml");
+    let destination = format!("file://{}/backups/demo", root.path().display());
+    let yaml = format!(
+        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreBackup\nmetadata:\n  name: first\nspec:\n  cluster: demo\n  \
+         destination: {destination}\n"
+    );
+    std::fs::write(&backup, yaml).unwrap();
+    kubectl(&["apply", "-n", &ns, "-f", backup.to_str().unwrap()]);
+    eventually("the backup succeeded", STEP, || async {
+        let phase = kubectl(&["get", "-n", &ns, "kvsb", "first", "-o", "jsonpath={.status.phase}"]);
+        (phase == "Succeeded").then_some(())
+    })
+    .await;
+
     // kubectl patch to 6 replicas → rebalanced.
     kubectl(&["patch", "-n", &ns, "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);
     wait_running(&ns, "demo", 6, 3, "6 nodes, 3 partitions").await;
@@ -196,7 +217,9 @@ async fn helm_install_then_create_scale_and_uninstall() {
     helm(&["uninstall", release, "--namespace", &ns]);
     assert!(Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(release).await.unwrap().is_none());
     assert!(Api::<ClusterRole>::all(client.clone()).get_opt(release).await.unwrap().is_none());
-    // The CRD stays (helm.sh/resource-policy: keep): uninstalling the operator never deletes data.
-    kubectl(&["get", CRD]);
+    // The CRDs stay (helm.sh/resource-policy: keep): uninstalling the operator never deletes data.
+    for crd in CRDS {
+        kubectl(&["get", crd]);
+    }
     kubelet.stop().await;
 }

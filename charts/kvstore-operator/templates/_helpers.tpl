@@ -89,12 +89,20 @@ RBAC rules: exactly operator/src/rbac.rs RULES, one rule per resource so the two
 operator watches; "leaderElection" is the Lease rule, scoped to the operator's own namespace.
 */}}
 {{- define "kvstore-operator.watchRules" -}}
-# The custom resource: watched; the finalizer is added and removed with a patch.
+# The custom resource: watched; the finalizer is added and removed with a patch; read by the
+# backup controller to find a backup's cluster.
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstoreclusters"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstoreclusters/status"]
+  verbs: ["patch"]
+# Backups: watched; their outcome is written to their status.
+- apiGroups: ["kvstore.dev"]
+  resources: ["kvstorebackups"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kvstore.dev"]
+  resources: ["kvstorebackups/status"]
   verbs: ["patch"]
 # Children: server-side applied, watched (owned), deleted on cleanup; the StatefulSet is also read.
 - apiGroups: ["apps"]

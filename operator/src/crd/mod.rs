@@ -1,11 +1,16 @@
-//! The `KVStoreCluster` custom resource (group `kvstore.dev`, version `v1alpha1`, short name
-//! `kvsc`). Every field's doc comment becomes its description in the CRD (`kubectl explain`).
+//! The custom resources (group `kvstore.dev`, version `v1alpha1`): `KVStoreCluster` (short name
+//! `kvsc`) here, the backup resources in [`backup`]. Every field's doc comment becomes its
+//! description in the CRD (`kubectl explain`); [`definitions`] lists every CRD with the file
+//! `crdgen` writes it to.
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+mod backup;
+pub use backup::*;
 
 /// A kvstore cluster: `replicas` nodes, cut into partitions of `replicationFactor` replicas.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -277,4 +282,12 @@ pub struct Condition {
     /// The generation the condition was computed for.
     #[serde(default)]
     pub observed_generation: i64,
+}
+
+/// Every CRD of the project, with the name of the file it is checked in as (under `crds/` and the
+/// chart's `files/`).
+pub fn definitions()
+-> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)> {
+    use kube::CustomResourceExt;
+    vec![("kvstorecluster.yaml", KVStoreCluster::crd()), ("kvstorebackup.yaml", KVStoreBackup::crd())]
 }
