@@ -8,8 +8,8 @@
 //! - `file:///abs/dir` or a plain path — a local directory (created when missing).
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 use std::sync::Arc;
@@ -140,6 +140,23 @@ impl Destination {
         if let Err(e) = self.store.delete(&self.path(name)).await {
             tracing::warn!(object = name, error = %e, "could not delete a failed backup's file");
         }
+    }
+
+    /// Deletes every object under this destination (a backup dropped by retention), the manifest
+    /// first, so that what is left of a backup interrupted midway is never taken for a whole one.
+    /// Returns how many objects were deleted.
+    pub async fn delete_all(&self) -> Result<usize, DestinationError> {
+        let listed: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&self.prefix)).try_collect().await.map_err(|e| self.err("", e))?;
+        let manifest = self.path(crate::format::MANIFEST);
+        let (first, rest): (Vec<_>, Vec<_>) = listed.into_iter().partition(|o| o.location == manifest);
+        for object in first.iter().chain(&rest) {
+            match self.store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(object.location.as_ref(), e)),
+            }
+        }
+        Ok(first.len() + rest.len())
     }
 
     /// A whole small object.

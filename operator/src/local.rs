@@ -3,7 +3,8 @@
 //! (`<address-base><ordinal+1>:8080`), each with its data under `<data-dir>/pod-<ordinal>`; the
 //! same rebalance driver as the controller ([`crate::rebalance::Driver`]) moves the data, with
 //! [`LocalBackend`] as its backend. The file is watched: edits to `replicas` or `replicationFactor`
-//! are applied with a progress display (stdout; logs go to stderr).
+//! are applied with a progress display (stdout; logs go to stderr). A `restoreFrom` in the file is
+//! restored once the cluster runs, as on Kubernetes ([`crate::backup::restore`]).
 //!
 //! Like a StatefulSet: pods have stable ordinals and identities, scaling removes the highest
 //! ordinals, and a pod's data directory outlives the process (so running again resumes). Unlike
@@ -222,6 +223,96 @@ pub struct LocalArgs {
     pub node_bin: Option<PathBuf>,
 }
 
+/// `spec.restoreFrom` in local mode: the same decision and runner as on Kubernetes, with the
+/// object store's settings from the environment (there are no Secrets), and the outcome
+/// remembered in `<data-dir>/restored-from` (a run of local mode has no status to keep it in), so
+/// running again does not restore again.
+struct LocalRestore {
+    source: crate::crd::RestoreSource,
+    status: crate::crd::RestoreStatus,
+    runs: crate::backup::access::Runs,
+    marker: PathBuf,
+}
+
+impl LocalRestore {
+    fn new(source: crate::crd::RestoreSource, data_dir: &Path) -> Self {
+        use crate::crd::{RestorePhase, RestoreStatus};
+        let marker = data_dir.join("restored-from");
+        let done = std::fs::read_to_string(&marker).is_ok_and(|url| url.trim() == source.url);
+        let phase = if done { RestorePhase::Succeeded } else { RestorePhase::Pending };
+        if source.credentials_secret.is_some() {
+            println!(
+                "  restoreFrom.credentialsSecret is a Kubernetes Secret: local mode reads the object store's settings from the environment"
+            );
+        }
+        let status = RestoreStatus { url: source.url.clone(), phase, ..Default::default() };
+        LocalRestore { source, status, runs: Default::default(), marker }
+    }
+
+    /// One step; returns a line to print when something changed.
+    fn step(&mut self, report: &StepReport) -> Option<String> {
+        use crate::backup::restore::{Next, decide};
+        use crate::crd::RestorePhase;
+        let obs = &report.observation;
+        let settled = obs.step == Step::Done
+            && obs.pods.iter().all(|p| p.ready)
+            && obs.status.as_ref().is_some_and(|s| s.layout.is_some() && s.pending_epoch.is_none());
+        let url = self.source.url.clone();
+        match decide(&self.source, Some(&self.status), self.runs.view(&url), settled) {
+            Next::Nothing | Next::WaitForCluster => None,
+            Next::Progress(progress) => {
+                let changed = self.status.progress.as_ref() != Some(&progress);
+                self.status.progress = Some(progress.clone());
+                changed.then(|| format!("  restoring from {url}: {progress}"))
+            }
+            Next::Finish(outcome) => {
+                self.runs.remove(&url);
+                Some(match outcome {
+                    Ok(m) => {
+                        self.status.phase = RestorePhase::Succeeded;
+                        if let Err(e) = std::fs::write(&self.marker, &url) {
+                            println!(
+                                "  could not write {}: {e} (running again would restore again)",
+                                self.marker.display()
+                            );
+                        }
+                        format!(
+                            "restored {} keys and {} deletions from {url}: the cluster is available",
+                            m.live_keys, m.tombstones
+                        )
+                    }
+                    Err(why) => {
+                        self.status.phase = RestorePhase::Failed;
+                        format!(
+                            "restoring from {url} failed: {why}\n  fix restoreFrom in the file (a new url starts over) or remove it"
+                        )
+                    }
+                })
+            }
+            Next::GiveUp => {
+                self.status.phase = RestorePhase::Failed;
+                Some(format!("restoring from {url} failed too often"))
+            }
+            Next::Start { attempt, overwrite } => {
+                let dest = match kvs_backup::Destination::open(&url) {
+                    Ok(dest) => dest,
+                    Err(e) => {
+                        self.status.phase = RestorePhase::Failed;
+                        return Some(format!("cannot restore from {url}: {e}"));
+                    }
+                };
+                let endpoints: Vec<String> = obs.pods.iter().map(|p| p.address.clone()).collect();
+                let cluster = kvs_backup::Cluster::new(endpoints, kvs_api::AdminClient::default());
+                self.runs.start(url.clone(), move |progress| async move {
+                    kvs_backup::restore(&cluster, &dest, overwrite, progress.as_ref()).await.map_err(|e| e.to_string())
+                });
+                (self.status.phase, self.status.attempts) = (RestorePhase::Running, attempt);
+                Some(format!("restoring from {url} (the cluster is not available until every key is in place)"))
+            }
+        }
+    }
+}
+
 fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Target, Policy)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let cluster: KVStoreCluster =
@@ -299,6 +390,7 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
     let mut last_line = String::new();
     let mut driver = Driver::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut restore = cluster.spec.restore_from.clone().map(|source| LocalRestore::new(source, &data_dir));
     // Created once, before any work: a signal that arrives while a step runs is kept, not lost.
     let stop = shutdown_signal();
     tokio::pin!(stop);
@@ -336,6 +428,9 @@ pub async fn run_local(a: LocalArgs) -> anyhow::Result<()> {
         }
         if let Action::ScaleFailed { error, .. } = &report.action {
             println!("scaling failed: {error:#}");
+        }
+        if let Some(line) = restore.as_mut().and_then(|r| r.step(&report)) {
+            println!("{line}");
         }
     }
     println!("stopping the nodes (data kept in {})", data_dir.display());

@@ -21,9 +21,12 @@ pub const RULES: &[Rule] = &[
     // backup controller to find a backup's cluster.
     Rule { group: "kvstore.dev", resource: "kvstoreclusters", verbs: &["get", "list", "watch", "patch"] },
     Rule { group: "kvstore.dev", resource: "kvstoreclusters/status", verbs: &["patch"] },
-    // Backups: watched; their outcome is written to their status.
-    Rule { group: "kvstore.dev", resource: "kvstorebackups", verbs: &["list", "watch"] },
+    // Backups: watched; their outcome is written to their status. Schedules create them
+    // (server-side apply) and delete the ones retention drops.
+    Rule { group: "kvstore.dev", resource: "kvstorebackups", verbs: &["list", "watch", "patch", "delete"] },
     Rule { group: "kvstore.dev", resource: "kvstorebackups/status", verbs: &["patch"] },
+    Rule { group: "kvstore.dev", resource: "kvstorebackupschedules", verbs: &["list", "watch"] },
+    Rule { group: "kvstore.dev", resource: "kvstorebackupschedules/status", verbs: &["patch"] },
     // Children: server-side applied, watched (owned), deleted on cleanup. The StatefulSet is also
     // read: its current size and the view its pod template carries.
     Rule { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "patch", "delete"] },

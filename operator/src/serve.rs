@@ -172,12 +172,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Both controllers stop on the same signal.
+    // The controllers stop on the same signal.
     let stop = futures::FutureExt::shared(Box::pin(stop));
     let backups = Arc::new(crate::backup::BackupContext::new(ctx.client.clone(), ctx.recorder.clone()));
     tokio::join!(
         controller::run(ctx, args.namespace.as_deref(), stop.clone()),
-        crate::backup::run(backups, args.namespace.as_deref(), stop),
+        crate::backup::run(backups.clone(), args.namespace.as_deref(), stop.clone()),
+        crate::backup::schedule::run(backups, args.namespace.as_deref(), stop),
     );
     if let Some(task) = task {
         let _ = task.await;

@@ -1,6 +1,7 @@
 //! `kvs-operator local` end to end: real node processes on loopback, driven by edits of the
 //! KVStoreCluster file — scale out, change K, scale in (each printing its capacity plan), stop,
-//! resume, pause and unpause — with every key checked.
+//! resume, pause and unpause — with every key checked; and a new cluster made from a backup
+//! (`restoreFrom`).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -163,4 +164,50 @@ async fn interrupt(op: &mut NodeProcess, data: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits (60 s at most) until the operator's output contains `line`; returns the output.
+async fn wait_for_line(data: &Path, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+        if log.contains(line) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in the operator's output within 60 s:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_makes_a_new_cluster_from_a_backup() {
+    let (a_net, b_net) = (LoopbackNet::take(), LoopbackNet::take());
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+
+    // A cluster with 100 keys, backed up to a directory.
+    let (a_spec, a_data) = (dir.path().join("a.yaml"), dir.path().join("a"));
+    write_spec(&a_spec, 4, 2);
+    let mut a = start(&a_net, &a_spec, &a_data);
+    wait_for_view(&a_net, 4, 2).await;
+    for i in 0..100 {
+        let r = http.put(format!("http://{}/v1/kv/k{i}", addr(&a_net, i % 4))).body(format!("v{i}")).send().await;
+        assert!(r.unwrap().status().is_success());
+    }
+    let url = format!("file://{}/backup", dir.path().display());
+    let endpoints = (0..4).map(|o| addr(&a_net, o)).collect();
+    let source = kvs_backup::Cluster::new(endpoints, kvs_api::AdminClient::default());
+    let dest = kvs_backup::Destination::open(&url).unwrap();
+    kvs_backup::backup(&source, &dest, &kvs_backup::BackupOptions::default(), &kvs_backup::Silent).await.unwrap();
+    interrupt(&mut a, &a_data).await;
+
+    // A new cluster of 3 nodes at K=3 from it: every key in place, said so, and remembered.
+    let (b_spec, b_data) = (dir.path().join("b.yaml"), dir.path().join("b"));
+    write_spec_with(&b_spec, 3, 3, &format!("  restoreFrom:\n    url: {url}\n"));
+    let mut b = start(&b_net, &b_spec, &b_data);
+    let log = wait_for_line(&b_data, "restored 100 keys and 0 deletions").await;
+    assert!(log.contains("the cluster is not available until every key is in place"), "{log}");
+    assert_keys(&b_net, &http, 3, 100).await;
+    assert_eq!(std::fs::read_to_string(b_data.join("t/restored-from")).unwrap(), url);
+    interrupt(&mut b, &b_data).await;
 }

@@ -84,7 +84,7 @@ impl OperatorEnv {
         let root = tempfile::tempdir().expect("a temporary directory");
         let crds = workspace_root().join("crds");
         kubectl(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().expect("a UTF-8 path")]);
-        for crd in ["kvstoreclusters", "kvstorebackups"] {
+        for crd in ["kvstoreclusters", "kvstorebackups", "kvstorebackupschedules"] {
             kubectl(&["wait", "--for=condition=established", &format!("crd/{crd}.kvstore.dev"), "--timeout=30s"]);
         }
         let net = LoopbackNet::take();

@@ -1,8 +1,8 @@
 //! The user's workflow from the README's "On Kubernetes" section, end to end against a real API
 //! server: `helm install` the chart → the operator runs → `kubectl apply -f
-//! examples/cluster.yaml` → Available → a `KVStoreBackup` → Succeeded → `kubectl patch` to 6
-//! replicas → rebalanced → `kubectl scale --replicas=2` → drained and shrunk → delete the cluster
-//! → `helm uninstall`.
+//! examples/cluster.yaml` → Available → a `KVStoreBackup` → Succeeded → a schedule's backups →
+//! `kubectl patch` to 6 replicas → rebalanced → `kubectl scale --replicas=2` → drained and shrunk
+//! → delete the cluster → `helm uninstall`.
 //!
 //! The test server has no kubelet, so two stand-ins play its part: `kvs_e2e::kubelet` runs the node
 //! pods, and this test runs the operator the way the chart's Deployment describes it — its
@@ -28,8 +28,11 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 const KEYS: usize = 300;
-const CRDS: [&str; 2] =
-    ["customresourcedefinitions/kvstoreclusters.kvstore.dev", "customresourcedefinitions/kvstorebackups.kvstore.dev"];
+const CRDS: [&str; 3] = [
+    "customresourcedefinitions/kvstoreclusters.kvstore.dev",
+    "customresourcedefinitions/kvstorebackups.kvstore.dev",
+    "customresourcedefinitions/kvstorebackupschedules.kvstore.dev",
+];
 
 fn helm(args: &[&str]) -> String {
     let out = Command::new("helm")
@@ -188,6 +191,21 @@ async fn helm_install_then_create_scale_and_uninstall() {
         (phase == "Succeeded").then_some(())
     })
     .await;
+
+    // A schedule (every second, keeping one): it creates backups and deletes the older ones.
+    let schedule = root.path().join("schedule.yaml");
+    let yaml = format!(
+        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreBackupSchedule\nmetadata:\n  name: often\nspec:\n  cluster: \
+         demo\n  schedule: \"* * * * * *\"\n  destination: {destination}-often\n  keep: 1\n"
+    );
+    std::fs::write(&schedule, yaml).unwrap();
+    kubectl(&["apply", "-n", &ns, "-f", schedule.to_str().unwrap()]);
+    eventually("the schedule deleted an older backup", STEP, || async {
+        let reasons = kubectl(&["get", "-n", &ns, "events.events.k8s.io", "-o", "custom-columns=R:.reason"]);
+        reasons.contains("BackupDeleted").then_some(())
+    })
+    .await;
+    kubectl(&["delete", "-n", &ns, "kvsbs", "often"]);
 
     // kubectl patch to 6 replicas → rebalanced.
     kubectl(&["patch", "-n", &ns, "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":6}}"#]);

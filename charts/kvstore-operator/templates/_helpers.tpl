@@ -97,12 +97,19 @@ operator watches; "leaderElection" is the Lease rule, scoped to the operator's o
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstoreclusters/status"]
   verbs: ["patch"]
-# Backups: watched; their outcome is written to their status.
+# Backups: watched; their outcome is written to their status. Schedules create them (server-side
+# apply) and delete the ones retention drops.
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstorebackups"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "patch", "delete"]
 - apiGroups: ["kvstore.dev"]
   resources: ["kvstorebackups/status"]
+  verbs: ["patch"]
+- apiGroups: ["kvstore.dev"]
+  resources: ["kvstorebackupschedules"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kvstore.dev"]
+  resources: ["kvstorebackupschedules/status"]
   verbs: ["patch"]
 # Children: server-side applied, watched (owned), deleted on cleanup; the StatefulSet is also read.
 - apiGroups: ["apps"]

@@ -20,7 +20,7 @@ pub mod build;
 pub mod status;
 pub mod validate;
 
-use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
+use crate::crd::{KVStoreCluster, KVStoreClusterStatus, RestorePhase, RestoreStatus};
 use crate::metrics::Metrics;
 use crate::rebalance::{self, Driver, NodeAdmin, Step, StepError, Target};
 use apply::KubeBackend;
@@ -75,12 +75,22 @@ pub struct Context {
     drivers: Mutex<HashMap<String, Driver>>,
     /// Consecutive failed reconciles, by `namespace/name` (for backoff).
     failures: Mutex<HashMap<String, u32>>,
+    /// The restores (`spec.restoreFrom`) this process runs.
+    restores: crate::backup::access::Runs,
 }
 
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, admin_for: AdminFactory) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
-        Context { client, recorder, metrics, admin_for, drivers: Mutex::default(), failures: Mutex::default() }
+        Context {
+            client,
+            recorder,
+            metrics,
+            admin_for,
+            drivers: Mutex::default(),
+            failures: Mutex::default(),
+            restores: Default::default(),
+        }
     }
 }
 
@@ -151,7 +161,8 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
                 publish(ctx, cluster, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
             let activity = Activity::Invalid(invalid.to_string());
-            write_status(cluster, ctx, &activity, None, None).await?;
+            let restore = cluster.status.as_ref().and_then(|s| s.restore.clone());
+            write_status(cluster, ctx, &activity, None, None, restore.as_ref()).await?;
             // Nothing to do until the spec changes.
             return Ok(Action::await_change());
         }
@@ -217,14 +228,26 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
         }
         rebalance::Action::AwaitViewChange { .. } | rebalance::Action::Nothing => {}
     }
+    // A restore asked for (spec.restoreFrom) runs once the cluster runs as its spec says.
+    let restore = match &cluster.spec.restore_from {
+        Some(source) => {
+            let settled = activity == Activity::Step(Step::Done)
+                && observation.pods.iter().all(|p| p.ready)
+                && observation.status.as_ref().is_some_and(|s| s.layout.is_some() && s.pending_epoch.is_none());
+            let runs = &ctx.restores;
+            Some(crate::backup::restore::step(&ctx.client, &ctx.recorder, runs, cluster, source, settled).await?)
+        }
+        None => None,
+    };
+    let restoring = restore.as_ref().is_some_and(|r| matches!(r.phase, RestorePhase::Pending | RestorePhase::Running));
     let deadline = Some((valid.spec.progress_deadline, valid.spec.policy.auto_replace));
-    let new_status =
-        write_status(cluster, ctx, &activity, Some((&valid.spec.target, deadline)), Some(&observation)).await?;
+    let spec = Some((&valid.spec.target, deadline));
+    let new_status = write_status(cluster, ctx, &activity, spec, Some(&observation), restore.as_ref()).await?;
     announce_stall(ctx, cluster, &new_status).await;
     // Something to wait on (even with nothing to do) is looked at often, so a stall is seen soon
     // after its deadline.
     Ok(match activity {
-        Activity::Step(Step::Done | Step::Paused { .. }) if new_status.waiting_for.is_none() => {
+        Activity::Step(Step::Done | Step::Paused { .. }) if new_status.waiting_for.is_none() && !restoring => {
             Action::requeue(IDLE_REQUEUE)
         }
         _ => Action::requeue(BUSY_REQUEUE),
@@ -253,6 +276,7 @@ async fn write_status(
     activity: &Activity,
     spec: Option<(&Target, Option<(Duration, bool)>)>,
     observation: Option<&rebalance::Observation>,
+    restore: Option<&RestoreStatus>,
 ) -> Result<KVStoreClusterStatus, Error> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let new: KVStoreClusterStatus = status::status(&Observed {
@@ -267,6 +291,7 @@ async fn write_status(
         deadline: spec.and_then(|s| s.1),
         now: &now,
         previous: cluster.status.as_ref(),
+        restore,
     });
     ctx.metrics.observe_cluster(&cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new);
     if cluster.status.as_ref() == Some(&new) {

@@ -2,7 +2,7 @@
 //! one reconcile observed. Conditions keep their `lastTransitionTime` while their status stays the
 //! same, so `kubectl describe` shows when a cluster really became (un)available.
 
-use crate::crd::{CapacityPlanStatus, Condition, KVStoreClusterStatus, RebalanceStatus};
+use crate::crd::{CapacityPlanStatus, Condition, KVStoreClusterStatus, RebalanceStatus, RestorePhase, RestoreStatus};
 use crate::rebalance::progress::{is_stalled, waiting_since};
 use crate::rebalance::{Blocker, CapacityPlan, Pod, Step, Target};
 use k8s_openapi::jiff::Timestamp;
@@ -39,6 +39,8 @@ pub struct Observed<'a> {
     /// Now, RFC 3339.
     pub now: &'a str,
     pub previous: Option<&'a KVStoreClusterStatus>,
+    /// The restore `spec.restoreFrom` asks for, where it stands (`None`: none asked for).
+    pub restore: Option<&'a RestoreStatus>,
 }
 
 /// How long ago `since` (RFC 3339) was, seen from `now`; zero when either does not parse.
@@ -65,12 +67,35 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
                 "PartitionUnavailable",
                 format!("no replica of partition {p} is ready"),
             ),
-            None => cond(
-                ConditionType::Available,
-                true,
-                "AllPartitionsServing",
-                format!("{} partitions, each with a ready replica", l.partitions.len()),
-            ),
+            None => match o.restore.map(|r| (r.phase, r)) {
+                // A cluster made from a backup is available once the backup is in place.
+                Some((RestorePhase::Pending | RestorePhase::Running, r)) => cond(
+                    ConditionType::Available,
+                    false,
+                    "Restoring",
+                    format!(
+                        "restoring {}: {}",
+                        r.url,
+                        r.progress.as_deref().or(r.message.as_deref()).unwrap_or("starting")
+                    ),
+                ),
+                Some((RestorePhase::Failed, r)) => cond(
+                    ConditionType::Available,
+                    false,
+                    "RestoreFailed",
+                    format!(
+                        "restoring {} failed: {}; fix spec.restoreFrom (a new url starts over) or remove it",
+                        r.url,
+                        r.message.as_deref().unwrap_or("no reason given")
+                    ),
+                ),
+                Some((RestorePhase::Succeeded, _)) | None => cond(
+                    ConditionType::Available,
+                    true,
+                    "AllPartitionsServing",
+                    format!("{} partitions, each with a ready replica", l.partitions.len()),
+                ),
+            },
         },
     };
     let progressing = match o.activity {
@@ -214,6 +239,7 @@ pub fn status(o: &Observed) -> KVStoreClusterStatus {
         waiting_for: waiting.as_ref().map(|w| w.0.clone()),
         waiting_since: waiting.map(|w| w.1),
         capacity_plan: o.capacity.map(capacity_status),
+        restore: o.restore.cloned(),
     }
 }
 
@@ -324,6 +350,7 @@ mod tests {
             deadline: Some((Duration::from_secs(600), true)),
             now: "T1",
             previous: None,
+            restore: None,
         }
     }
 
@@ -345,6 +372,33 @@ mod tests {
         assert_eq!(condition(&s, ConditionType::Progressing).reason, "InSync");
         assert_eq!(condition(&s, ConditionType::Degraded).status, ConditionStatus::False);
         assert_eq!((s.observed_generation, s.members.len(), s.rebalance.is_none()), (3, 5, true));
+    }
+
+    #[test]
+    fn a_cluster_from_a_backup_is_available_only_once_the_backup_is_in_place() {
+        let (ps, ns) = (pods(5, 5), nodes(5, 2, false));
+        let activity = Activity::Step(Step::Done);
+        let available = |phase: RestorePhase| {
+            let r = RestoreStatus {
+                url: "s3://b/1".into(),
+                phase,
+                progress: Some("restoring 5/10".into()),
+                ..Default::default()
+            };
+            let s = status(&Observed { restore: Some(&r), ..observe(&activity, &ps, Some(&ns), &SPEC) });
+            assert_eq!(s.restore.as_ref(), Some(&r), "the restore is reported");
+            condition(&s, ConditionType::Available).clone()
+        };
+        for (phase, reason) in [
+            (RestorePhase::Pending, "Restoring"),
+            (RestorePhase::Running, "Restoring"),
+            (RestorePhase::Failed, "RestoreFailed"),
+        ] {
+            let c = available(phase);
+            assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, reason), "{phase:?}");
+            assert!(c.message.contains("s3://b/1"), "{}", c.message);
+        }
+        assert_eq!(available(RestorePhase::Succeeded).status, ConditionStatus::True);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The backup resources: `KVStoreBackup` (short name `kvsb`), one backup of a cluster, taken
-//! once by the operator (`crate::backup`).
+//! once by the operator (`crate::backup`); `KVStoreBackupSchedule` (short name `kvsbs`), which
+//! creates backups on a cron schedule and keeps the newest few (`crate::backup::schedule`); and
+//! the restore a `KVStoreCluster` asks for (`spec.restoreFrom`, `status.restore`).
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -42,6 +44,10 @@ pub struct KVStoreBackupSpec {
     /// environment (e.g. a workload identity) is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// Once written, read the backup back and check every checksum and count (as `kvsctl backup
+    /// verify`); the backup succeeds only if it verifies, and `status.lastVerified` says when.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 /// Where a backup is.
@@ -97,7 +103,143 @@ pub struct KVStoreBackupStatus {
     /// Attempts made (an operator restart during a backup starts it again, up to 3 times).
     #[serde(default)]
     pub attempts: i32,
+    /// When the backup was last read back and found whole (with `spec.verify`; RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<String>,
     /// What is waited on, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A backup to load into a new cluster (`KVStoreCluster.spec.restoreFrom`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.url.size() > 0", "message": "restoreFrom.url must be a backup's URL (a KVStoreBackup's destination)"},
+]))]
+pub struct RestoreSource {
+    /// Where the backup is: a `KVStoreBackup`'s `destination` (`s3://bucket/prefix`, `gs://…`,
+    /// `az://…`, `file:///dir`).
+    pub url: String,
+    /// A Secret in the same namespace with the object store's settings, as for a `KVStoreBackup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Restore into a cluster that already holds keys: the backup's keys merge with them, the
+    /// newer version of each key winning. Without it such a restore is refused.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// Where a restore stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RestorePhase {
+    /// Waiting for the cluster to run (every pod ready, a view, no view change under way).
+    #[default]
+    Pending,
+    /// Loading the backup.
+    Running,
+    /// Every key of the backup is in place.
+    Succeeded,
+    /// Not restored (`message` says why and what to do).
+    Failed,
+}
+
+/// What the operator reports about `spec.restoreFrom`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The backup this describes (a new `spec.restoreFrom.url` starts over).
+    pub url: String,
+    #[serde(default)]
+    pub phase: RestorePhase,
+    /// The stage (`verifying`, `restoring`) and records done of those expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Live keys and deletions restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletions: Option<i64>,
+    /// Runs started (an operator restart during a restore starts it again, up to 3 times).
+    #[serde(default)]
+    pub attempts: i32,
+    /// When it finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// What is waited on, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Backups of a `KVStoreCluster` on a schedule: at each time the cron expression names, the
+/// operator creates a `KVStoreBackup` (owned by the schedule) under `destination`, verifies it, and
+/// deletes the oldest beyond `keep` (the resource and its files).
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "kvstore.dev",
+    version = "v1alpha1",
+    kind = "KVStoreBackupSchedule",
+    namespaced,
+    shortname = "kvsbs",
+    status = "KVStoreBackupScheduleStatus",
+    printcolumn = r#"{"name":"Cluster","type":"string","jsonPath":".spec.cluster"}"#,
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspend","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last Backup","type":"string","jsonPath":".status.lastBackup"}"#,
+    printcolumn = r#"{"name":"Last Verified","type":"date","jsonPath":".status.lastVerified"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.cluster.size() > 0", "message": "cluster must name a KVStoreCluster"},
+    {"rule": "self.destination.size() > 0", "message": "destination must be a URL (s3://bucket/prefix, gs://…, az://…, file:///dir)"},
+    {"rule": "self.keep >= 1", "message": "keep must be at least 1"},
+]))]
+pub struct KVStoreBackupScheduleSpec {
+    /// The KVStoreCluster to back up, in the same namespace.
+    pub cluster: String,
+    /// When to take a backup: a cron expression in UTC, five fields (`minute hour day-of-month
+    /// month day-of-week`, e.g. `0 3 * * *` for 03:00 every day) or six with seconds first. A
+    /// time missed while the operator was down is taken once when it is back (only the latest).
+    pub schedule: String,
+    /// Where backups go: each one under `<destination>/<schedule name>-<time, e.g.
+    /// 20261203t030000z>`. Same URL kinds as a `KVStoreBackup`'s destination.
+    pub destination: String,
+    /// A Secret with the object store's settings, as for a `KVStoreBackup`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// Succeeded backups to keep: older ones, and failed ones older than the newest success, are
+    /// deleted with their files.
+    #[serde(default = "default_keep")]
+    pub keep: i32,
+    /// Take no new backups (those running finish; retention still applies).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_keep() -> i32 {
+    7
+}
+
+/// What the operator reports about a schedule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KVStoreBackupScheduleStatus {
+    /// The scheduled time of the newest backup created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// The next time a backup is due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// The newest backup created, and the newest that succeeded (`KVStoreBackup` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_backup: Option<String>,
+    /// When the newest verified backup was verified (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified: Option<String>,
+    /// Why the schedule cannot run (an invalid cron expression), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

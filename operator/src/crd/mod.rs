@@ -4,6 +4,7 @@
 //! `crdgen` writes it to.
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,12 @@ pub struct KVStoreClusterSpec {
     /// the `Stalled` condition says which pod to replace by hand.
     #[serde(default = "default_true")]
     pub auto_replace: bool,
+    /// Load a backup into the cluster once it first runs (a new cluster from a backup): the
+    /// operator restores it when every pod is ready, and the cluster becomes `Available` only when
+    /// every key of the backup is in place (`status.restore`). A cluster that already holds keys
+    /// is refused unless `overwrite` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSource>,
 }
 
 impl KVStoreClusterSpec {
@@ -119,6 +126,7 @@ impl KVStoreClusterSpec {
             paused: false,
             progress_deadline_seconds: default_progress_deadline_seconds(),
             auto_replace: true,
+            restore_from: None,
         }
     }
 }
@@ -219,6 +227,9 @@ pub struct KVStoreClusterStatus {
     /// each node would hold, and whether that fits the pods' volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_plan: Option<CapacityPlanStatus>,
+    /// The restore asked for by `spec.restoreFrom`, if any: where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
 }
 
 /// What a change would make each node hold (see `docs/operations.md`, "Capacity").
@@ -286,8 +297,11 @@ pub struct Condition {
 
 /// Every CRD of the project, with the name of the file it is checked in as (under `crds/` and the
 /// chart's `files/`).
-pub fn definitions()
--> Vec<(&'static str, k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition)> {
+pub fn definitions() -> Vec<(&'static str, CustomResourceDefinition)> {
     use kube::CustomResourceExt;
-    vec![("kvstorecluster.yaml", KVStoreCluster::crd()), ("kvstorebackup.yaml", KVStoreBackup::crd())]
+    vec![
+        ("kvstorecluster.yaml", KVStoreCluster::crd()),
+        ("kvstorebackup.yaml", KVStoreBackup::crd()),
+        ("kvstorebackupschedule.yaml", KVStoreBackupSchedule::crd()),
+    ]
 }

@@ -1,5 +1,8 @@
 //! The `KVStoreBackup` controller: takes each backup once, with the same runner as
-//! `kvsctl backup` (`kvs-backup`), in the operator process, and records the outcome.
+//! `kvsctl backup` (`kvs-backup`), in the operator process (and, with `spec.verify`, reads it
+//! back as `kvsctl backup verify` does), and records the outcome. Beside it: [`schedule`]
+//! (backups on a cron schedule, with retention), [`restore`] (`KVStoreCluster.spec.restoreFrom`)
+//! and [`access`] (what they share: runs in flight, finding pods, tokens and credentials).
 //!
 //! What to do next is a pure decision ([`decide`]) from the resource's status and the run this
 //! process has in flight for it, if any; the rest is I/O: finding the cluster's pods and token,
@@ -13,20 +16,21 @@
 //!   and it is written last.
 
 use crate::controller::apply::MANAGER;
-use crate::controller::build::{PORT, TOKEN_KEY, identity, ordinal_of, selector_string, token_secret_name};
 use crate::crd::{BackupPhase, KVStoreBackup, KVStoreBackupStatus, KVStoreCluster};
+use access::{Access, Outcome, RunView, Runs};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+pub mod access;
+pub mod restore;
+pub mod schedule;
 
 /// Runs of one backup in all, across operator restarts.
 pub const MAX_ATTEMPTS: i32 = 3;
@@ -35,38 +39,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How often a pending backup looks again for its cluster.
 const PENDING_EVERY: Duration = Duration::from_secs(5);
 
-/// What a run in flight reports.
-#[derive(Default)]
-pub struct RunProgress {
-    expected: AtomicU64,
-    read: AtomicU64,
-}
-
-impl kvs_backup::Progress for RunProgress {
-    fn stage(&self, _: &str, total: u64) {
-        self.expected.store(total, Ordering::Relaxed);
-    }
-    fn advance(&self, records: u64) {
-        self.read.fetch_add(records, Ordering::Relaxed);
-    }
-}
-
-/// The run this process has for a backup, as [`decide`] sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum RunView {
-    Running { read: u64, expected: u64 },
-    Finished(Result<kvs_backup::Manifest, String>),
-}
-
 /// The next thing to do for a backup.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Next {
     /// It is over.
     Nothing,
     /// Report the run's progress.
-    Progress { read: u64, expected: u64 },
+    Progress(String),
     /// Record the run's outcome.
-    Finish(Result<kvs_backup::Manifest, String>),
+    Finish(Outcome),
     /// Start a run (this is attempt `attempt`).
     Start { attempt: i32 },
     /// Runs were lost to restarts too often: fail it.
@@ -80,34 +61,24 @@ pub fn decide(status: &KVStoreBackupStatus, run: Option<RunView>) -> Next {
     }
     match run {
         Some(RunView::Finished(outcome)) => Next::Finish(outcome),
-        Some(RunView::Running { read, expected }) => Next::Progress { read, expected },
+        Some(RunView::Running { progress }) => Next::Progress(progress),
         None if status.attempts >= MAX_ATTEMPTS => Next::GiveUp,
         None => Next::Start { attempt: status.attempts + 1 },
     }
-}
-
-struct Run {
-    progress: Arc<RunProgress>,
-    outcome: Arc<Mutex<Option<Result<kvs_backup::Manifest, String>>>>,
 }
 
 /// State shared by the backup reconciles.
 pub struct BackupContext {
     pub client: Client,
     pub recorder: Recorder,
-    /// Runs in flight or finished but not yet recorded, by `namespace/name/uid`. `std` lock,
-    /// never held across `.await`.
-    runs: Mutex<HashMap<String, Run>>,
+    /// Runs in flight or finished but not yet recorded, by `namespace/name/uid`.
+    runs: Runs,
 }
 
 impl BackupContext {
     pub fn new(client: Client, recorder: Recorder) -> Self {
-        BackupContext { client, recorder, runs: Mutex::default() }
+        BackupContext { client, recorder, runs: Runs::default() }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn key(b: &KVStoreBackup) -> String {
@@ -137,30 +108,16 @@ async fn write_status(ctx: &BackupContext, backup: &KVStoreBackup, status: &KVSt
 }
 
 async fn publish(ctx: &BackupContext, backup: &KVStoreBackup, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &backup.object_ref(&())).await {
-        tracing::warn!(backup = %backup.name_any(), error = %e, "could not publish an event");
-    }
-}
-
-fn progress_text(read: u64, expected: u64) -> String {
-    format!("{read}/{expected}")
+    access::publish(&ctx.recorder, backup, type_, reason, note).await;
 }
 
 /// Reconciles one backup.
 pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> Result<Action, Error> {
     let mut status = backup.status.clone().unwrap_or_default();
-    let run = lock(&ctx.runs).get(&key(&backup)).map(|r| match lock(&r.outcome).clone() {
-        Some(outcome) => RunView::Finished(outcome),
-        None => RunView::Running {
-            read: r.progress.read.load(Ordering::Relaxed),
-            expected: r.progress.expected.load(Ordering::Relaxed),
-        },
-    });
-    match decide(&status, run) {
+    match decide(&status, ctx.runs.view(&key(&backup))) {
         Next::Nothing => Ok(Action::await_change()),
-        Next::Progress { read, expected } => {
-            let progress = Some(progress_text(read, expected));
+        Next::Progress(progress) => {
+            let progress = Some(progress);
             if status.progress != progress || status.phase != BackupPhase::Running {
                 (status.phase, status.progress) = (BackupPhase::Running, progress);
                 write_status(&ctx, &backup, &status).await?;
@@ -172,7 +129,7 @@ pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> R
             match outcome {
                 Ok(m) => {
                     status.phase = BackupPhase::Succeeded;
-                    status.progress = Some(progress_text(m.records, m.records));
+                    status.progress = Some(format!("{}/{}", m.records, m.records));
                     (status.keys, status.deletions) = (Some(m.live_keys as i64), Some(m.tombstones as i64));
                     (status.bytes, status.cut) = (Some(m.bytes as i64), Some(m.cut as i64));
                     status.view_epoch = Some(m.view_epoch as i64);
@@ -182,6 +139,9 @@ pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> R
                         kvs_backup::format::MANIFEST
                     ));
                     status.message = None;
+                    if backup.spec.verify {
+                        status.last_verified = status.completion_time.clone();
+                    }
                     write_status(&ctx, &backup, &status).await?;
                     let note =
                         format!("{} keys, {} deletions, {} bytes at cut {}", m.live_keys, m.tombstones, m.bytes, m.cut);
@@ -193,7 +153,7 @@ pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> R
                     publish(&ctx, &backup, EventType::Warning, "BackupFailed", why).await;
                 }
             }
-            lock(&ctx.runs).remove(&key(&backup));
+            ctx.runs.remove(&key(&backup));
             Ok(Action::await_change())
         }
         Next::GiveUp => {
@@ -206,20 +166,20 @@ pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> R
             Ok(Action::await_change())
         }
         Next::Start { attempt } => match prepare(&ctx, &backup).await? {
-            Prepared::Wait(why) => {
+            Access::Wait(why) => {
                 if status.message.as_deref() != Some(why.as_str()) {
                     (status.phase, status.message) = (BackupPhase::Pending, Some(why));
                     write_status(&ctx, &backup, &status).await?;
                 }
                 Ok(Action::requeue(PENDING_EVERY))
             }
-            Prepared::Invalid(why) => {
+            Access::Invalid(why) => {
                 (status.phase, status.message) = (BackupPhase::Failed, Some(why.clone()));
                 write_status(&ctx, &backup, &status).await?;
                 publish(&ctx, &backup, EventType::Warning, "BackupFailed", why).await;
                 Ok(Action::await_change())
             }
-            Prepared::Ready { cluster, dest } => {
+            Access::Ready((cluster, dest)) => {
                 start(&ctx, &backup, cluster, dest);
                 status.phase = BackupPhase::Running;
                 status.attempts = attempt;
@@ -235,80 +195,46 @@ pub async fn reconcile(backup: Arc<KVStoreBackup>, ctx: Arc<BackupContext>) -> R
     }
 }
 
-enum Prepared {
-    /// Not yet (and why): the cluster or its pods are not there.
-    Wait(String),
-    /// Never: the destination or its credentials are wrong.
-    Invalid(String),
-    Ready {
-        cluster: kvs_backup::Cluster,
-        dest: kvs_backup::Destination,
-    },
-}
-
 /// Finds what a run needs: the cluster's running pods and token, the destination.
-async fn prepare(ctx: &BackupContext, backup: &KVStoreBackup) -> Result<Prepared, Error> {
+async fn prepare(
+    ctx: &BackupContext,
+    backup: &KVStoreBackup,
+) -> Result<Access<(kvs_backup::Cluster, kvs_backup::Destination)>, Error> {
     let ns = backup.namespace().ok_or_else(|| Error::NotNamespaced(backup.name_any()))?;
     let name = &backup.spec.cluster;
     let clusters: Api<KVStoreCluster> = Api::namespaced(ctx.client.clone(), &ns);
     if clusters.get_opt(name).await?.is_none() {
-        return Ok(Prepared::Wait(format!("waiting for KVStoreCluster {name:?} in namespace {ns:?} to exist")));
+        return Ok(Access::Wait(format!("waiting for KVStoreCluster {name:?} in namespace {ns:?} to exist")));
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let token = secrets
-        .get_opt(&token_secret_name(name))
-        .await?
-        .and_then(|s| s.data?.get(TOKEN_KEY).and_then(|b| String::from_utf8(b.0.clone()).ok()));
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let listed = pods.list(&ListParams::default().labels(&selector_string(name))).await?;
-    // Members are called at their pods' IPs, as the cluster controller calls them: the operator
-    // may run where the pods' DNS names do not resolve.
-    let mut addresses = HashMap::new();
-    for pod in &listed.items {
-        let status = pod.status.as_ref();
-        let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
-        let (Some(ordinal), Some(ip)) = (ordinal_of(name, &pod.name_any()), status.and_then(|s| s.pod_ip.as_ref()))
-        else {
-            continue;
-        };
-        if running {
-            addresses.insert(identity(name, &ns, ordinal), format!("{ip}:{PORT}"));
-        }
-    }
-    if addresses.is_empty() {
-        return Ok(Prepared::Wait(format!("waiting for a running pod of KVStoreCluster {name:?}")));
-    }
-    let mut options = Vec::new();
-    if let Some(secret) = &backup.spec.credentials_secret {
-        let Some(found) = secrets.get_opt(secret).await? else {
-            return Ok(Prepared::Wait(format!("waiting for the credentials Secret {secret:?}")));
-        };
-        for (k, v) in found.data.unwrap_or_default() {
-            match String::from_utf8(v.0) {
-                Ok(v) => options.push((k, v)),
-                Err(_) => return Ok(Prepared::Invalid(format!("key {k:?} of Secret {secret:?} is not text"))),
-            }
-        }
-    }
-    let dest = match kvs_backup::Destination::open_with(&backup.spec.destination, &options) {
-        Ok(dest) => dest,
-        Err(e) => return Ok(Prepared::Invalid(e.to_string())),
+    let cluster = match access::cluster_access(&ctx.client, &ns, name).await? {
+        Access::Ready(c) => c,
+        Access::Wait(why) => return Ok(Access::Wait(why)),
+        Access::Invalid(why) => return Ok(Access::Invalid(why)),
     };
-    let endpoints = addresses.values().cloned().collect();
-    let cluster = kvs_backup::Cluster { endpoints, admin: kvs_api::AdminClient::new(token), addresses };
-    Ok(Prepared::Ready { cluster, dest })
+    let spec = &backup.spec;
+    Ok(
+        match access::open_destination(&ctx.client, &ns, &spec.destination, spec.credentials_secret.as_deref()).await? {
+            Access::Ready(dest) => Access::Ready((cluster, dest)),
+            Access::Wait(why) => Access::Wait(why),
+            Access::Invalid(why) => Access::Invalid(why),
+        },
+    )
 }
 
 /// Runs the backup in the background; its outcome waits in the context for the next reconcile.
 fn start(ctx: &BackupContext, backup: &KVStoreBackup, cluster: kvs_backup::Cluster, dest: kvs_backup::Destination) {
-    let run = Run { progress: Arc::default(), outcome: Arc::default() };
-    let (progress, outcome) = (run.progress.clone(), run.outcome.clone());
     let options = kvs_backup::BackupOptions { cluster_name: Some(backup.spec.cluster.clone()), ..Default::default() };
-    tokio::spawn(async move {
-        let result = kvs_backup::backup(&cluster, &dest, &options, progress.as_ref()).await;
-        *lock(&outcome) = Some(result.map_err(|e| e.to_string()));
+    let verify = backup.spec.verify;
+    ctx.runs.start(key(backup), move |progress| async move {
+        let manifest =
+            kvs_backup::backup(&cluster, &dest, &options, progress.as_ref()).await.map_err(|e| e.to_string())?;
+        if verify {
+            kvs_backup::verify(&dest, progress.as_ref())
+                .await
+                .map_err(|e| format!("the backup was written but does not verify: {e}"))?;
+        }
+        Ok(manifest)
     });
-    lock(&ctx.runs).insert(key(backup), run);
 }
 
 pub fn error_policy(backup: Arc<KVStoreBackup>, error: &Error, _ctx: Arc<BackupContext>) -> Action {
@@ -348,8 +274,8 @@ mod tests {
     #[test]
     fn a_backup_is_taken_once_and_a_lost_run_is_started_again_a_bounded_number_of_times() {
         assert_eq!(decide(&status(BackupPhase::Pending, 0), None), Next::Start { attempt: 1 });
-        let running = RunView::Running { read: 5, expected: 10 };
-        assert_eq!(decide(&status(BackupPhase::Running, 1), Some(running)), Next::Progress { read: 5, expected: 10 });
+        let running = RunView::Running { progress: "5/10".into() };
+        assert_eq!(decide(&status(BackupPhase::Running, 1), Some(running)), Next::Progress("5/10".into()));
         let failed = RunView::Finished(Err("no".into()));
         assert_eq!(decide(&status(BackupPhase::Running, 1), Some(failed)), Next::Finish(Err("no".into())));
         // The operator restarted: this process has no run for it.
@@ -357,7 +283,7 @@ mod tests {
         assert_eq!(decide(&status(BackupPhase::Running, MAX_ATTEMPTS), None), Next::GiveUp);
         for done in [BackupPhase::Succeeded, BackupPhase::Failed] {
             assert_eq!(decide(&status(done, 1), None), Next::Nothing);
-            assert_eq!(decide(&status(done, 1), Some(RunView::Running { read: 0, expected: 0 })), Next::Nothing);
+            assert_eq!(decide(&status(done, 1), Some(RunView::Running { progress: String::new() })), Next::Nothing);
         }
     }
 }
