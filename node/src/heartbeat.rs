@@ -220,16 +220,42 @@ struct Resolver {
     wanted: mpsc::Sender<String>,
 }
 
+/// Where the lookup thread learns which names to look up, and looks them up.
+trait Names: Send + 'static {
+    /// The peers to watch; `None` once the node is gone (the thread ends).
+    fn watched(&self) -> Option<Vec<String>>;
+    /// `name`'s address now, if it has one (may block).
+    fn lookup(&self, name: &str) -> Option<SocketAddr>;
+}
+
+/// A node's peers, through its hosts file, then the system resolver. Held weakly: a lookup
+/// thread never keeps a stopped node (and its open store) alive.
+impl Names for Weak<Node> {
+    fn watched(&self) -> Option<Vec<String>> {
+        Some(self.upgrade()?.peers_to_watch())
+    }
+
+    fn lookup(&self, name: &str) -> Option<SocketAddr> {
+        let from_hosts = self.upgrade()?.resolve_peer(name);
+        from_hosts.or_else(|| name.to_socket_addrs().ok()?.next())
+    }
+}
+
 impl Resolver {
     fn start(node: &Arc<Node>) -> std::io::Result<Self> {
+        Self::start_with(Arc::downgrade(node))
+    }
+
+    fn start_with(names: impl Names) -> std::io::Result<Self> {
         let table = Arc::new(Mutex::new(HashMap::new()));
         let (wanted, requests) = mpsc::channel();
-        let (node, shared) = (Arc::downgrade(node), table.clone());
-        std::thread::Builder::new().name("kvs-resolve".into()).spawn(move || Self::run(&node, &shared, &requests))?;
+        let shared = table.clone();
+        std::thread::Builder::new().name("kvs-resolve".into()).spawn(move || Self::run(&names, &shared, &requests))?;
         Ok(Resolver { table, wanted })
     }
 
-    /// `peer`'s address as last looked up; `None` (and a lookup asked for) if it has none.
+    /// `peer`'s address as last looked up; `None` (and a lookup asked for) if it has none. Never
+    /// waits for a lookup.
     fn address_of(&self, peer: &str) -> Option<SocketAddr> {
         let found = lock(&self.table).get(peer).copied();
         if found.is_none() {
@@ -238,26 +264,23 @@ impl Resolver {
         found
     }
 
-    fn run(node: &Weak<Node>, table: &Mutex<HashMap<String, SocketAddr>>, requests: &mpsc::Receiver<String>) {
+    fn run(names: &impl Names, table: &Mutex<HashMap<String, SocketAddr>>, requests: &mpsc::Receiver<String>) {
         let mut next_round = Instant::now();
         loop {
             let wait = next_round.saturating_duration_since(Instant::now());
             // Asked-for names come once per heartbeat while unresolved: look each up once.
-            let names: BTreeSet<String> = match requests.recv_timeout(wait) {
+            let batch: BTreeSet<String> = match requests.recv_timeout(wait) {
                 Ok(first) => std::iter::once(first).chain(requests.try_iter()).collect(),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     next_round = Instant::now() + RESOLVE_EVERY;
-                    let Some(node) = node.upgrade() else { return };
-                    let peers = node.peers_to_watch();
+                    let Some(peers) = names.watched() else { return };
                     lock(table).retain(|p, _| peers.contains(p));
                     peers.into_iter().collect()
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             };
-            for name in names {
-                let Some(node) = node.upgrade() else { return };
-                let addr = node.resolve_peer(&name).or_else(|| name.to_socket_addrs().ok()?.next());
-                drop(node);
+            for name in batch {
+                let addr = names.lookup(&name);
                 let mut table = lock(table);
                 match addr {
                     Some(a) => table.insert(name, a),
@@ -328,6 +351,45 @@ pub async fn run_http(node: Arc<Node>, mode: HttpHeartbeats, shutdown: impl Futu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names whose lookups block until the test lets them through.
+    struct GatedNames {
+        gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Names for GatedNames {
+        fn watched(&self) -> Option<Vec<String>> {
+            Some(vec!["peer:1".into()])
+        }
+        fn lookup(&self, _: &str) -> Option<SocketAddr> {
+            let (open, changed) = &*self.gate;
+            let mut open = lock(open);
+            while !*open {
+                open = changed.wait(open).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            Some(SocketAddr::from(([127, 0, 0, 1], 1)))
+        }
+    }
+
+    /// Regression (the day-2 roll under CI load): the heartbeat thread looked names up itself, so
+    /// a lookup that hung (a pod out of cluster DNS while it restarts) stopped it from answering
+    /// pings and then had it judge every peer silent at once. A lookup now never holds it up: with
+    /// the lookup blocked, asking for the address answers at once (none yet), and once the lookup
+    /// is let through the address is there.
+    #[test]
+    fn a_hanging_lookup_never_holds_up_the_heartbeat_thread() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let resolver = Resolver::start_with(GatedNames { gate: gate.clone() }).unwrap();
+        for _ in 0..3 {
+            assert_eq!(resolver.address_of("peer:1"), None, "no address while the lookup hangs");
+        }
+        *lock(&gate.0) = true;
+        gate.1.notify_all();
+        while resolver.address_of("peer:1").is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(resolver.address_of("peer:1"), Some(SocketAddr::from(([127, 0, 0, 1], 1))));
+    }
 
     #[test]
     fn beats_round_trip_and_forged_ones_are_dropped() {

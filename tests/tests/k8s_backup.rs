@@ -112,6 +112,10 @@ async fn backups_through_custom_resources() {
         assert!(table.contains(column), "kubectl get kvsb shows {column}:\n{table}");
     }
 
+    // The examples users start from are valid resources.
+    let examples = kvs_e2e::kvsc::workspace_root().join("examples/backup.yaml");
+    kubectl(&["-n", &ns, "apply", "--dry-run=server", "-f", examples.to_str().unwrap()]);
+
     // Backups are never overwritten: a second one to the same place fails, the first still verifies.
     apply(&ns, root.path(), "again", &backup_yaml("again", "demo", &directory, None));
     let s = finished(&ns, "again").await;

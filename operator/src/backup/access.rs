@@ -161,6 +161,26 @@ pub async fn open_destination(
     })
 }
 
+/// Both: the cluster `name` to read from or write to, and the object store at `url`.
+pub async fn cluster_and_destination(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    url: &str,
+    credentials: Option<&str>,
+) -> Result<Access<(kvs_backup::Cluster, kvs_backup::Destination)>, kube::Error> {
+    let cluster = match cluster_access(client, ns, name).await? {
+        Access::Ready(c) => c,
+        Access::Wait(why) => return Ok(Access::Wait(why)),
+        Access::Invalid(why) => return Ok(Access::Invalid(why)),
+    };
+    Ok(match open_destination(client, ns, url, credentials).await? {
+        Access::Ready(dest) => Access::Ready((cluster, dest)),
+        Access::Wait(why) => Access::Wait(why),
+        Access::Invalid(why) => Access::Invalid(why),
+    })
+}
+
 /// Publishes an Event about `object` (failures are logged, never fatal).
 pub async fn publish<K>(recorder: &Recorder, object: &K, type_: EventType, reason: &str, note: String)
 where

@@ -206,19 +206,9 @@ async fn prepare(
     if clusters.get_opt(name).await?.is_none() {
         return Ok(Access::Wait(format!("waiting for KVStoreCluster {name:?} in namespace {ns:?} to exist")));
     }
-    let cluster = match access::cluster_access(&ctx.client, &ns, name).await? {
-        Access::Ready(c) => c,
-        Access::Wait(why) => return Ok(Access::Wait(why)),
-        Access::Invalid(why) => return Ok(Access::Invalid(why)),
-    };
     let spec = &backup.spec;
-    Ok(
-        match access::open_destination(&ctx.client, &ns, &spec.destination, spec.credentials_secret.as_deref()).await? {
-            Access::Ready(dest) => Access::Ready((cluster, dest)),
-            Access::Wait(why) => Access::Wait(why),
-            Access::Invalid(why) => Access::Invalid(why),
-        },
-    )
+    let credentials = spec.credentials_secret.as_deref();
+    Ok(access::cluster_and_destination(&ctx.client, &ns, name, &spec.destination, credentials).await?)
 }
 
 /// Runs the backup in the background; its outcome waits in the context for the next reconcile.

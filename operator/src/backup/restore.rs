@@ -119,20 +119,8 @@ pub async fn step(
         }
         Next::Start { attempt, overwrite } => {
             let name = cluster.name_any();
-            let access = match access::cluster_access(client, &ns, &name).await? {
-                Access::Ready(c) => {
-                    match access::open_destination(client, &ns, &source.url, source.credentials_secret.as_deref())
-                        .await?
-                    {
-                        Access::Ready(dest) => Access::Ready((c, dest)),
-                        Access::Wait(why) => Access::Wait(why),
-                        Access::Invalid(why) => Access::Invalid(why),
-                    }
-                }
-                Access::Wait(why) => Access::Wait(why),
-                Access::Invalid(why) => Access::Invalid(why),
-            };
-            match access {
+            let credentials = source.credentials_secret.as_deref();
+            match access::cluster_and_destination(client, &ns, &name, &source.url, credentials).await? {
                 Access::Wait(why) => (status.phase, status.message) = (RestorePhase::Pending, Some(why)),
                 Access::Invalid(why) => {
                     fail(&mut status, why.clone());
