@@ -222,6 +222,7 @@ pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) {
             biased;
             _ = &mut shutdown => return,
             repaired = round => {
+                node.metrics.anti_entropy_rounds.inc();
                 if repaired > 0 {
                     tracing::info!(repaired, "anti-entropy repaired records");
                 }

@@ -14,11 +14,12 @@
 //! Only the answer to the latest ping teaches the detector a peer's rhythm (answers read late, in
 //! a burst, would teach it nonsense).
 //!
-//! Names are looked up on a thread of their own too ([`Resolver`]): a lookup that hangs (cluster
-//! DNS timing out for a pod that is being replaced) must not stop this thread from answering and
-//! judging, or a slow resolver would look like the death of every peer and of this node. A peer
-//! whose name does not resolve yet is not pinged (and goes silent, as it should: nobody can
-//! reach it by name).
+//! Names the system resolver must look up are looked up on a thread of their own ([`Resolver`]):
+//! a lookup that hangs (cluster DNS timing out for a pod that is being replaced) must not stop
+//! this thread from answering and judging, or a slow resolver would look like the death of every
+//! peer and of this node. Addresses and names in the hosts file are resolved here, at once, as
+//! before. A peer whose name does not resolve yet is not pinged (and goes silent, as it should:
+//! nobody can reach it by name); a ping from any watched peer still proves it alive.
 //!
 //! **HTTP, as a fallback.** A peer whose heartbeats have not been answered for five intervals
 //! (datagrams may not get through: a firewall that passes only TCP) is also sent the `Ping` RPC
@@ -133,6 +134,9 @@ struct UdpLoop {
     resolver: Resolver,
     /// Peer name → sequence number of the latest ping sent to it.
     sent: HashMap<String, u64>,
+    /// The peers watched as of the latest tick, whether or not their names resolve yet: a ping
+    /// from any of them proves it alive (a peer this node has no address for can still ping it).
+    watched: HashSet<String>,
     seq: u64,
 }
 
@@ -140,7 +144,7 @@ impl UdpLoop {
     fn new(node: Arc<Node>, socket: UdpSocket, resolver: Resolver) -> Self {
         let token = node.settings().cluster_token.clone();
         let interval = node.liveness.config().heartbeat_interval;
-        UdpLoop { node, socket, token, interval, resolver, sent: HashMap::new(), seq: 0 }
+        UdpLoop { node, socket, token, interval, resolver, sent: HashMap::new(), watched: HashSet::new(), seq: 0 }
     }
 
     fn run(mut self, stop: &AtomicBool) {
@@ -164,12 +168,16 @@ impl UdpLoop {
 
     /// Reads what is waiting, pings every watched peer and lets the detector judge them.
     fn tick(&mut self) {
-        self.drain();
         let peers = self.node.peers_to_watch();
+        self.watched = peers.iter().cloned().collect();
+        self.drain();
         self.seq += 1;
         let ping = encode(self.token.as_deref(), Beat::Ping { from: self.node.id().to_owned(), seq: self.seq });
         for peer in &peers {
-            if let Some(addr) = self.resolver.address_of(peer) {
+            // An address, or a name the hosts file has, costs nothing to look up; only what needs
+            // the system resolver goes to the lookup thread.
+            let quick = peer.parse::<SocketAddr>().ok().or_else(|| self.node.resolve_peer(peer));
+            if let Some(addr) = quick.or_else(|| self.resolver.address_of(peer)) {
                 let _ = self.socket.send_to(&ping, addr);
                 self.sent.insert(peer.clone(), self.seq);
             }
@@ -196,7 +204,7 @@ impl UdpLoop {
                 let pong = encode(self.token.as_deref(), Beat::Pong { from: self.node.id().to_owned(), seq });
                 let _ = self.socket.send_to(&pong, from);
                 // A peer that pings is alive (only peers this node watches are tracked).
-                if self.sent.contains_key(&peer) {
+                if self.watched.contains(&peer) {
                     self.node.liveness.heard(&peer);
                 }
             }

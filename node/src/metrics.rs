@@ -80,6 +80,7 @@ pub struct Metrics {
     pub anti_entropy_repairs: Counter,
     pub anti_entropy_pushed: Counter,
     pub gossip_rounds: Counter,
+    pub anti_entropy_rounds: Counter,
     keys: Family<StateLabel, Gauge>,
     commits: Counter,
     committed_records: Counter,
@@ -178,6 +179,12 @@ impl Default for Metrics {
         );
         let gossip_rounds = Counter::default();
         registry.register("view_gossip_rounds", "Times this node asked a peer for its view", gossip_rounds.clone());
+        let anti_entropy_rounds = Counter::default();
+        registry.register(
+            "anti_entropy_rounds",
+            "Anti-entropy rounds this node finished (the first runs as it starts)",
+            anti_entropy_rounds.clone(),
+        );
         let keys = Family::<StateLabel, Gauge>::default();
         registry.register("keys", "Keys stored on this node (live values and tombstones)", keys.clone());
         let commits = Counter::default();
@@ -207,6 +214,7 @@ impl Default for Metrics {
             anti_entropy_repairs,
             anti_entropy_pushed,
             gossip_rounds,
+            anti_entropy_rounds,
             keys,
         }
     }

@@ -151,6 +151,14 @@ async fn t50_causal_read_on_a_replica_that_missed_the_write() {
     // every other member dead probes them with every write, and B would get them all).
     let c = Cluster::start(3, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
+    // What the scenario assumes before B is paused (each failed in CI or in a loop when missing):
+    // B's start-up anti-entropy round is over (else it finishes after the resume and pulls "new"
+    // from A), and A has heard B answer (a peer that only ever refused connections, as B did
+    // while it started, keeps being called, and "new" would then be sent to B too).
+    c.wait_metric(&b, "kvs_anti_entropy_rounds_total", 1.0).await;
+    put(&c.http, &a, "warm", "up", "").await;
+    let (code, body) = get(&c.http, &b, "warm", "").await;
+    assert_eq!((code, body["value"].as_str()), (200, Some("up")), "A replicated to B");
     c.nodes[1].pause();
     // The first write waits for B until A's failure detector declares B dead, and "probe" (the
     // first write after that) probes it once; both are delivered once B resumes. "new" is not
@@ -320,6 +328,14 @@ async fn t56_regression_causal_read_refuses_rather_than_returning_stale() {
     // A and B replicate partition 0; C (a proxy) keeps A from looking cut off itself.
     let c = Cluster::start(3, 2, &[("KVS_ANTI_ENTROPY_INTERVAL_MS", "600000")]).await;
     let [a, b] = [c.addrs()[0].clone(), c.addrs()[1].clone()];
+    // What the scenario assumes before B is paused (each failed in CI or in a loop when missing):
+    // B's start-up anti-entropy round is over (else it finishes after the resume and pulls "new"
+    // from A), and A has heard B answer (a peer that only ever refused connections, as B did
+    // while it started, keeps being called, and "new" would then be sent to B too).
+    c.wait_metric(&b, "kvs_anti_entropy_rounds_total", 1.0).await;
+    put(&c.http, &a, "warm", "up", "").await;
+    let (code, body) = get(&c.http, &b, "warm", "").await;
+    assert_eq!((code, body["value"].as_str()), (200, Some("up")), "A replicated to B");
     c.nodes[1].pause();
     // "mid" reaches B once it resumes; so does "probe", the first write after A declared B dead
     // (a write probes a newly dead replica once); "new" is never sent to it.

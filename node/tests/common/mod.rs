@@ -157,6 +157,17 @@ pub fn metric_value(text: &str, prefix: &str) -> f64 {
 impl Cluster {
     /// Waits until `node`'s failure detector has declared a peer dead `times` times in all (a
     /// paused or cut-off peer is declared dead only once it has been silent long enough).
+    /// Waits (30 s at most) until `node`'s metric `name` reaches `at_least`.
+    pub async fn wait_metric(&self, node: &str, name: &str, at_least: f64) {
+        for _ in 0..600 {
+            if self.metric(node, name).await >= at_least {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{node}'s {name} never reached {at_least}");
+    }
+
     pub async fn wait_peer_deaths(&self, node: &str, times: f64) {
         for _ in 0..600 {
             if self.metric(node, "kvs_peer_deaths_total").await >= times {
