@@ -191,7 +191,16 @@ impl Node {
             tracing::error!(error = %e, "cannot read the saved view; starting from VIEW");
             ViewState::default()
         });
+        let first_start = saved.view.is_none();
         let view = saved.view.map(View::from_layout).or(initial);
+        // The view a node first starts with (VIEW) is its membership from then on, as any later
+        // one is: a restart without VIEW (local mode's) comes back with it.
+        if let (true, Some(v)) = (first_start, &view) {
+            let state = ViewState { view: Some(v.layout().clone()), pending: saved.pending.clone() };
+            if let Err(e) = view_store.save(&state) {
+                tracing::error!(error = %e, "cannot save the initial view; a restart without VIEW will have none");
+            }
+        }
         let pending = saved.pending.map(View::from_layout);
         if let Some(v) = &view {
             tracing::info!(
