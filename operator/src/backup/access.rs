@@ -8,8 +8,7 @@
 use crate::controller::build::{PORT, TOKEN_KEY, identity, ordinal_of, selector_string, token_secret_name};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::ListParams;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,15 +178,4 @@ pub async fn cluster_and_destination(
         Access::Wait(why) => Access::Wait(why),
         Access::Invalid(why) => Access::Invalid(why),
     })
-}
-
-/// Publishes an Event about `object` (failures are logged, never fatal).
-pub async fn publish<K>(recorder: &Recorder, object: &K, type_: EventType, reason: &str, note: String)
-where
-    K: Resource<DynamicType = ()>,
-{
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(object = %object.object_ref(&()).name.unwrap_or_default(), error = %e, "could not publish an event");
-    }
 }

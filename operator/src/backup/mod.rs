@@ -15,16 +15,15 @@
 //!   all. A new run may write over the files of the lost one: only the manifest makes a backup,
 //!   and it is written last.
 
-use crate::controller::apply::MANAGER;
+use crate::controller::apply;
 use crate::crd::{BackupPhase, KVStoreBackup, KVStoreBackupStatus, KVStoreCluster};
 use access::{Access, Outcome, RunView, Runs};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,19 +95,11 @@ pub enum Error {
 
 async fn write_status(ctx: &BackupContext, backup: &KVStoreBackup, status: &KVStoreBackupStatus) -> Result<(), Error> {
     let ns = backup.namespace().ok_or_else(|| Error::NotNamespaced(backup.name_any()))?;
-    let api: Api<KVStoreBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = serde_json::json!({
-        "apiVersion": KVStoreBackup::api_version(&()),
-        "kind": KVStoreBackup::kind(&()),
-        "metadata": { "name": backup.name_any() },
-        "status": status,
-    });
-    api.patch_status(&backup.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
+    Ok(apply::apply_status::<KVStoreBackup>(&ctx.client, &ns, &backup.name_any(), status).await?)
 }
 
 async fn publish(ctx: &BackupContext, backup: &KVStoreBackup, type_: EventType, reason: &str, note: String) {
-    access::publish(&ctx.recorder, backup, type_, reason, note).await;
+    apply::publish_event(&ctx.recorder, backup, type_, reason, note).await;
 }
 
 /// Reconciles one backup.
@@ -238,10 +229,7 @@ pub async fn run(
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<KVStoreBackup> = match namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let api: Api<KVStoreBackup> = apply::api_in(&ctx.client, namespace);
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -16,6 +16,7 @@
 //!   under way): keys restored during a view change would be sent to owners that are leaving.
 
 use super::access::{self, Access, Outcome, RunView, Runs};
+use crate::controller::apply;
 use crate::crd::{KVStoreCluster, RestorePhase, RestoreSource, RestoreStatus};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{EventType, Recorder};
@@ -105,12 +106,12 @@ pub async fn step(
                     status.message = None;
                     let note =
                         format!("restored {} keys and {} deletions from {}", m.live_keys, m.tombstones, source.url);
-                    access::publish(recorder, cluster, EventType::Normal, "Restored", note).await;
+                    apply::publish_event(recorder, cluster, EventType::Normal, "Restored", note).await;
                 }
                 Err(why) => {
                     fail(&mut status, why.clone());
                     let note = format!("restoring from {} failed: {why}", source.url);
-                    access::publish(recorder, cluster, EventType::Warning, "RestoreFailed", note).await;
+                    apply::publish_event(recorder, cluster, EventType::Warning, "RestoreFailed", note).await;
                 }
             }
         }
@@ -124,7 +125,7 @@ pub async fn step(
                 Access::Wait(why) => (status.phase, status.message) = (RestorePhase::Pending, Some(why)),
                 Access::Invalid(why) => {
                     fail(&mut status, why.clone());
-                    access::publish(recorder, cluster, EventType::Warning, "RestoreFailed", why).await;
+                    apply::publish_event(recorder, cluster, EventType::Warning, "RestoreFailed", why).await;
                 }
                 Access::Ready((target, dest)) => {
                     runs.start(key, move |progress| async move {
@@ -134,7 +135,7 @@ pub async fn step(
                     });
                     (status.phase, status.attempts, status.message) = (RestorePhase::Running, attempt, None);
                     let note = format!("restoring from {} (attempt {attempt})", source.url);
-                    access::publish(recorder, cluster, EventType::Normal, "Restoring", note).await;
+                    apply::publish_event(recorder, cluster, EventType::Normal, "Restoring", note).await;
                 }
             }
         }

@@ -14,7 +14,7 @@
 
 use super::BackupContext;
 use super::access::{self, Access};
-use crate::controller::apply::MANAGER;
+use crate::controller::apply::{self, MANAGER};
 use crate::crd::{BackupPhase, KVStoreBackup, KVStoreBackupSchedule, KVStoreBackupScheduleStatus};
 use chrono::{DateTime, Utc};
 use croner::Cron;
@@ -151,11 +151,12 @@ pub async fn reconcile(schedule: Arc<KVStoreBackupSchedule>, ctx: Arc<BackupCont
             Ok(files) => {
                 backups.delete(old, &DeleteParams::default()).await?;
                 let note = format!("deleted backup {old} and its {files} files (keep {keep})");
-                access::publish(&ctx.recorder, schedule.as_ref(), EventType::Normal, "BackupDeleted", note).await;
+                apply::publish_event(&ctx.recorder, schedule.as_ref(), EventType::Normal, "BackupDeleted", note).await;
             }
             Err(why) => {
                 let note = format!("could not delete the files of backup {old}: {why}; retrying");
-                access::publish(&ctx.recorder, schedule.as_ref(), EventType::Warning, "BackupDeleteFailed", note).await;
+                apply::publish_event(&ctx.recorder, schedule.as_ref(), EventType::Warning, "BackupDeleteFailed", note)
+                    .await;
             }
         }
     }
@@ -163,7 +164,7 @@ pub async fn reconcile(schedule: Arc<KVStoreBackupSchedule>, ctx: Arc<BackupCont
     if let Some(at) = plan.create {
         let backup = create_backup(&ctx, &schedule, &ns, at).await?;
         let note = format!("created backup {backup} for {}", rfc3339(at));
-        access::publish(&ctx.recorder, schedule.as_ref(), EventType::Normal, "BackupScheduled", note).await;
+        apply::publish_event(&ctx.recorder, schedule.as_ref(), EventType::Normal, "BackupScheduled", note).await;
         status.last_schedule_time = Some(rfc3339(at));
         newest = Some((at, backup));
     }
@@ -232,17 +233,9 @@ async fn write_status(
     previous: &KVStoreBackupScheduleStatus,
     status: &KVStoreBackupScheduleStatus,
 ) -> Result<(), Error> {
-    if previous == status {
-        return Ok(());
+    if previous != status {
+        apply::apply_status::<KVStoreBackupSchedule>(&ctx.client, ns, name, status).await?;
     }
-    let api: Api<KVStoreBackupSchedule> = Api::namespaced(ctx.client.clone(), ns);
-    let patch = serde_json::json!({
-        "apiVersion": KVStoreBackupSchedule::api_version(&()),
-        "kind": KVStoreBackupSchedule::kind(&()),
-        "metadata": { "name": name },
-        "status": status,
-    });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
@@ -257,10 +250,8 @@ pub async fn run(
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (schedules, backups): (Api<KVStoreBackupSchedule>, Api<KVStoreBackup>) = match namespace {
-        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
+    let schedules: Api<KVStoreBackupSchedule> = apply::api_in(&ctx.client, namespace);
+    let backups: Api<KVStoreBackup> = apply::api_in(&ctx.client, namespace);
     Controller::new(schedules, watcher::Config::default())
         .owns(backups, watcher::Config::default().labels(SCHEDULE_LABEL))
         .graceful_shutdown_on(shutdown)

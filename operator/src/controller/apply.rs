@@ -9,12 +9,13 @@
 
 use super::build::{self, InitialView, PORT};
 use super::validate::ValidCluster;
-use crate::crd::{KVStoreCluster, KVStoreClusterStatus};
 use crate::rebalance::{Backend, Pod, Target};
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod as KubePod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,24 +35,46 @@ where
     api.patch(&object.name_any(), &apply_params(), &Patch::Apply(object)).await
 }
 
-/// Writes a cluster's status: a server-side apply of the status subresource carrying the whole
-/// status, so what it leaves out (a finished rebalance) disappears.
-/// (An invalid cluster has a status too: this needs only its name.)
-pub async fn apply_status(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    status: &KVStoreClusterStatus,
-) -> kube::Result<()> {
-    let api: Api<KVStoreCluster> = Api::namespaced(client.clone(), namespace);
+/// Writes the status of the `K` named `name` (a cluster, a backup, a schedule): a server-side apply
+/// of the status subresource carrying the whole status, so what it leaves out (a finished
+/// rebalance) disappears. (An invalid object has a status too: this needs only its name.)
+pub async fn apply_status<K>(client: &Client, namespace: &str, name: &str, status: &impl Serialize) -> kube::Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let patch = serde_json::json!({
-        "apiVersion": KVStoreCluster::api_version(&()),
-        "kind": KVStoreCluster::kind(&()),
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
         "metadata": { "name": name },
         "status": status,
     });
     api.patch_status(name, &apply_params(), &Patch::Apply(&patch)).await?;
     Ok(())
+}
+
+/// Publishes an Event about `object` (a failure is logged, never fatal).
+pub async fn publish_event<K>(recorder: &Recorder, object: &K, type_: EventType, reason: &str, note: String)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+    let reference = object.object_ref(&());
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        let object = format!("{}/{}", reference.namespace.unwrap_or_default(), reference.name.unwrap_or_default());
+        tracing::warn!(%object, error = %e, "could not publish an event");
+    }
+}
+
+/// `K`s in `namespace`, or in every namespace (what a controller watches).
+pub fn api_in<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// One cluster's children, as the operator sees them in the API.

@@ -29,11 +29,11 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod as KubePod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use status::{Activity, Observed};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -142,10 +142,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 async fn publish(ctx: &Context, cluster: &KVStoreCluster, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
-        tracing::warn!(cluster = %key(cluster), error = %e, "could not publish an event");
-    }
+    apply::publish_event(&ctx.recorder, cluster, type_, reason, note).await;
 }
 
 async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Action, Error> {
@@ -297,7 +294,8 @@ async fn write_status(
     if cluster.status.as_ref() == Some(&new) {
         return Ok(new);
     }
-    apply::apply_status(&ctx.client, &cluster.namespace().unwrap_or_default(), &cluster.name_any(), &new).await?;
+    let namespace = cluster.namespace().unwrap_or_default();
+    apply::apply_status::<KVStoreCluster>(&ctx.client, &namespace, &cluster.name_any(), &new).await?;
     Ok(new)
 }
 
@@ -326,15 +324,7 @@ pub async fn run(
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
+    use apply::api_in as api;
     let client = &ctx.client;
     // Only what the operator made: children of other controllers are none of its business.
     let ours = || watcher::Config::default().labels("app.kubernetes.io/managed-by=kvs-operator");
