@@ -254,9 +254,7 @@ impl LocalRestore {
         use crate::backup::restore::{Next, decide};
         use crate::crd::RestorePhase;
         let obs = &report.observation;
-        let settled = obs.step == Step::Done
-            && obs.pods.iter().all(|p| p.ready)
-            && obs.status.as_ref().is_some_and(|s| s.layout.is_some() && s.pending_epoch.is_none());
+        let settled = obs.settled();
         let url = self.source.url.clone();
         match decide(&self.source, Some(&self.status), self.runs.view(&url), settled) {
             Next::Nothing | Next::WaitForCluster => None,

@@ -228,9 +228,7 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
     // A restore asked for (spec.restoreFrom) runs once the cluster runs as its spec says.
     let restore = match &cluster.spec.restore_from {
         Some(source) => {
-            let settled = activity == Activity::Step(Step::Done)
-                && observation.pods.iter().all(|p| p.ready)
-                && observation.status.as_ref().is_some_and(|s| s.layout.is_some() && s.pending_epoch.is_none());
+            let settled = activity == Activity::Step(Step::Done) && observation.settled();
             let runs = &ctx.restores;
             Some(crate::backup::restore::step(&ctx.client, &ctx.recorder, runs, cluster, source, settled).await?)
         }

@@ -49,6 +49,17 @@ pub struct Observation {
     pub capacity: Option<CapacityPlan>,
 }
 
+impl Observation {
+    /// The cluster runs as its spec says: nothing left to do, every pod ready, and the nodes on a
+    /// view with no change under way (what a restore waits for).
+    pub fn settled(&self) -> bool {
+        self.step == Step::Done
+            && !self.changing
+            && self.pods.iter().all(|p| p.ready)
+            && self.status.as_ref().is_some_and(|s| s.layout.is_some())
+    }
+}
+
 /// Observes the pods and the view and plans the next step towards `target` under `policy`.
 pub async fn observe(
     backend: &mut dyn Backend,
