@@ -120,6 +120,13 @@ pub struct Args {
     #[arg(long, env = "KVS_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
+    /// Stop (as on SIGTERM: in-flight requests finish) when the process that started this node
+    /// exits, however it ends — for supervisors that start nodes as their own children, so a
+    /// supervisor killed with SIGKILL leaves no node holding its address (the operator's local
+    /// mode and the test harness set it). Checked every 500 ms.
+    #[arg(long, env = "KVS_EXIT_WITH_PARENT", default_value_t = false)]
+    pub exit_with_parent: bool,
+
     /// Log format: `text` or `json`. Filter with RUST_LOG (default `info`).
     #[arg(long, env = "KVS_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

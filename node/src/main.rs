@@ -60,9 +60,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
-    kvs_node::run_with_limits(listener, node, args.connection_limits(), shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let stop = shutdown_signal(args.exit_with_parent.then(std::os::unix::process::parent_id));
+    kvs_node::run_with_limits(listener, node, args.connection_limits(), stop).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -87,7 +86,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C, on SIGTERM, or — with `parent` (`--exit-with-parent`) — once this process's
+/// parent is no longer `parent` (it exited and this process was handed to another).
+async fn shutdown_signal(parent: Option<u32>) {
+    let parent_gone = async {
+        let Some(parent) = parent else { return std::future::pending::<()>().await };
+        loop {
+            // A process whose parent exits is adopted by init (or a subreaper): its parent changes.
+            if std::os::unix::process::parent_id() != parent {
+                tracing::info!(parent, "the process that started this node exited; stopping (--exit-with-parent)");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -105,5 +117,5 @@ async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tokio::select! { _ = ctrl_c => {}, _ = term => {}, _ = parent_gone => {} }
 }

@@ -320,6 +320,48 @@ async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
     assert_eq!((code, body["value"].as_str()), (200, Some("kept")));
 }
 
+/// Regression (found in CI): an operator in local mode killed with SIGKILL left its node processes
+/// running, and a later test's cluster, given the same loopback addresses, talked to them. With
+/// `--exit-with-parent` a node stops by itself once the process that started it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t96_regression_a_node_stops_when_the_process_that_started_it_is_killed() {
+    let net = kvs_testkit::net::LoopbackNet::take();
+    let addr = net.node(0);
+    let data = tempfile::tempdir().unwrap();
+    // A shell starts the node in the background, says its pid, and waits: killing the shell
+    // leaves the node an orphan, as a killed supervisor would.
+    let mut starter = std::process::Command::new("sh")
+        .args(["-c", "\"$0\" & echo $!; wait", env!("CARGO_BIN_EXE_kvs-node")])
+        .env_clear()
+        .envs([("IPPORT", addr.as_str()), ("LISTEN", addr.as_str()), ("VIEW", addr.as_str()), ("K", "1")])
+        .env("KVS_DATA_DIR", data.path())
+        .env("KVS_EXIT_WITH_PARENT", "true")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(starter.stdout.take().unwrap()), &mut line).unwrap();
+    let node_pid: u32 = line.trim().parse().unwrap();
+    kvs_testkit::process::wait_healthy(&addr, Duration::from_secs(20)).await.unwrap();
+
+    starter.kill().unwrap();
+    starter.wait().unwrap();
+    // Gone means: its address refuses connections, and its pid is gone or a zombie (whoever
+    // adopted it may not have reaped it yet).
+    let gone = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(gone(node_pid) && std::net::TcpStream::connect(&addr).is_err()) {
+        if Instant::now() >= deadline {
+            let _ = std::process::Command::new("kill").args(["-KILL", &node_pid.to_string()]).status();
+            panic!("node {node_pid} still ran 20 s after its parent was killed (killed now)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Regression (found by the fault-injection suite, seed 2 over network namespaces): a replica that
 /// could not fetch what a client's causal context required answered with its stale value
 /// instead of refusing, so a client read an older value than its own acknowledged write.

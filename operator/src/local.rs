@@ -9,7 +9,9 @@
 //! Like a StatefulSet: pods have stable ordinals and identities, scaling removes the highest
 //! ordinals, and a pod's data directory outlives the process (so running again resumes). Unlike
 //! one, a removed pod's data is deleted: the driver only removes pods after the view no longer
-//! contains them, so their data has already moved.
+//! contains them, so their data has already moved. Pods never outlive this process: they run with
+//! `--exit-with-parent`, so an operator that is killed (or crashes) leaves no node behind holding
+//! its address.
 
 use crate::controller::validate::validate;
 use crate::crd::KVStoreCluster;
@@ -83,6 +85,9 @@ impl LocalBackend {
             .env("K", target.replication_factor.to_string())
             .env("KVS_DATA_DIR", &dir)
             .env("KVS_WORKER_THREADS", "1")
+            // Pods stop when this process does, however it ends (also SIGKILL or a panic), so no
+            // node is left holding its address for the next run.
+            .env("KVS_EXIT_WITH_PARENT", "true")
             .env_remove("VIEW")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,7 +1,7 @@
 //! `kvs-operator local` end to end: real node processes on loopback, driven by edits of the
 //! KVStoreCluster file — scale out, change K, scale in (each printing its capacity plan), stop,
-//! resume, pause and unpause — with every key checked; and a new cluster made from a backup
-//! (`restoreFrom`).
+//! resume, pause and unpause — with every key checked; a new cluster made from a backup
+//! (`restoreFrom`); and no pod outliving a killed operator.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -225,4 +225,24 @@ async fn local_mode_makes_a_new_cluster_from_a_backup() {
     interrupt(&mut b, &b_data).await;
     let log = std::fs::read_to_string(b_data.with_extension("log")).unwrap();
     assert_eq!(log.matches("restoring from").count(), 1, "restored once:\n{log}");
+}
+
+/// Regression (found in CI): pods outlived an operator killed with SIGKILL and answered at
+/// addresses later handed to another test. They run with `--exit-with-parent` now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_pods_stop_when_the_operator_is_killed() {
+    let net = LoopbackNet::take();
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = (dir.path().join("cluster.yaml"), dir.path().join("data"));
+    write_spec(&spec, 2, 1);
+    let mut op = start(&net, &spec, &data);
+    wait_for_view(&net, 2, 1).await;
+    op.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for ordinal in 0..2 {
+        while std::net::TcpStream::connect(addr(&net, ordinal)).is_ok() {
+            assert!(Instant::now() < deadline, "pod {ordinal} still serves 20 s after the operator was killed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

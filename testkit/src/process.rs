@@ -5,7 +5,8 @@
 //! Invariants:
 //! - A [`NodeProcess`] owns at most one child, and reaps every child it kills or sees exit, so no
 //!   zombie outlives a test. Dropping it kills the child (resuming it first: a stopped process
-//!   would otherwise hold its SIGKILL until resumed).
+//!   would otherwise hold its SIGKILL until resumed). Every node started here also stops by itself
+//!   once the test process is gone (`--exit-with-parent`), however that process ended.
 //! - [`NodeProcess::pause`] returns only once the kernel reports the process stopped: signals are
 //!   asynchronous, and a test that judges "B is paused" right after `kill -STOP` would judge a
 //!   process that may still be running.
@@ -83,6 +84,10 @@ impl NodeCommand {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        // A node outlives nothing of the test: were the test process killed before it dropped its
+        // processes, its nodes would keep holding their addresses for later tests. Other programs
+        // ignore the variable.
+        cmd.env("KVS_EXIT_WITH_PARENT", "true");
         match &self.log {
             Some(path) => {
                 let log = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
@@ -215,6 +220,40 @@ impl NodeProcess {
     pub fn resume(&self) {
         self.signal(Signal::CONT);
     }
+
+    /// Waits (at most `within`) until this process serves `addr`: `/healthz` answers and the
+    /// process still runs. A process that exits first is an error with its status — so a node that
+    /// could not bind its address is never mistaken for whatever else answers there.
+    pub async fn wait_serving(&mut self, addr: &str, within: Duration) -> anyhow::Result<()> {
+        let exited = |status: ExitStatus| {
+            anyhow::anyhow!(
+                "{addr}: the process exited ({status}) instead of serving; its error is above (\
+                 \"Address already in use\" means another process holds {addr})"
+            )
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Err(exited(status));
+            }
+            if healthy(addr).await {
+                return match self.try_exit() {
+                    Some(status) => Err(exited(status)),
+                    None => Ok(()),
+                };
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!("{addr} did not answer /healthz within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Whether `addr` answers `GET /healthz` with a success status within 500 ms.
+async fn healthy(addr: &str) -> bool {
+    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_millis(500)).build() else { return false };
+    http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
 }
 
 impl Drop for NodeProcess {
@@ -226,12 +265,9 @@ impl Drop for NodeProcess {
 /// Waits until `addr` answers `GET /healthz` with a success status, polling every 50 ms for at
 /// most `within`.
 pub async fn wait_healthy(addr: &str, within: Duration) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
-            && r.status().is_success()
-        {
+        if healthy(addr).await {
             return Ok(());
         }
         if Instant::now() >= deadline {

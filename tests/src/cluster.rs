@@ -124,8 +124,8 @@ impl Cluster {
             let process = NodeProcess::start(command).with_context(|| format!("starting {}", bin.display()))?;
             cluster.nodes.push(NodeProc { addr, index: i, process, data_dir });
         }
-        for n in &cluster.nodes {
-            kvs_testkit::process::wait_healthy(&n.addr, START_WITHIN).await?;
+        for n in &mut cluster.nodes {
+            n.process.wait_serving(&n.addr, START_WITHIN).await?;
         }
         Ok(cluster)
     }
@@ -193,8 +193,9 @@ impl Cluster {
 
     /// Starts node `i` again with the same data directory.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
-        self.nodes[i].process.restart()?;
-        kvs_testkit::process::wait_healthy(&self.nodes[i].addr, START_WITHIN).await
+        let node = &mut self.nodes[i];
+        node.process.restart()?;
+        node.process.wait_serving(&node.addr, START_WITHIN).await
     }
 }
 

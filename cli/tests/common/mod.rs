@@ -5,7 +5,7 @@
 
 use kvs_api::{AdminClient, ClusterStatus};
 use kvs_testkit::net::LoopbackNet;
-use kvs_testkit::process::{NodeCommand, NodeProcess, node_binary, wait_healthy};
+use kvs_testkit::process::{NodeCommand, NodeProcess, node_binary};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -15,10 +15,11 @@ use std::time::Duration;
 pub const TOKEN: &str = "kvsctl-test-token";
 
 pub struct Cluster {
-    pub net: LoopbackNet,
     /// The processes (killed when dropped) and their data directories.
     nodes: Mutex<Vec<(NodeProcess, tempfile::TempDir)>>,
     pub token_file: tempfile::NamedTempFile,
+    /// Declared last: dropped (the addresses handed out again) after every node is killed.
+    pub net: LoopbackNet,
 }
 
 impl Cluster {
@@ -38,12 +39,12 @@ impl Cluster {
             }
             nodes.push((NodeProcess::start(command).expect("a node starts"), dir));
         }
-        for i in 0..members + spares {
-            wait_healthy(&net.node(i), Duration::from_secs(30)).await.expect("the node answers");
+        for (i, (process, _)) in nodes.iter_mut().enumerate() {
+            process.wait_serving(&net.node(i), Duration::from_secs(30)).await.expect("the node serves");
         }
         let mut token_file = tempfile::NamedTempFile::new().expect("a token file");
         writeln!(token_file, "{TOKEN}").expect("the token is written");
-        Cluster { net, nodes: Mutex::new(nodes), token_file }
+        Cluster { nodes: Mutex::new(nodes), token_file, net }
     }
 
     pub fn addr(&self, i: usize) -> String {

@@ -57,16 +57,22 @@ impl NodeProc {
     /// Kills the process and starts it again on the same data directory.
     pub async fn restart(&mut self) {
         self.process.restart().expect("kvs-node restarts");
-        wait_healthy(&self.addr).await;
+        self.wait_serving().await;
+    }
+
+    /// Waits until this node's own process serves its address (panics when it exits instead).
+    async fn wait_serving(&mut self) {
+        self.process.wait_serving(&self.addr, START_WITHIN).await.unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
 /// A cluster of node processes.
 pub struct Cluster {
-    /// This cluster's addresses: node `i` is `net.node(i)`.
-    pub net: LoopbackNet,
     pub nodes: Vec<NodeProc>,
     pub http: reqwest::Client,
+    /// This cluster's addresses: node `i` is `net.node(i)`. Declared last, so it is dropped (and
+    /// the addresses handed out again) only after every node process is killed.
+    pub net: LoopbackNet,
 }
 
 impl Cluster {
@@ -82,18 +88,18 @@ impl Cluster {
             env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             nodes.push(NodeProc::start(a, &env));
         }
-        for a in &addrs {
-            wait_healthy(a).await;
+        for node in &mut nodes {
+            node.wait_serving().await;
         }
-        Cluster { net, nodes, http: client() }
+        Cluster { nodes, net, http: client() }
     }
 
     /// Starts node `i` of this cluster's net with `K` but without `VIEW`: it waits to be added.
     /// Returns its address.
     pub async fn spawn_joiner(&mut self, i: usize, k: u32) -> String {
         let addr = self.net.node(i);
-        let node = NodeProc::start(&addr, &[("K".to_owned(), k.to_string())]);
-        wait_healthy(&addr).await;
+        let mut node = NodeProc::start(&addr, &[("K".to_owned(), k.to_string())]);
+        node.wait_serving().await;
         self.nodes.push(node);
         addr
     }
@@ -181,10 +187,6 @@ impl Cluster {
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
-}
-
-pub async fn wait_healthy(addr: &str) {
-    kvs_testkit::process::wait_healthy(addr, START_WITHIN).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// One HW4 request: form-encoded body (even on GET, as the course's client does). Returns status
