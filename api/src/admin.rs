@@ -74,9 +74,17 @@ impl AdminClient {
         answer(node, self.authorized(req).send().await).await
     }
 
+    /// Adds the token both ways a node takes one: as the cluster token, and as a bearer token (an
+    /// admin token of the nodes' auth file). A node uses whichever it knows.
     pub(crate) fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
-            Some(token) => req.header(HEADER_CLUSTER_TOKEN, token),
+            Some(token) => {
+                let req = req.header(HEADER_CLUSTER_TOKEN, token);
+                match crate::bearer_header(token) {
+                    Some(bearer) => req.header(reqwest::header::AUTHORIZATION, bearer),
+                    None => req,
+                }
+            }
             None => req,
         }
     }

@@ -58,7 +58,21 @@ pub struct KvClient {
 impl KvClient {
     /// A session talking to `node` (`host:port`), with a per-request timeout.
     pub fn new(node: impl Into<String>, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder().timeout(timeout).build().expect("a plain HTTP client always builds");
+        Self::with_token(node, timeout, None)
+    }
+
+    /// A session that sends `token` with every request as `Authorization: Bearer` (a token of the
+    /// nodes' auth file, or the cluster token), when one is given.
+    pub fn with_token(node: impl Into<String>, timeout: Duration, token: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token.and_then(crate::bearer_header) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .default_headers(headers)
+            .build()
+            .expect("a plain HTTP client always builds");
         KvClient { http, node: node.into(), router: None, context: Mutex::new(String::new()) }
     }
 

@@ -41,6 +41,14 @@ pub const HEADER_VIEW_EPOCH: &str = "kvs-view-epoch";
 /// Header carrying the cluster token on internal and administrative routes.
 pub const HEADER_CLUSTER_TOKEN: &str = "kvs-cluster-token";
 
+/// `Bearer <token>` as a header value marked sensitive (kept out of debug output), or `None` for a
+/// token no header can carry.
+pub fn bearer_header(token: &str) -> Option<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
 /// Longest key accepted by the native API, in bytes.
 pub const MAX_NATIVE_KEY_BYTES: usize = 1024;
 /// Longest key accepted by the compatibility API, in characters (`[a-zA-Z0-9_]` only).

@@ -24,7 +24,9 @@ pub struct Global {
     /// Nodes to talk to (host:port, comma-separated); the next is tried when one cannot be reached.
     #[arg(long, env = "KVS_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:8080", global = true)]
     pub endpoints: Vec<String>,
-    /// File holding the cluster token (admin commands need it when the cluster has one).
+    /// File holding a token, sent with every request: the cluster token (admin commands need it
+    /// when the cluster has one), or a token of the nodes' auth file (its role decides what
+    /// commands may do).
     #[arg(long, env = "KVS_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
     /// How answers are printed.

@@ -58,7 +58,7 @@ impl Session {
 
     /// A key-value session at `endpoint` continuing from `context`.
     pub fn kv(&self, endpoint: &str, context: &str) -> KvClient {
-        KvClient::new(endpoint, self.timeout).with_context(context)
+        KvClient::with_token(endpoint, self.timeout, self.token.as_deref()).with_context(context)
     }
 
     pub fn admin(&self) -> AdminClient {

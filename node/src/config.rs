@@ -99,6 +99,32 @@ pub struct Args {
     #[arg(long, env = "KVS_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<PathBuf>,
 
+    /// The node's certificate chain (PEM), presented to clients and, as a client certificate, to
+    /// peers. With --tls-key-file and --tls-ca-file it turns TLS on for the whole port. Re-read
+    /// when it changes.
+    #[arg(long, env = "KVS_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(long, env = "KVS_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// The cluster CA (PEM): peers' certificates, and clients' when they present one, must chain
+    /// to it.
+    #[arg(long, env = "KVS_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
+    /// Whether clients must present a certificate from the CA: none, optional or require (peers
+    /// always must).
+    #[arg(long, env = "KVS_TLS_CLIENT_AUTH", value_enum, default_value_t = crate::tls::ClientAuth::None)]
+    pub tls_client_auth: crate::tls::ClientAuth,
+
+    /// Client tokens and their roles (read, write, admin; optionally limited to key prefixes), as
+    /// YAML: with it every client request needs `Authorization: Bearer <token>` (see
+    /// docs/security.md). Re-read when it changes. Without it client routes are open.
+    #[arg(long, env = "KVS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
     /// Hosts file (`address name...` lines) resolving peer names before DNS; re-read when it
     /// changes. For environments without cluster DNS (test control planes, laptops).
     #[arg(long, env = "KVS_HOSTS_FILE")]
@@ -151,6 +177,12 @@ pub enum ConfigError {
     BadPhiThreshold(f64),
     #[error("could not read the cluster token file {path}: {source}")]
     TokenFile { path: PathBuf, source: std::io::Error },
+    /// The TLS files cannot be used together as given; the message says what to fix.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The auth file cannot be read or used; the message names the file and what to fix.
+    #[error("{0}")]
+    AuthFile(String),
 }
 
 fn port_of(hostport: &str) -> Option<u16> {
@@ -231,6 +263,31 @@ impl Args {
             (None, None) => None,
         }
         .filter(|t| !t.is_empty());
+        s.tls = match (&self.tls_cert_file, &self.tls_key_file, &self.tls_ca_file) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                    client_auth: self.tls_client_auth,
+                };
+                let tls = crate::tls::Tls::load(files).map_err(|e| ConfigError::Tls(format!("{e:#}")))?;
+                Some(std::sync::Arc::new(tls))
+            }
+            _ => return Err(ConfigError::Tls(
+                "--tls-cert-file, --tls-key-file and --tls-ca-file (KVS_TLS_CERT_FILE, KVS_TLS_KEY_FILE, KVS_TLS_CA_FILE) turn TLS on together: give all three or none".into(),
+            )),
+        };
+        if s.tls.is_some() && self.peer_transport == crate::peers::Transport::Http {
+            return Err(ConfigError::Tls(
+                "TLS between nodes runs over the framed peer transport: drop --peer-transport http".into(),
+            ));
+        }
+        if let Some(path) = &self.auth_file {
+            let gate = crate::auth::Gate::load(path).map_err(|e| ConfigError::AuthFile(format!("{e:#}")))?;
+            s.auth = Some(std::sync::Arc::new(gate));
+        }
         Ok(s)
     }
 }

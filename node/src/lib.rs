@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod anti_entropy;
+pub mod auth;
 pub mod backup;
 pub mod catch_up;
 pub mod causal;
@@ -38,6 +39,7 @@ pub mod protocol;
 mod rpc;
 mod status;
 pub mod store;
+pub mod tls;
 pub mod view;
 pub mod view_change;
 pub mod view_store;
@@ -127,24 +129,19 @@ pub async fn run_with_limits(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        let (node, app, watcher) = (node.clone(), app.clone(), graceful.watcher());
-        let (peers_stop, peer_connections) = (peers_stop_rx.clone(), peer_connections.clone());
+        let connection = Connection {
+            node: node.clone(),
+            app: app.clone(),
+            watcher: graceful.watcher(),
+            peers_stop: peers_stop_rx.clone(),
+            peer_connections: peer_connections.clone(),
+            within: limits.header_timeout,
+        };
+        let tls = node.settings().tls.clone();
         tokio::spawn(async move {
-            // Peers open with a zero byte (see `peers::wire`), which never starts an HTTP request.
-            match first_byte(&stream, limits.header_timeout).await {
-                Some(0) => {
-                    let serving = peer_server::serve(node, stream, limits.header_timeout, peers_stop);
-                    peer_connections.track_future(serving).await;
-                }
-                Some(_) => {
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(limits.header_timeout)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection).await;
-                }
-                None => {}
+            match tls {
+                None => connection.serve_plain(stream).await,
+                Some(tls) => connection.serve_tls(stream, &tls).await,
             }
             drop(permit);
         });
@@ -162,6 +159,99 @@ pub async fn run_with_limits(
         tokio::task::spawn_blocking(move || h.stop()).await.ok();
     }
     Ok(())
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    node: Arc<Node>,
+    app: axum::Router,
+    watcher: hyper_util::server::graceful::Watcher,
+    peers_stop: tokio::sync::watch::Receiver<bool>,
+    peer_connections: tokio_util::task::TaskTracker,
+    /// Bounds the first byte, the TLS handshake and the peer handshake, as the header timeout
+    /// bounds a request's headers.
+    within: Duration,
+}
+
+impl Connection {
+    /// Plain TCP: peers open with a zero byte (see `peers::wire`), which never starts an HTTP
+    /// request.
+    async fn serve_plain(self, stream: tokio::net::TcpStream) {
+        match first_byte(&stream, self.within).await {
+            Some(0) => {
+                let serving = peer_server::serve_plain(self.node.clone(), stream, self.within, self.peers_stop.clone());
+                self.peer_connections.track_future(serving).await;
+            }
+            Some(_) => self.serve_http(stream, tls::Channel::Plain).await,
+            None => {}
+        }
+    }
+
+    /// TLS: the handshake first (a plain-HTTP client is told to use TLS), then the first byte
+    /// inside it tells a peer from HTTP, as on plain TCP.
+    async fn serve_tls(self, stream: tokio::net::TcpStream, tls: &tls::Tls) {
+        use tokio::io::AsyncReadExt;
+        // Every TLS connection opens with a handshake record (content type 22).
+        match first_byte(&stream, self.within).await {
+            Some(0x16) => {}
+            Some(_) => return refuse_plaintext(stream).await,
+            None => return,
+        }
+        let mut stream = match tokio::time::timeout(self.within, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => return,
+        };
+        let client_certificate = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+        let channel = tls::Channel::Tls { client_certificate };
+        let first = match tokio::time::timeout(self.within, stream.read_u8()).await {
+            Ok(Ok(byte)) => byte,
+            _ => return,
+        };
+        let stream = tls::Rewound::new(first, stream);
+        if first == 0 {
+            let (read, write) = tokio::io::split(stream);
+            let serving =
+                peer_server::serve(self.node.clone(), read, write, channel, self.within, self.peers_stop.clone());
+            self.peer_connections.track_future(serving).await;
+        } else {
+            self.serve_http(stream, channel).await;
+        }
+    }
+
+    /// HTTP/1.1 on `stream`; every request carries the `channel` it came over (for the guard).
+    async fn serve_http<S>(self, stream: S, channel: tls::Channel)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use tower::ServiceExt;
+        let app = self.app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(channel);
+            req
+        });
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.within)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let _ = self.watcher.watch(connection).await;
+    }
+}
+
+/// Answers a plain-HTTP request on a TLS port with a 400 that says to use TLS, then closes.
+async fn refuse_plaintext(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Read what the client sent first (a request's head fits in one read here): closing a socket
+    // with unread data resets the connection, and the client would see a reset instead of why.
+    let mut request = [0u8; 8192];
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut request)).await;
+    let body = format!(r#"{{"result":"error","msg":"{}"}}"#, tls::PLAINTEXT_REFUSED);
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
+    let _ = stream.shutdown().await;
 }
 
 /// The first byte a new connection sends, without consuming it; `None` if the connection closes

@@ -54,9 +54,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (token, hosts, idle) =
         (settings.cluster_token.clone(), args.hosts_file.clone(), args.connection_limits().header_timeout);
     let peers: Arc<dyn Peers> = match args.peer_transport {
-        Transport::Framed => Arc::new(FramedPeers::new(connect_timeout, token, hosts, idle)),
+        Transport::Framed => {
+            Arc::new(FramedPeers::new(connect_timeout, token, hosts, idle).with_tls(settings.tls.clone()))
+        }
         Transport::Http => Arc::new(HttpPeers::new(connect_timeout, token, hosts, idle)),
     };
+    if let Some(tls) = settings.tls.clone() {
+        // Rotated certificates (a renewed Secret) take effect for new connections within a second.
+        tokio::spawn(tls.watch(Duration::from_secs(1)));
+    }
+    if let Some(gate) = settings.auth.clone() {
+        // Mounted Secrets change in place: tokens added or revoked take effect within a second.
+        tokio::spawn(gate.watch(Duration::from_secs(1)));
+    }
     let node = Node::new(settings, view, store, peers);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");

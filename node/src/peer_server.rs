@@ -13,10 +13,11 @@
 
 use crate::node::Node;
 use crate::peers::wire::{self, CallerFrame};
+use crate::tls::Channel;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::FramedRead;
@@ -25,12 +26,28 @@ use tokio_util::task::TaskTracker;
 /// Serves one peer connection whose first byte was the preface's, until the peer closes it or
 /// `stop` turns true. `handshake_within` bounds the preface and the token frame (as the HTTP
 /// header timeout bounds a request's headers).
-pub async fn serve(node: Arc<Node>, stream: TcpStream, handshake_within: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn serve_plain(node: Arc<Node>, stream: TcpStream, handshake_within: Duration, stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
-    let (mut read, write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    serve(node, read, write, Channel::Plain, handshake_within, stop).await
+}
+
+/// [`serve_plain`] over any stream, split in halves; `channel` says whether it may carry peer
+/// traffic at all (over TLS only with a client certificate from the cluster CA).
+pub async fn serve<R, W>(
+    node: Arc<Node>,
+    mut read: R,
+    write: W,
+    channel: Channel,
+    handshake_within: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (answers, queue) = mpsc::unbounded_channel();
     let writer = tokio::spawn(wire::write_frames(write, queue));
-    let mut frames = match tokio::time::timeout(handshake_within, handshake(&node, &mut read)).await {
+    let mut frames = match tokio::time::timeout(handshake_within, handshake(&node, &mut read, channel)).await {
         Ok(Ok(())) => FramedRead::new(read, wire::codec()),
         Ok(Err(why)) => {
             tracing::warn!(reason = %why, "refusing a peer connection");
@@ -79,7 +96,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, handshake_within: Duratio
 }
 
 /// Reads the rest of the preface (its first byte told the connection apart) and the token frame.
-async fn handshake(node: &Node, read: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), String> {
+async fn handshake<R: AsyncRead + Unpin>(node: &Node, read: &mut R, channel: Channel) -> Result<(), String> {
     let mut preface = [0u8; wire::PREFACE.len()];
     read.read_exact(&mut preface).await.map_err(|e| format!("reading the preface: {e}"))?;
     if &preface != wire::PREFACE {
@@ -98,6 +115,10 @@ async fn handshake(node: &Node, read: &mut tokio::net::tcp::OwnedReadHalf) -> Re
         Ok(CallerFrame::Call { .. }) => return Err("a call before the token".into()),
         Err(e) => return Err(format!("undecodable token frame: {e}")),
     };
+    // Read first, refused after: the caller then reads why instead of a reset connection.
+    if !channel.admits_peers() {
+        return Err(crate::tls::PEER_NEEDS_CERTIFICATE.into());
+    }
     match node.settings().cluster_token.as_deref() {
         None => Ok(()),
         Some(expected) if crate::http::constant_time_eq(&token, expected.as_bytes()) => Ok(()),

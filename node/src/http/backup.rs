@@ -3,13 +3,12 @@
 //! why a read is consistent; `kvs_api::backup` for the messages.
 
 use super::ApiError;
-use super::internal::authorize;
 use crate::backup::BackupError;
 use crate::node::Node;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -49,10 +48,8 @@ const HOLD_SHAPE: &str = "{\"backup\": \"ID\", \"ttl_seconds\": N}";
 
 async fn hold(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
     body: Result<Json<HoldRequest>, JsonRejection>,
 ) -> Result<Json<Held>, ApiError> {
-    authorize(&node, &headers)?;
     let req = json_body(body, HOLD_SHAPE)?;
     if req.backup.is_empty() || req.ttl_seconds == 0 {
         return Err(ApiError::bad_request(format!(
@@ -65,10 +62,8 @@ async fn hold(
 
 async fn release(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
     body: Result<Json<HoldRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&node, &headers)?;
     let req = json_body(body, HOLD_SHAPE)?;
     node.backup_release(&req.backup);
     Ok(Json(serde_json::json!({ "released": req.backup })))
@@ -76,10 +71,8 @@ async fn release(
 
 async fn read(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
     body: Result<Json<ReadRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&node, &headers)?;
     let req = json_body(body, "a ReadRequest (see kvs_api::backup)")?;
     let page = node.read_backup_page(&req).await?;
     let bytes =
@@ -87,8 +80,7 @@ async fn read(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
-async fn restore(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Result<Json<Restored>, ApiError> {
-    authorize(&node, &headers)?;
+async fn restore(State(node): State<Arc<Node>>, body: Bytes) -> Result<Json<Restored>, ApiError> {
     let records: Vec<BackupRecord> = postcard::from_bytes(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not postcard-encoded backup records ({e}); send what kvs-backup sends"

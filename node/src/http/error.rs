@@ -29,6 +29,13 @@ impl ApiError {
     }
 }
 
+impl From<crate::auth::Denied> for ApiError {
+    fn from(denied: crate::auth::Denied) -> Self {
+        let status = if denied.is_unauthenticated() { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+        ApiError::new(status, denied.to_string())
+    }
+}
+
 impl From<KvError> for ApiError {
     fn from(e: KvError) -> Self {
         let (status, retry_after) = match &e {

@@ -2,13 +2,14 @@
 //! cluster token, calls without it get 401 and change nothing.
 
 use super::ApiError;
+use crate::auth::{ClusterToken, Denied};
 use crate::node::Node;
 use crate::peers::RPC_PATH;
 use crate::protocol::PeerRequest;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use kvs_api::HEADER_CLUSTER_TOKEN;
@@ -19,18 +20,22 @@ pub fn routes() -> Router<Arc<Node>> {
 }
 
 /// Rejects a request lacking the cluster token, when one is configured.
-pub fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = node.settings().cluster_token.as_deref() else { return Ok(()) };
+fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let header = HEADER_CLUSTER_TOKEN;
+    match cluster_token(node, headers) {
+        ClusterToken::NotSet | ClusterToken::Matches => Ok(()),
+        ClusterToken::Wrong => Err(Denied::WrongClusterToken { header }.into()),
+        ClusterToken::Missing => Err(Denied::NoClusterToken { header }.into()),
+    }
+}
+
+/// How the request's cluster token header compares with the node's token.
+pub(super) fn cluster_token(node: &Node, headers: &HeaderMap) -> ClusterToken {
+    let Some(expected) = node.settings().cluster_token.as_deref() else { return ClusterToken::NotSet };
     match headers.get(HEADER_CLUSTER_TOKEN).map(|v| v.as_bytes()) {
-        Some(given) if constant_time_eq(given, expected.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("the {HEADER_CLUSTER_TOKEN} header does not match this cluster's token"),
-        )),
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("this route needs the cluster token in the {HEADER_CLUSTER_TOKEN} header"),
-        )),
+        Some(given) if constant_time_eq(given, expected.as_bytes()) => ClusterToken::Matches,
+        Some(_) => ClusterToken::Wrong,
+        None => ClusterToken::Missing,
     }
 }
 

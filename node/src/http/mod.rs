@@ -26,7 +26,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,8 +58,47 @@ pub fn router(node: Arc<Node>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         // A client trickling its body ties up a connection, not the node: cut it off.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), guard))
         .layer(axum::middleware::from_fn_with_state(node.clone(), track))
         .with_state(node)
+}
+
+/// Who may do what (see `auth`), before any handler runs. Without an auth file only the admin
+/// routes are guarded (by the cluster token, when the node has one), and other requests pass
+/// without any work here.
+async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let settings = node.settings();
+    let path = req.uri().path();
+    let channel = req.extensions().get::<crate::tls::Channel>().copied();
+    if path.starts_with("/internal/") && channel.is_some_and(|c| !c.admits_peers()) {
+        return ApiError::new(StatusCode::FORBIDDEN, crate::tls::PEER_NEEDS_CERTIFICATE).into_response();
+    }
+    let policy = settings.auth.as_ref().map(|gate| gate.policy());
+    if policy.is_none() && !crate::auth::is_admin_path(path) {
+        return next.run(req).await;
+    }
+    let need = crate::auth::need_for(req.method(), path);
+    let authorization = req.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+    let mut cluster = internal::cluster_token(&node, req.headers());
+    if let (Some(expected), Some(token)) = (&settings.cluster_token, authorization.and_then(crate::auth::bearer))
+        && constant_time_eq(token, expected.as_bytes())
+    {
+        cluster = crate::auth::ClusterToken::Matches;
+    }
+    match crate::auth::decide(policy.as_deref(), authorization, cluster, &need) {
+        Ok(_) => next.run(req).await,
+        Err(denied) => {
+            let bearer = policy.is_some() && denied.is_unauthenticated();
+            let mut response = ApiError::from(denied).into_response();
+            if bearer {
+                // RFC 6750: a 401 names the scheme it wants.
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
+    }
 }
 
 /// The causal context to hand back: the client's, merged with what this answer depends on and

@@ -62,6 +62,10 @@ pub struct Settings {
     /// change asks for another rate (0: as fast as it can). Moving data competes with clients for
     /// the same cores and disks: the pace leaves them room.
     pub transfer_rate: u64,
+    /// TLS for the port and for calls to peers (`--tls-*`); `None` is plain TCP.
+    pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Client tokens and their roles (`--auth-file`); `None` leaves client routes open.
+    pub auth: Option<Arc<crate::auth::Gate>>,
 }
 
 /// Longest [`Node::probe_peer`] waits for a peer the detector holds dead: enough for
@@ -88,6 +92,8 @@ impl Settings {
             hosts_file: None,
             view_change_timeout: Duration::from_secs(10),
             transfer_rate: DEFAULT_TRANSFER_RATE,
+            tls: None,
+            auth: None,
         }
     }
 }

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -43,6 +43,8 @@ pub struct FramedPeers {
     http: HttpPeers,
     /// `std` lock, never held across `.await`.
     links: std::sync::RwLock<HashMap<String, Arc<Link>>>,
+    /// Calls go over TLS with this, when set (see [`FramedPeers::with_tls`]).
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Everything about calling one peer.
@@ -150,7 +152,15 @@ impl FramedPeers {
             hosts: hosts_file.map(HostsFileResolver::new),
             http,
             links: Default::default(),
+            tls: None,
         }
+    }
+
+    /// Calls peers over TLS with `tls` (mutual: this node's certificate is the client
+    /// certificate), when given. TLS connections never fall back to HTTP.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn link(&self, peer: &str) -> Arc<Link> {
@@ -202,7 +212,25 @@ impl FramedPeers {
             Err(_) if connect_by < deadline => return Err(PeerError::ConnectTimeout { peer: peer.to_owned() }),
             Err(_) => return Err(PeerError::Timeout { peer: peer.to_owned(), timeout }),
         };
-        let conn = Connection::start(peer, stream, &self.token);
+        let conn = match &self.tls {
+            None => Connection::start_plain(peer, stream, &self.token),
+            Some(tls) => {
+                let name = crate::tls::server_name(peer)
+                    .map_err(|detail| PeerError::Unreachable { peer: peer.to_owned(), detail })?;
+                let _ = stream.set_nodelay(true);
+                let stream = match tokio::time::timeout_at(connect_by, tls.connector().connect(name, stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        let detail = format!("TLS handshake failed: {}", error_chain(&e));
+                        return Err(PeerError::Unreachable { peer: peer.to_owned(), detail });
+                    }
+                    Err(_) if connect_by < deadline => return Err(PeerError::ConnectTimeout { peer: peer.to_owned() }),
+                    Err(_) => return Err(PeerError::Timeout { peer: peer.to_owned(), timeout }),
+                };
+                let (read, write) = tokio::io::split(stream);
+                Connection::start(peer, read, write, &self.token)
+            }
+        };
         *current = Some(conn.clone());
         Ok(conn)
     }
@@ -257,9 +285,17 @@ impl Link {
 
 impl Connection {
     /// Starts the writer and reader of a new connection; the preface and the token go first.
-    fn start(peer: &str, stream: TcpStream, token: &[u8]) -> Arc<Connection> {
+    fn start_plain(peer: &str, stream: TcpStream, token: &[u8]) -> Arc<Connection> {
         let _ = stream.set_nodelay(true);
-        let (read, mut write) = stream.into_split();
+        let (read, write) = stream.into_split();
+        Connection::start(peer, read, write, token)
+    }
+
+    fn start<R, W>(peer: &str, read: R, mut write: W, token: &[u8]) -> Arc<Connection>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (frames, queue) = mpsc::unbounded_channel();
         let calls = Arc::new(Calls::default());
         frames.send(wire::auth(token)).expect("the queue was just made");
@@ -280,9 +316,9 @@ impl Connection {
 }
 
 /// Hands each answer to its call until the connection ends, then fails the calls still waiting.
-async fn read_answers(
+async fn read_answers<R: AsyncRead + Unpin>(
     peer: String,
-    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
+    mut frames: FramedRead<R, tokio_util::codec::LengthDelimitedCodec>,
     calls: Arc<Calls>,
 ) {
     let broken = loop {
@@ -328,7 +364,8 @@ impl Peers for FramedPeers {
             )
         };
         let result = match self.call_framed(peer, &link, request, deadline, timeout).await {
-            Err(PeerError::Protocol { detail, .. }) if detail.starts_with(NOT_FRAMES) => {
+            // Over TLS every node speaks frames (HTTP peers cannot be called with TLS).
+            Err(PeerError::Protocol { detail, .. }) if detail.starts_with(NOT_FRAMES) && self.tls.is_none() => {
                 tracing::info!(peer, "peer does not speak the framed protocol; calling it over HTTP for a while");
                 *link.lock_http_until() = Some(Instant::now() + HTTP_ONLY_FOR);
                 let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
