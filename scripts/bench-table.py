@@ -64,6 +64,8 @@ lines += [
     f"| kvstore durable PUT / Redis SET + WAIT 1 0, replicated (kvs-bench) | "
     f"{ratio(rate('kvstore PUT', 'kvs-bench'), rate('redis SET + WAIT 1 0 (replicated, appendfsync always)', 'kvs-bench'))}"
     " | — |",
+    f"| kvstore with TLS / without, PUT / GET (wrk) | {ratio(rate('kvstore PUT, TLS', 'wrk'), put)} / "
+    f"{ratio(rate('kvstore GET, TLS', 'wrk'), get)} | — |",
     f"| cross-check, kvs-bench for both: kvstore PUT / etcd PUT | "
     f"{ratio(rate('kvstore PUT', 'kvs-bench'), rate('etcd PUT', 'kvs-bench'))} | — |",
 ]
