@@ -166,6 +166,7 @@ struct Connection {
     node: Arc<Node>,
     app: axum::Router,
     watcher: hyper_util::server::graceful::Watcher,
+    /// Turns true when the node starts shutting down (peer connections stop taking calls).
     peers_stop: tokio::sync::watch::Receiver<bool>,
     peer_connections: tokio_util::task::TaskTracker,
     /// Bounds the first byte, the TLS handshake and the peer handshake, as the header timeout
@@ -177,7 +178,7 @@ impl Connection {
     /// Plain TCP: peers open with a zero byte (see `peers::wire`), which never starts an HTTP
     /// request.
     async fn serve_plain(self, stream: tokio::net::TcpStream) {
-        match first_byte(&stream, self.within).await {
+        match self.until_stopping(first_byte(&stream, self.within)).await.flatten() {
             Some(0) => {
                 let serving = peer_server::serve_plain(self.node.clone(), stream, self.within, self.peers_stop.clone());
                 self.peer_connections.track_future(serving).await;
@@ -192,20 +193,22 @@ impl Connection {
     async fn serve_tls(self, stream: tokio::net::TcpStream, tls: &tls::Tls) {
         use tokio::io::AsyncReadExt;
         // Every TLS connection opens with a handshake record (content type 22).
-        match first_byte(&stream, self.within).await {
+        match self.until_stopping(first_byte(&stream, self.within)).await.flatten() {
             Some(0x16) => {}
             Some(_) => return refuse_plaintext(stream).await,
             None => return,
         }
-        let mut stream = match tokio::time::timeout(self.within, tls.acceptor().accept(stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-            Err(_) => return,
+        let accepting = tokio::time::timeout(self.within, tls.acceptor().accept(stream));
+        let mut stream = match self.until_stopping(accepting).await {
+            None => return,
+            Some(Ok(Ok(stream))) => stream,
+            Some(Ok(Err(e))) => return tracing::debug!(error = %e, "TLS handshake failed"),
+            Some(Err(_)) => return,
         };
         let client_certificate = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
         let channel = tls::Channel::Tls { client_certificate };
-        let first = match tokio::time::timeout(self.within, stream.read_u8()).await {
-            Ok(Ok(byte)) => byte,
+        let first = match self.until_stopping(tokio::time::timeout(self.within, stream.read_u8())).await {
+            Some(Ok(Ok(byte))) => byte,
             _ => return,
         };
         let stream = tls::Rewound::new(first, stream);
@@ -216,6 +219,17 @@ impl Connection {
             self.peer_connections.track_future(serving).await;
         } else {
             self.serve_http(stream, channel).await;
+        }
+    }
+
+    /// `step`, unless the node starts shutting down first (`None`). Until a connection's first
+    /// byte tells what it is, it holds a place in the graceful shutdown: a connection that stays
+    /// silent (or is mid-handshake) must not hold the shutdown up for the header timeout.
+    async fn until_stopping<T>(&self, step: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut stopping = self.peers_stop.clone();
+        tokio::select! {
+            out = step => Some(out),
+            _ = stopping.wait_for(|s| *s) => None,
         }
     }
 

@@ -320,6 +320,26 @@ async fn t95_sigterm_finishes_in_flight_requests_then_exits() {
     assert_eq!((code, body["value"].as_str()), (200, Some("kept")));
 }
 
+/// Regression (found in CI through local mode, where leaving pods sometimes ignored SIGTERM for
+/// the whole 10 s grace): a connection that had not sent its first byte yet held the graceful
+/// shutdown until the header timeout (75 s). A node stops at once now, whatever such connections
+/// are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t95_regression_a_silent_connection_does_not_hold_up_sigterm() {
+    let mut c = Cluster::start(1, 1, &[]).await;
+    let a = c.addrs()[0].clone();
+    let _silent = std::net::TcpStream::connect(&a).unwrap();
+    // A request on a second connection, answered: the node accepts connections in order, so it
+    // has taken the silent one too before it is asked to stop.
+    let mut second = std::net::TcpStream::connect(&a).unwrap();
+    std::io::Write::write_all(&mut second, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut second, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = c.nodes[0].terminate(Duration::from_secs(10));
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}
+
 /// Regression (found in CI): an operator in local mode killed with SIGKILL left its node processes
 /// running, and a later test's cluster, given the same loopback addresses, talked to them. With
 /// `--exit-with-parent` a node stops by itself once the process that started it is gone.

@@ -100,22 +100,31 @@ impl LocalBackend {
         Ok(())
     }
 
-    fn stop_pod(&mut self, ordinal: u32) {
-        if let Some(mut child) = self.pods.remove(&ordinal) {
-            terminate(&mut child);
-        }
+    /// Stops every pod cleanly, keeping the data.
+    pub fn stop_all(&mut self) {
+        let all: Vec<u32> = self.pods.keys().copied().collect();
+        self.stop_pods(&all);
     }
 
-    /// Stops every pod cleanly, keeping the data: SIGTERM to all at once, then SIGKILL to those
-    /// still running after [`STOP_GRACE`] — so stopping takes at most that, however many pods.
-    pub fn stop_all(&mut self) {
-        let mut running: Vec<(u32, Child)> = std::mem::take(&mut self.pods).into_iter().collect();
+    /// Stops the pods `ordinals` cleanly: SIGTERM to all at once, then SIGKILL to those still
+    /// running after [`STOP_GRACE`] — so stopping takes at most that, however many pods (a
+    /// scale-in as well as Ctrl-C). A pod that needed more than a second is named, with the time.
+    fn stop_pods(&mut self, ordinals: &[u32]) {
+        let mut running: Vec<(u32, Child)> =
+            ordinals.iter().filter_map(|o| self.pods.remove(o).map(|child| (*o, child))).collect();
         for (_, child) in &running {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
-        let deadline = Instant::now() + STOP_GRACE;
+        let started = Instant::now();
+        let deadline = started + STOP_GRACE;
         while !running.is_empty() && Instant::now() < deadline {
-            running.retain_mut(|(_, child)| !matches!(child.try_wait(), Ok(Some(_))));
+            running.retain_mut(|(ordinal, child)| {
+                let exited = matches!(child.try_wait(), Ok(Some(_)));
+                if exited && started.elapsed() > Duration::from_secs(1) {
+                    println!("pod {ordinal} took {:.1?} to stop after SIGTERM", started.elapsed());
+                }
+                !exited
+            });
             std::thread::sleep(Duration::from_millis(20));
         }
         for (ordinal, mut child) in running {
@@ -130,19 +139,6 @@ impl LocalBackend {
 
 /// How long a pod has to finish its requests and exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-
-fn terminate(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let deadline = Instant::now() + STOP_GRACE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 impl Drop for LocalBackend {
     fn drop(&mut self) {
@@ -162,8 +158,9 @@ impl Backend for LocalBackend {
             // New pods join later through a view change: they start without VIEW.
             self.start_pod(o, target, None)?;
         }
-        for o in (replicas..current).rev() {
-            self.stop_pod(o);
+        let leaving: Vec<u32> = (replicas..current).rev().collect();
+        self.stop_pods(&leaving);
+        for o in leaving {
             let dir = self.pod_dir(o);
             if dir.starts_with(&self.data_dir) {
                 let _ = std::fs::remove_dir_all(&dir);
