@@ -231,29 +231,34 @@ impl NodeProcess {
                  \"Address already in use\" means another process holds {addr})"
             )
         };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return Err(exited(status));
-            }
-            if healthy(addr).await {
-                return match self.try_exit() {
-                    Some(status) => Err(exited(status)),
-                    None => Ok(()),
-                };
-            }
-            if Instant::now() >= deadline {
-                anyhow::bail!("{addr} did not answer /healthz within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_healthy(addr, within, || match self.try_exit() {
+            Some(status) => Err(exited(status)),
+            None => Ok(()),
+        })
+        .await
     }
 }
 
-/// Whether `addr` answers `GET /healthz` with a success status within 500 ms.
-async fn healthy(addr: &str) -> bool {
-    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_millis(500)).build() else { return false };
-    http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
+/// Polls `addr`'s `/healthz` every 50 ms for at most `within` until it answers with a success
+/// status, failing as soon as `still_fine` (asked before every poll and after the answer) fails.
+async fn poll_healthy(
+    addr: &str,
+    within: Duration,
+    mut still_fine: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
+    let deadline = Instant::now() + within;
+    loop {
+        still_fine()?;
+        let answered = http.get(format!("http://{addr}/healthz")).send().await;
+        if answered.is_ok_and(|r| r.status().is_success()) {
+            return still_fine();
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{addr} did not answer /healthz within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 impl Drop for NodeProcess {
@@ -265,16 +270,7 @@ impl Drop for NodeProcess {
 /// Waits until `addr` answers `GET /healthz` with a success status, polling every 50 ms for at
 /// most `within`.
 pub async fn wait_healthy(addr: &str, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if healthy(addr).await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!("{addr} did not answer /healthz within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_healthy(addr, within, || Ok(())).await
 }
 
 /// The workspace's `kvs-node` binary for tests outside the node crate: `KVS_NODE_BIN` when set,

@@ -22,16 +22,20 @@ pub fn routes() -> Router<Arc<Node>> {
 /// Rejects a request lacking the cluster token, when one is configured.
 fn authorize(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let header = HEADER_CLUSTER_TOKEN;
-    match cluster_token(node, headers) {
+    match cluster_token(node, headers, None) {
         ClusterToken::NotSet | ClusterToken::Matches => Ok(()),
         ClusterToken::Wrong => Err(Denied::WrongClusterToken { header }.into()),
         ClusterToken::Missing => Err(Denied::NoClusterToken { header }.into()),
     }
 }
 
-/// How the request's cluster token header compares with the node's token.
-pub(super) fn cluster_token(node: &Node, headers: &HeaderMap) -> ClusterToken {
+/// How the request's cluster token compares with the node's: from its header, or (where a route
+/// takes it so) as the `bearer` token.
+pub(super) fn cluster_token(node: &Node, headers: &HeaderMap, bearer: Option<&[u8]>) -> ClusterToken {
     let Some(expected) = node.settings().cluster_token.as_deref() else { return ClusterToken::NotSet };
+    if bearer.is_some_and(|token| constant_time_eq(token, expected.as_bytes())) {
+        return ClusterToken::Matches;
+    }
     match headers.get(HEADER_CLUSTER_TOKEN).map(|v| v.as_bytes()) {
         Some(given) if constant_time_eq(given, expected.as_bytes()) => ClusterToken::Matches,
         Some(_) => ClusterToken::Wrong,

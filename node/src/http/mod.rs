@@ -79,12 +79,7 @@ async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respo
     }
     let need = crate::auth::need_for(req.method(), path);
     let authorization = req.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
-    let mut cluster = internal::cluster_token(&node, req.headers());
-    if let (Some(expected), Some(token)) = (&settings.cluster_token, authorization.and_then(crate::auth::bearer))
-        && constant_time_eq(token, expected.as_bytes())
-    {
-        cluster = crate::auth::ClusterToken::Matches;
-    }
+    let cluster = internal::cluster_token(&node, req.headers(), authorization.and_then(crate::auth::bearer));
     match crate::auth::decide(policy.as_deref(), authorization, cluster, &need) {
         Ok(_) => next.run(req).await,
         Err(denied) => {

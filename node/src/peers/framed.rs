@@ -206,11 +206,15 @@ impl FramedPeers {
         }
         let addr = self.resolve(peer).await?;
         let connect_by = deadline.min(Instant::now() + self.connect_timeout);
+        // Connecting (TCP, then TLS when on) ran out of time: the connect timeout's, or the call's.
+        let late = || match connect_by < deadline {
+            true => PeerError::ConnectTimeout { peer: peer.to_owned() },
+            false => PeerError::Timeout { peer: peer.to_owned(), timeout },
+        };
         let stream = match tokio::time::timeout_at(connect_by, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(PeerError::Unreachable { peer: peer.to_owned(), detail: error_chain(&e) }),
-            Err(_) if connect_by < deadline => return Err(PeerError::ConnectTimeout { peer: peer.to_owned() }),
-            Err(_) => return Err(PeerError::Timeout { peer: peer.to_owned(), timeout }),
+            Err(_) => return Err(late()),
         };
         let conn = match &self.tls {
             None => Connection::start_plain(peer, stream, &self.token),
@@ -224,8 +228,7 @@ impl FramedPeers {
                         let detail = format!("TLS handshake failed: {}", error_chain(&e));
                         return Err(PeerError::Unreachable { peer: peer.to_owned(), detail });
                     }
-                    Err(_) if connect_by < deadline => return Err(PeerError::ConnectTimeout { peer: peer.to_owned() }),
-                    Err(_) => return Err(PeerError::Timeout { peer: peer.to_owned(), timeout }),
+                    Err(_) => return Err(late()),
                 };
                 let (read, write) = tokio::io::split(stream);
                 Connection::start(peer, read, write, &self.token)
