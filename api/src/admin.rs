@@ -2,6 +2,7 @@
 //! token handled inside. The only place outside the node's router that knows the admin routes.
 
 use crate::client::ClientError;
+use crate::tls::ClientTls;
 use crate::{ClusterStatus, ErrorBody, HEADER_CLUSTER_TOKEN, ViewChanged, ViewRequest};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct AdminClient {
     http: reqwest::Client,
+    tls: ClientTls,
     token: Option<String>,
     status_timeout: Duration,
     change_timeout: Duration,
@@ -37,8 +39,29 @@ impl Default for AdminClient {
 impl AdminClient {
     /// A client sending `token` (the cluster token) when one is given.
     pub fn new(token: Option<String>) -> Self {
-        let http = reqwest::Client::builder().build().expect("a plain HTTP client always builds");
-        AdminClient { http, token, status_timeout: STATUS_TIMEOUT, change_timeout: CHANGE_TIMEOUT }
+        AdminClient {
+            http: Self::client(&ClientTls::plain()),
+            tls: ClientTls::plain(),
+            token,
+            status_timeout: STATUS_TIMEOUT,
+            change_timeout: CHANGE_TIMEOUT,
+        }
+    }
+
+    /// Talks to nodes over `tls` (`https://` when it is TLS).
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.http = Self::client(&tls);
+        self.tls = tls;
+        self
+    }
+
+    fn client(tls: &ClientTls) -> reqwest::Client {
+        tls.http_client().build().expect("an HTTP client with checked TLS settings builds")
+    }
+
+    /// `<scheme>://<node><path>`.
+    pub(crate) fn url(&self, node: &str, path: &str) -> String {
+        self.tls.url(node, path)
     }
 
     /// Overrides how long a view change may take (default 600 s).
@@ -70,7 +93,7 @@ impl AdminClient {
         path: &str,
         body: &impl serde::Serialize,
     ) -> Result<T, ClientError> {
-        let req = self.http.post(format!("http://{node}{path}")).timeout(self.status_timeout).json(body);
+        let req = self.http.post(self.url(node, path)).timeout(self.status_timeout).json(body);
         answer(node, self.authorized(req).send().await).await
     }
 
@@ -91,13 +114,13 @@ impl AdminClient {
 
     /// The cluster as `node` (`host:port`) sees it.
     pub async fn status(&self, node: &str) -> Result<ClusterStatus, ClientError> {
-        let req = self.http.get(format!("http://{node}{ADMIN_STATUS_PATH}")).timeout(self.status_timeout);
+        let req = self.http.get(self.url(node, ADMIN_STATUS_PATH)).timeout(self.status_timeout);
         answer(node, self.authorized(req).send().await).await
     }
 
     /// What `node` itself holds (keys and bytes).
     pub async fn usage(&self, node: &str) -> Result<crate::NodeUsage, ClientError> {
-        let req = self.http.get(format!("http://{node}{ADMIN_USAGE_PATH}")).timeout(self.status_timeout);
+        let req = self.http.get(self.url(node, ADMIN_USAGE_PATH)).timeout(self.status_timeout);
         answer(node, self.authorized(req).send().await).await
     }
 
@@ -122,7 +145,7 @@ impl AdminClient {
         transfer_rate: Option<u64>,
     ) -> Result<ViewChanged, ClientError> {
         let body = ViewRequest { members, replication_factor, transfer_rate };
-        let req = self.http.put(format!("http://{node}{ADMIN_VIEW_PATH}")).timeout(self.change_timeout).json(&body);
+        let req = self.http.put(self.url(node, ADMIN_VIEW_PATH)).timeout(self.change_timeout).json(&body);
         answer(node, self.authorized(req).send().await).await
     }
 
@@ -135,8 +158,7 @@ impl AdminClient {
         replication_factor: u32,
     ) -> Result<crate::ViewPlan, ClientError> {
         let body = ViewRequest { members, replication_factor, transfer_rate: None };
-        let req =
-            self.http.post(format!("http://{node}{ADMIN_VIEW_PLAN_PATH}")).timeout(self.status_timeout).json(&body);
+        let req = self.http.post(self.url(node, ADMIN_VIEW_PLAN_PATH)).timeout(self.status_timeout).json(&body);
         answer(node, self.authorized(req).send().await).await
     }
 }

@@ -97,7 +97,7 @@ impl AdminClient {
 
     /// One page of a partition as of the cut.
     pub async fn backup_read(&self, node: &str, request: &ReadRequest) -> Result<BackupPage, ClientError> {
-        let req = self.http().post(format!("http://{node}{BACKUP_READ_PATH}")).json(request);
+        let req = self.http().post(self.url(node, BACKUP_READ_PATH)).json(request);
         let bytes = binary_answer(node, self.long_call(req).send().await).await?;
         postcard::from_bytes(&bytes).map_err(|e| ClientError::Protocol { node: node.to_owned(), detail: e.to_string() })
     }
@@ -107,7 +107,7 @@ impl AdminClient {
         let body = postcard::to_stdvec(records).expect("records encode");
         let req = self
             .http()
-            .post(format!("http://{node}{RESTORE_PATH}"))
+            .post(self.url(node, RESTORE_PATH))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
         let bytes = binary_answer(node, self.long_call(req).send().await).await?;

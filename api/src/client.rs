@@ -8,6 +8,7 @@
 //! request goes to a seed node instead, which forwards it).
 
 use crate::routing::{CLUSTER_MAP_PATH, ClusterMap, Router};
+use crate::tls::{ClientTls, Scheme};
 use crate::{ErrorBody, HEADER_CAUSAL_CONTEXT, HEADER_PARTITION, HEADER_TIMESTAMP, HEADER_VIEW_EPOCH, WriteResponse};
 use bytes::Bytes;
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,6 +47,8 @@ pub struct Stored {
 /// writes (on any node) see those writes.
 pub struct KvClient {
     http: reqwest::Client,
+    /// `http` or `https`, as the client's TLS settings say.
+    scheme: Scheme,
     /// The node every request goes to, or (routed) the node used when the map is missing or its
     /// choice cannot be reached.
     node: String,
@@ -64,25 +67,36 @@ impl KvClient {
     /// A session that sends `token` with every request as `Authorization: Bearer` (a token of the
     /// nodes' auth file, or the cluster token), when one is given.
     pub fn with_token(node: impl Into<String>, timeout: Duration, token: Option<&str>) -> Self {
+        Self::connect(node, timeout, token, &ClientTls::plain())
+    }
+
+    /// A session over `tls` (plain HTTP, or TLS trusting the cluster's CA), sending `token` as
+    /// [`KvClient::with_token`] does.
+    pub fn connect(node: impl Into<String>, timeout: Duration, token: Option<&str>, tls: &ClientTls) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(value) = token.and_then(crate::bearer_header) {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder()
+        let http = tls
+            .http_client()
             .timeout(timeout)
             .default_headers(headers)
             .build()
-            .expect("a plain HTTP client always builds");
-        KvClient { http, node: node.into(), router: None, context: Mutex::new(String::new()) }
+            .expect("an HTTP client with checked TLS settings builds");
+        KvClient { http, scheme: tls.scheme(), node: node.into(), router: None, context: Mutex::new(String::new()) }
     }
 
     /// A session that sends each request straight to an owner of its key, learning the cluster map
     /// from `seed` (`host:port`, any node) and falling back to it.
     pub async fn routed(seed: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
-        let mut client = KvClient::new(seed, timeout);
-        client.router = Some(RwLock::new(None));
-        client.refresh_map().await?;
-        Ok(client)
+        KvClient::new(seed, timeout).into_routed().await
+    }
+
+    /// This session, routed ([`KvClient::routed`]): its node becomes the seed.
+    pub async fn into_routed(mut self) -> Result<Self, ClientError> {
+        self.router = Some(RwLock::new(None));
+        self.refresh_map().await?;
+        Ok(self)
     }
 
     /// Continues a session from a causal context saved earlier ([`KvClient::context`]), e.g. by a
@@ -109,7 +123,7 @@ impl KvClient {
     /// Fetches the cluster map from the seed node (routed sessions).
     pub async fn refresh_map(&self) -> Result<(), ClientError> {
         let Some(slot) = &self.router else { return Ok(()) };
-        let url = format!("http://{}{CLUSTER_MAP_PATH}", self.node);
+        let url = self.scheme.url(&self.node, CLUSTER_MAP_PATH);
         let resp = self.http.get(url).send().await.map_err(|e| self.transport(&self.node, e))?;
         if !resp.status().is_success() {
             return Err(self.fail(&self.node, resp).await);
@@ -168,8 +182,8 @@ impl KvClient {
         }
     }
 
-    fn url(node: &str, key: &str) -> String {
-        format!("http://{node}/v1/kv/{}", percent_encode(key))
+    fn url(&self, node: &str, key: &str) -> String {
+        self.scheme.url(node, &format!("/v1/kv/{}", percent_encode(key)))
     }
 
     fn transport(&self, node: &str, source: reqwest::Error) -> ClientError {
@@ -188,7 +202,7 @@ impl KvClient {
         let context = self.context();
         let (node, resp) = self
             .send(self.node_for(key), |node| {
-                self.http.get(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
+                self.http.get(self.url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
             })
             .await?;
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -216,7 +230,7 @@ impl KvClient {
         let (context, value) = (self.context(), value.into());
         let sent = self
             .send(self.node_for(key), |node| {
-                self.http.put(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str()).body(value.clone())
+                self.http.put(self.url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str()).body(value.clone())
             })
             .await?;
         self.write(sent).await
@@ -227,7 +241,7 @@ impl KvClient {
         let context = self.context();
         let sent = self
             .send(self.node_for(key), |node| {
-                self.http.delete(Self::url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
+                self.http.delete(self.url(node, key)).header(HEADER_CAUSAL_CONTEXT, context.as_str())
             })
             .await?;
         self.write(sent).await

@@ -17,10 +17,12 @@ pub mod backup;
 mod client;
 pub mod hw4;
 mod routing;
+pub mod tls;
 
 pub use admin::{ADMIN_STATUS_PATH, ADMIN_USAGE_PATH, ADMIN_VIEW_PATH, ADMIN_VIEW_PLAN_PATH, AdminClient};
 pub use client::{ClientError, KvClient, Stored, percent_encode};
 pub use routing::{CLUSTER_MAP_PATH, ClusterMap, PartitionSlots, Router, SLOT_COUNT, slot_of, slot_ranges};
+pub use tls::{ClientTls, Scheme, http_client};
 
 use serde::{Deserialize, Serialize};
 

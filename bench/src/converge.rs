@@ -20,7 +20,7 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 }
 
 pub async fn converge(args: ConvergeArgs) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let http = kvs_api::http_client().timeout(Duration::from_secs(10)).build()?;
     let partition: serde_json::Value =
         http.get(format!("http://{}/kv-store/get_partition_id", args.replica)).send().await?.json().await?;
     let partition = partition["partition_id"].as_i64().context("the replica reports no partition_id")?;

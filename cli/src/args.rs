@@ -29,6 +29,16 @@ pub struct Global {
     /// commands may do).
     #[arg(long, env = "KVS_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed the nodes' certificates: talk TLS (`https://`) to a cluster
+    /// started with `--tls-*` (the operator's `<cluster>-tls-ca` Secret, key `ca.crt`).
+    #[arg(long, env = "KVS_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present over TLS, for nodes that require one; with `--key`.
+    #[arg(long, env = "KVS_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); with `--cert`.
+    #[arg(long, env = "KVS_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// How answers are printed.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,

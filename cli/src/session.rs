@@ -1,30 +1,61 @@
-//! Reaching the cluster: the endpoints in order (the next one when one cannot be reached), the
-//! cluster token, and the causal context a run continues from and leaves behind (`--context-file`).
+//! Reaching the cluster: the endpoints in order (the next one when one cannot be reached), TLS
+//! (`--cacert`, `--cert`, `--key`: `https://` to every endpoint), the token, and the causal context a run continues from and leaves behind (`--context-file`).
 //!
 //! The context file holds the opaque context string the cluster hands out, nothing else. It is
 //! replaced atomically (written beside, then renamed), so a run killed midway leaves the old one.
 
 use crate::args::Global;
 use crate::error::{CliError, unreachable};
-use kvs_api::{AdminClient, ClientError, KvClient};
+use kvs_api::{AdminClient, ClientError, ClientTls, KvClient};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub struct Session {
     endpoints: Vec<String>,
+    tls: ClientTls,
     timeout: Duration,
     token: Option<String>,
 }
 
 impl Session {
     pub fn new(global: &Global) -> Result<Session, CliError> {
-        let endpoints: Vec<String> = global
-            .endpoints
-            .iter()
-            .map(|e| e.trim().trim_start_matches("http://").trim_end_matches('/').to_owned())
-            .filter(|e| !e.is_empty())
-            .collect();
+        let tls = match &global.cacert {
+            Some(ca) => ClientTls::from_files(ca, global.cert.as_deref(), global.key.as_deref())
+                .map_err(|e| CliError::Invalid(format!("TLS settings: {e}")))?,
+            None if global.cert.is_some() => {
+                return Err(CliError::Invalid(
+                    "--cert needs --cacert: the CA that signed the nodes' certificates".into(),
+                ));
+            }
+            None => ClientTls::plain(),
+        };
+        let mut endpoints = Vec::new();
+        for endpoint in &global.endpoints {
+            let endpoint = endpoint.trim().trim_end_matches('/');
+            let address = match (endpoint.split_once("://"), tls.is_tls()) {
+                (None, _) => endpoint,
+                (Some(("http", address)), false) | (Some(("https", address)), true) => address,
+                (Some(("https", _)), false) => {
+                    return Err(CliError::Invalid(format!(
+                        "{endpoint} is https: pass --cacert with the CA that signed the nodes' certificates"
+                    )));
+                }
+                (Some(("http", _)), true) => {
+                    return Err(CliError::Invalid(format!(
+                        "{endpoint} is plain http, but --cacert asks for TLS: use https:// or host:port"
+                    )));
+                }
+                (Some((scheme, _)), _) => {
+                    return Err(CliError::Invalid(format!(
+                        "{endpoint}: unknown scheme {scheme:?}; give host:port (http or https by --cacert)"
+                    )));
+                }
+            };
+            if !address.is_empty() {
+                endpoints.push(address.to_owned());
+            }
+        }
         if endpoints.is_empty() {
             return Err(CliError::Invalid("no endpoint: pass --endpoints host:port (or set KVS_ENDPOINTS)".into()));
         }
@@ -32,7 +63,7 @@ impl Session {
             Some(path) => Some(read_token(path)?),
             None => None,
         };
-        Ok(Session { endpoints, timeout: global.timeout(), token })
+        Ok(Session { endpoints, tls, timeout: global.timeout(), token })
     }
 
     /// Runs `call` against each endpoint in turn until one answers (an error it answered with
@@ -58,11 +89,11 @@ impl Session {
 
     /// A key-value session at `endpoint` continuing from `context`.
     pub fn kv(&self, endpoint: &str, context: &str) -> KvClient {
-        KvClient::with_token(endpoint, self.timeout, self.token.as_deref()).with_context(context)
+        KvClient::connect(endpoint, self.timeout, self.token.as_deref(), &self.tls).with_context(context)
     }
 
     pub fn admin(&self) -> AdminClient {
-        AdminClient::new(self.token.clone()).with_status_timeout(self.timeout)
+        AdminClient::new(self.token.clone()).with_tls(self.tls.clone()).with_status_timeout(self.timeout)
     }
 
     /// The cluster as a backup runner reaches it.

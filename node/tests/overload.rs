@@ -18,7 +18,7 @@ const CONNECTIONS: usize = 1024;
 /// back its own keys (with its causal context). Returns the latency of every request.
 async fn client_round(node: String, id: usize, round: usize, ready: Arc<tokio::sync::Barrier>) -> Vec<Duration> {
     // One client per connection, so the connections are really concurrent and distinct.
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).pool_max_idle_per_host(1).build().unwrap();
+    let http = kvs_api::http_client().timeout(Duration::from_secs(120)).pool_max_idle_per_host(1).build().unwrap();
     let health =
         http.get(format!("http://{node}/healthz")).send().await.unwrap_or_else(|e| panic!("connect to {node}: {e}"));
     assert!(health.status().is_success());

@@ -37,7 +37,7 @@ impl LocalBackend {
     /// with its persisted view), or `target.replicas` new ones forming the initial view.
     pub fn start(node_bin: PathBuf, data_dir: PathBuf, address_base: String, target: &Target) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&data_dir)?;
-        let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
+        let http = kvs_api::http_client().timeout(Duration::from_millis(500)).build()?;
         let mut backend = LocalBackend { node_bin, data_dir, address_base, pods: BTreeMap::new(), http };
         let existing = backend.existing_ordinals()?;
         if existing.is_empty() {

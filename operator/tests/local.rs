@@ -82,7 +82,7 @@ async fn local_mode_scales_changes_k_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("cluster.yaml");
     let data = dir.path().join("data");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = kvs_api::http_client().timeout(Duration::from_secs(10)).build().unwrap();
     write_spec(&spec, 4, 2);
     let mut op = start(&net, &spec, &data);
     wait_for_view(&net, 4, 2).await;
@@ -188,7 +188,7 @@ async fn wait_for_line(data: &Path, line: &str) -> String {
 async fn local_mode_makes_a_new_cluster_from_a_backup() {
     let (a_net, b_net) = (LoopbackNet::take(), LoopbackNet::take());
     let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = kvs_api::http_client().timeout(Duration::from_secs(10)).build().unwrap();
 
     // A cluster with 100 keys, backed up to a directory.
     let (a_spec, a_data) = (dir.path().join("a.yaml"), dir.path().join("a"));

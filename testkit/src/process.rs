@@ -246,7 +246,7 @@ async fn poll_healthy(
     within: Duration,
     mut still_fine: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
+    let http = kvs_api::http_client().timeout(Duration::from_millis(500)).build()?;
     let deadline = Instant::now() + within;
     loop {
         still_fine()?;

@@ -30,7 +30,7 @@ impl MotoServer {
             });
         // Owned from here on: dropped (killed and waited for) whatever happens below.
         let server = MotoServer { process, endpoint: format!("http://{addr}") };
-        let http = reqwest::Client::new();
+        let http = kvs_api::http_client().build().expect("an HTTP client builds");
         for _ in 0..300 {
             if http.get(&server.endpoint).send().await.is_ok() {
                 return server;
@@ -42,7 +42,13 @@ impl MotoServer {
 
     /// Creates bucket `name`.
     pub async fn bucket(&self, name: &str) {
-        let created = reqwest::Client::new().put(format!("{}/{name}", self.endpoint)).send().await.expect("moto");
+        let created = kvs_api::http_client()
+            .build()
+            .expect("an HTTP client builds")
+            .put(format!("{}/{name}", self.endpoint))
+            .send()
+            .await
+            .expect("moto");
         assert!(created.status().is_success(), "creating bucket {name}: {}", created.status());
     }
 

@@ -84,7 +84,7 @@ async fn client_loop(
     start: Instant,
     stop: Arc<AtomicBool>,
 ) -> Vec<(Recorded, Option<FaultKind>)> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client builds");
+    let http = kvs_api::http_client().timeout(Duration::from_secs(2)).build().expect("client builds");
     let mut rng = StdRng::seed_from_u64(plan.seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut context = String::new();
     let mut out = Vec::new();
@@ -283,7 +283,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
 
     // Read every key from every member.
     let mut finals: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
-    let reader = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let reader = kvs_api::http_client().timeout(Duration::from_secs(5)).build()?;
     for k in 0..plan.keys {
         let key = format!("key{k}");
         for &m in &members {

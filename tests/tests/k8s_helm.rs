@@ -163,7 +163,16 @@ async fn helm_install_then_create_scale_and_uninstall() {
     env.push(("KUBECONFIG".into(), authorizer.kubeconfig().display().to_string()));
     let _operator = OperatorProcess::start(&args, &env, &root.path().join("operator.log"));
     let ready = eventually("the operator is ready and leads", STEP, || async {
-        let body = reqwest::get(format!("http://{http}/readyz")).await.ok()?.text().await.ok()?;
+        let body = kvs_api::http_client()
+            .build()
+            .expect("an HTTP client builds")
+            .get(format!("http://{http}/readyz"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         body.contains("leader").then_some(body)
     })
     .await;
@@ -222,7 +231,16 @@ async fn helm_install_then_create_scale_and_uninstall() {
     })
     .await;
     assert_keys(&pods, "demo", KEYS, "after kubectl scale --replicas=2").await;
-    let metrics = reqwest::get(format!("http://{http}/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = kvs_api::http_client()
+        .build()
+        .expect("an HTTP client builds")
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains(r#"kvs_operator_view_changes_total{result="ok"}"#), "{metrics}");
 
     // Delete the cluster while the operator still runs (its finalizer cleans up), then uninstall.

@@ -90,7 +90,7 @@ async fn ready_pod(pods: &Api<Pod>, name: &str) -> Option<(String, i32)> {
 }
 
 async fn healthz(ip: &str) -> bool {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().expect("a plain HTTP client");
+    let http = kvs_api::http_client().timeout(Duration::from_secs(1)).build().expect("a plain HTTP client");
     http.get(format!("http://{ip}:8080/healthz")).send().await.is_ok_and(|r| r.status().is_success())
 }
 

@@ -186,7 +186,16 @@ async fn kubelet_ip(pods: &Api<Pod>, name: &str) -> Option<String> {
 }
 
 async fn role(http: &str) -> Option<String> {
-    reqwest::get(format!("http://{http}/readyz")).await.ok()?.text().await.ok()
+    kvs_api::http_client()
+        .build()
+        .expect("an HTTP client builds")
+        .get(format!("http://{http}/readyz"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
 }
 
 #[tokio::test]

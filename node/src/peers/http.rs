@@ -36,7 +36,7 @@ impl HttpPeers {
         hosts_file: Option<std::path::PathBuf>,
         peer_idle_close: Duration,
     ) -> Self {
-        let mut builder = reqwest::Client::builder();
+        let mut builder = kvs_api::http_client();
         if let Some(path) = hosts_file {
             builder = builder.dns_resolver(std::sync::Arc::new(crate::hosts::HostsFileResolver::new(path)));
         }

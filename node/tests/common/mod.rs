@@ -186,7 +186,7 @@ impl Cluster {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
+    kvs_api::http_client().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 /// One HW4 request: form-encoded body (even on GET, as the course's client does). Returns status

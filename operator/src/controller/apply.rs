@@ -174,7 +174,7 @@ impl Backend for KubeBackend {
 async fn serves_http(address: &str) -> bool {
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let http = HTTP.get_or_init(|| {
-        reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build().unwrap_or_default()
+        kvs_api::http_client().timeout(std::time::Duration::from_secs(2)).build().expect("an HTTP client builds")
     });
     http.get(format!("http://{address}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
 }

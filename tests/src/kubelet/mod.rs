@@ -264,7 +264,7 @@ impl Kubelet {
             secrets: Api::namespaced(client.clone(), &ns),
             config_maps: Api::namespaced(client, &ns),
             shared,
-            http: reqwest::Client::new(),
+            http: kvs_api::http_client().build().expect("an HTTP client builds"),
             slots: BTreeMap::new(),
             complaints: HashMap::new(),
             hosts_written: None,
