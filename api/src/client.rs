@@ -17,7 +17,10 @@ use std::time::Duration;
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("request to {node} failed: {source}")]
+    /// No answer: the message carries every cause down to the root (a refused connection, a
+    /// certificate not valid for the name, a timeout), since reqwest's own says only "error
+    /// sending request".
+    #[error("request to {node} failed: {}", causes(source))]
     Transport { node: String, source: reqwest::Error },
     #[error("{node} answered {status}: {msg}")]
     Status { node: String, status: u16, msg: String },
@@ -33,6 +36,20 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// `error: cause: root cause`, each cause once (a cause that repeats its parent's text is skipped).
+fn causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.ends_with(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// A value read back with its metadata.

@@ -303,3 +303,70 @@ fn certificates_rotated_under_load_fail_no_request() {
     );
     drop(nodes);
 }
+
+/// Polls `addr` with `admin` until it answers its status, while `process` runs (20 s at most).
+fn wait_status(admin: &kvs_api::AdminClient, process: &mut NodeProcess, addr: &str, rt: &tokio::runtime::Runtime) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt.block_on(admin.status(addr)).is_err() {
+        assert!(process.is_running(), "the node at {addr} exited (its error is above)");
+        assert!(Instant::now() < deadline, "{addr} did not answer its status over TLS within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_project_clients_speak_tls_check_names_and_present_certificates() {
+    use kvs_api::{AdminClient, ClientTls, KvClient};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let net = LoopbackNet::take();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, other_ca) = (Ca::new(dir.path(), "kvstore test CA"), Ca::new(dir.path(), "some other CA"));
+    let addr = net.node(0);
+    // The node's certificate names a DNS identity only, as the operator's per-pod certificates do;
+    // clients here reach it by IP.
+    let files = ca.issue("node0", &["node0.kvs.test".into()]);
+    let client_files = ca.issue("client", &["client".into()]);
+    let data = tempfile::tempdir().unwrap();
+    let mut node = start_node(&addr, &files, Some(&addr), 1, data.path());
+    let token = "a-cluster-token-of-the-test";
+    let trusted = ClientTls::from_files(&files.ca, Some(&client_files.cert), Some(&client_files.key)).unwrap();
+    let any_name = trusted.clone().accepting_any_name();
+    let admin = AdminClient::new(Some(token.into())).with_tls(any_name.clone());
+    wait_status(&admin, &mut node, &addr, &rt);
+
+    // By IP with a certificate naming a DNS name: refused when names are checked, served when only
+    // the chain is (the operator's way).
+    let timeout = Duration::from_secs(10);
+    let strict = KvClient::connect(&addr, timeout, None, &trusted);
+    let refused = rt.block_on(strict.put("k", "v")).unwrap_err().to_string();
+    assert!(refused.contains("NotValidForName") || refused.contains("not valid for name"), "{refused}");
+    let session = KvClient::connect(&addr, timeout, None, &any_name);
+    rt.block_on(session.put("k", "v")).unwrap();
+    assert_eq!(rt.block_on(session.get("k")).unwrap().unwrap().value, "v");
+    let status = rt.block_on(admin.status(&addr)).unwrap();
+    assert_eq!(status.layout.unwrap().partitions, vec![vec![addr.clone()]]);
+
+    // No client certificate (the node requires one), another CA, or plain HTTP: no answer, or a
+    // 400 that says to use TLS; nothing written.
+    let anonymous = ClientTls::from_files(&files.ca, None, None).unwrap().accepting_any_name();
+    let other = other_ca.issue("other", &["other".into()]);
+    let foreign = ClientTls::from_files(&other.ca, Some(&other.cert), Some(&other.key)).unwrap().accepting_any_name();
+    for (who, tls) in [("no client certificate", &anonymous), ("another CA", &foreign)] {
+        let e = rt.block_on(KvClient::connect(&addr, timeout, None, tls).put("k", "w")).unwrap_err();
+        assert_eq!(e.status(), None, "{who}: the handshake fails, no HTTP answer: {e}");
+    }
+    let plain = rt.block_on(KvClient::new(&addr, timeout).put("k", "w")).unwrap_err();
+    assert_eq!(plain.status(), Some(400), "{plain}");
+    assert!(plain.to_string().contains("use https://"), "{plain}");
+    assert_eq!(rt.block_on(session.get("k")).unwrap().unwrap().value, "v", "nothing was written");
+
+    // Unusable settings say which file and what is wrong.
+    let missing = dir.path().join("missing.pem");
+    let e = ClientTls::from_files(&missing, None, None).unwrap_err().to_string();
+    assert!(e.contains("missing.pem"), "{e}");
+    let e = ClientTls::from_files(&files.key, None, None).unwrap_err().to_string();
+    assert!(e.contains("node0.key") && e.contains("certificate"), "{e}");
+    let e = ClientTls::from_files(&files.ca, Some(&client_files.cert), Some(&other.key)).unwrap_err().to_string();
+    assert!(e.contains("not a usable pair"), "{e}");
+    drop(node);
+}

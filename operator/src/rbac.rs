@@ -32,8 +32,9 @@ pub const RULES: &[Rule] = &[
     Rule { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "patch", "delete"] },
     Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"] },
     Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "watch", "patch", "delete"] },
-    // The cluster token: created once (never overwritten), read to call the nodes' admin API.
-    Rule { group: "", resource: "secrets", verbs: &["get", "create", "delete"] },
+    // The cluster token and (spec.tls) the cluster CA: created once (never overwritten), read to
+    // call the nodes' admin API; the pods' certificates: server-side applied when issued or renewed.
+    Rule { group: "", resource: "secrets", verbs: &["get", "create", "patch", "delete"] },
     // Node pods: watched for readiness and addresses; deleted one at a time to roll a changed
     // template, or with their volume claim to replace a member whose machine or volume is gone.
     Rule { group: "", resource: "pods", verbs: &["list", "watch", "delete"] },

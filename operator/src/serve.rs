@@ -143,7 +143,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.leader.set(1);
     }
 
-    let admin_for: AdminFactory = Arc::new(|token| Arc::new(kvs_api::AdminClient::new(token)) as Arc<dyn NodeAdmin>);
+    let admin_for: AdminFactory =
+        Arc::new(|token, tls| Arc::new(kvs_api::AdminClient::new(token).with_tls(tls)) as Arc<dyn NodeAdmin>);
     let reporter = Reporter { controller: "kvs-operator".into(), instance: Some(identity) };
     let ctx = Arc::new(Context::new(client, reporter, metrics.clone(), admin_for));
     // The controller stops on a signal, or when the Lease is lost. The leadership receiver lives

@@ -267,7 +267,7 @@ impl Scenario {
         let client = Client::new(service, "default");
         let nodes = Arc::new(ScriptedNodes::default());
         let for_nodes = nodes.clone();
-        let admin_for: kvs_operator::controller::AdminFactory = Arc::new(move |token| {
+        let admin_for: kvs_operator::controller::AdminFactory = Arc::new(move |token, _tls| {
             for_nodes.tokens.lock().unwrap().push(token);
             for_nodes.clone() as Arc<dyn NodeAdmin>
         });

@@ -121,10 +121,11 @@ operator watches; "leaderElection" is the Lease rule, scoped to the operator's o
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "watch", "patch", "delete"]
-# The cluster token: created once (never overwritten), read to call the nodes' admin API.
+# The cluster token and (spec.tls) the cluster CA: created once (never overwritten), read to
+# call the nodes' admin API; the pods' certificates: server-side applied when issued or renewed.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 # Node pods: watched for readiness and addresses; deleted one at a time to roll a changed
 # template, or with their volume claim to replace a member whose machine or volume is gone.
 - apiGroups: [""]

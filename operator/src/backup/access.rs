@@ -130,7 +130,12 @@ pub async fn cluster_access(client: &Client, ns: &str, name: &str) -> Result<Acc
         return Ok(Access::Wait(format!("waiting for a running pod of KVStoreCluster {name:?}")));
     }
     let endpoints = addresses.values().cloned().collect();
-    Ok(Access::Ready(kvs_backup::Cluster { endpoints, admin: kvs_api::AdminClient::new(token), addresses }))
+    let tls = match crate::controller::tls::client_settings(client, ns, name).await {
+        Ok(tls) => tls,
+        Err(e) => return Ok(Access::Wait(format!("reaching KVStoreCluster {name:?} over TLS: {e}"))),
+    };
+    let admin = kvs_api::AdminClient::new(token).with_tls(tls);
+    Ok(Access::Ready(kvs_backup::Cluster { endpoints, admin, addresses }))
 }
 
 /// The object store at `url`, configured from the keys of Secret `credentials` in `ns` if named

@@ -89,12 +89,19 @@ pub struct KubeBackend {
     /// The template hash of the StatefulSet as applied: pods without it run an old template.
     template_hash: String,
     claims: Api<PersistentVolumeClaim>,
+    /// Asks a started pod whether it serves yet (over TLS when the cluster has it).
+    probe: reqwest::Client,
+    tls: kvs_api::ClientTls,
 }
 
 impl KubeBackend {
     /// Applies the Services, the PodDisruptionBudget and the StatefulSet (at its current size,
     /// or the spec's if it does not exist yet) for `cluster`.
-    pub async fn apply_children(client: &Client, cluster: &ValidCluster) -> kube::Result<Self> {
+    pub async fn apply_children(
+        client: &Client,
+        cluster: &ValidCluster,
+        tls: &kvs_api::ClientTls,
+    ) -> kube::Result<Self> {
         let namespace = &cluster.namespace;
         let services: Api<Service> = Api::namespaced(client.clone(), namespace);
         apply(&services, &build::headless_service(cluster)).await?;
@@ -114,7 +121,22 @@ impl KubeBackend {
         let template_hash = build::desired_template_hash(&sts).unwrap_or_default().to_owned();
         let pods = Api::namespaced(client.clone(), namespace);
         let claims = Api::namespaced(client.clone(), namespace);
-        Ok(KubeBackend { cluster: cluster.clone(), statefulsets, pods, initial, replicas, template_hash, claims })
+        let probe = tls
+            .http_client()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()
+            .expect("an HTTP client with checked TLS settings builds");
+        Ok(KubeBackend {
+            cluster: cluster.clone(),
+            statefulsets,
+            pods,
+            initial,
+            replicas,
+            template_hash,
+            claims,
+            probe,
+            tls: tls.clone(),
+        })
     }
 }
 
@@ -140,8 +162,9 @@ impl Backend for KubeBackend {
         // A pod that runs but is not Ready may be one waiting to join (no view, so `/readyz` says
         // 503): it counts as started only once it serves HTTP, or a view change posted now would
         // find it not listening yet.
+        let this = &*self;
         let serving = futures::future::join_all(
-            out.iter().map(|p| async move { !p.started || p.ready || serves_http(&p.address).await }),
+            out.iter().map(|p| async move { !p.started || p.ready || this.serves_http(&p.address).await }),
         )
         .await;
         for (pod, serving) in out.iter_mut().zip(serving) {
@@ -170,13 +193,12 @@ impl Backend for KubeBackend {
     }
 }
 
-/// Whether the node at `address` answers `/healthz` (it serves HTTP at all).
-async fn serves_http(address: &str) -> bool {
-    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    let http = HTTP.get_or_init(|| {
-        kvs_api::http_client().timeout(std::time::Duration::from_secs(2)).build().expect("an HTTP client builds")
-    });
-    http.get(format!("http://{address}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
+impl KubeBackend {
+    /// Whether the node at `address` answers `/healthz` (it serves HTTP at all).
+    async fn serves_http(&self, address: &str) -> bool {
+        let url = self.tls.url(address, "/healthz");
+        self.probe.get(url).send().await.is_ok_and(|r| r.status().is_success())
+    }
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> kube::Result<()>
@@ -272,9 +294,10 @@ pub async fn delete_children(client: &Client, namespace: &str, name: &str) -> ku
     ignore_missing(services.delete(name, &dp).await)?;
     ignore_missing(services.delete(&build::headless_name(name), &dp).await)?;
     ignore_missing(Api::<PodDisruptionBudget>::namespaced(client.clone(), namespace).delete(name, &dp).await)?;
-    ignore_missing(
-        Api::<Secret>::namespaced(client.clone(), namespace).delete(&build::token_secret_name(name), &dp).await,
-    )?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for secret in [build::token_secret_name(name), build::tls_secret_name(name), build::ca_secret_name(name)] {
+        ignore_missing(secrets.delete(&secret, &dp).await)?;
+    }
     Ok(())
 }
 

@@ -21,8 +21,8 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdate
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
-    ServiceSpec, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -66,6 +66,35 @@ pub fn token_secret_name(cluster: &str) -> String {
 
 /// The key of the token in that Secret.
 pub const TOKEN_KEY: &str = "token";
+
+/// Name of the Secret holding the cluster CA (certificate and key; `spec.tls`).
+pub fn ca_secret_name(cluster: &str) -> String {
+    format!("{cluster}-tls-ca")
+}
+
+/// Name of the Secret holding the pods' certificates and the CA certificate, mounted by every pod.
+pub fn tls_secret_name(cluster: &str) -> String {
+    format!("{cluster}-tls")
+}
+
+/// Where the pods' certificates are mounted, and the user's auth file.
+pub const TLS_DIR: &str = "/etc/kvstore/tls";
+pub const AUTH_DIR: &str = "/etc/kvstore/auth";
+
+/// A Secret of the cluster's with the given contents (PEM text by key).
+pub fn secret(c: &ValidCluster, name: String, contents: &BTreeMap<String, String>) -> Secret {
+    Secret {
+        metadata: meta(c, name),
+        data: Some(contents.iter().map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.as_bytes().to_vec()))).collect()),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// Every name pod `ordinal` of cluster `c` answers to (its certificate's names).
+pub fn pod_names(c: &ValidCluster, ordinal: u32) -> Vec<String> {
+    super::certs::pod_names(&c.name, &c.namespace, &headless_name(&c.name), ordinal)
+}
 
 /// The Secret with the cluster token (created once; the token is never rotated by the operator).
 pub fn token_secret(c: &ValidCluster, token: &str) -> Secret {
@@ -199,9 +228,17 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
 
-fn probe(path: &str, period_seconds: i32, timeout_seconds: i32) -> Probe {
+fn probe(path: &str, period_seconds: i32, timeout_seconds: i32, tls: bool) -> Probe {
+    // Over TLS the kubelet does not verify the certificate (as for any HTTPS probe) and presents
+    // none: hence `clientAuth: optional` by default; the probe routes need no token.
+    let scheme = tls.then(|| "HTTPS".to_owned());
     Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(PORT), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(PORT),
+            scheme,
+            ..Default::default()
+        }),
         period_seconds: Some(period_seconds),
         timeout_seconds: Some(timeout_seconds),
         ..Default::default()
@@ -242,6 +279,34 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
     if let Some(max) = spec.max_value_bytes {
         env_vars.push(env("KVS_MAX_VALUE_BYTES", max.to_string()));
     }
+    let mut mounts = vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), ..Default::default() }];
+    let mut volumes = Vec::new();
+    let secret_volume = |volume: &str, secret: String| Volume {
+        name: volume.into(),
+        // Readable by the node's group (fsGroup) only.
+        secret: Some(SecretVolumeSource { secret_name: Some(secret), default_mode: Some(0o440), ..Default::default() }),
+        ..Default::default()
+    };
+    let read_only = |volume: &str, path: &str| VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    if let Some(client_auth) = spec.tls {
+        env_vars.push(env("KVS_TLS_CERT_FILE", format!("{TLS_DIR}/$(POD_NAME).crt")));
+        env_vars.push(env("KVS_TLS_KEY_FILE", format!("{TLS_DIR}/$(POD_NAME).key")));
+        env_vars.push(env("KVS_TLS_CA_FILE", format!("{TLS_DIR}/{}", super::certs::CA_CERT_KEY)));
+        env_vars.push(env("KVS_TLS_CLIENT_AUTH", client_auth.as_flag()));
+        volumes.push(secret_volume("tls", tls_secret_name(name)));
+        mounts.push(read_only("tls", TLS_DIR));
+    }
+    if let Some(auth) = &spec.auth {
+        env_vars.push(env("KVS_AUTH_FILE", format!("{AUTH_DIR}/{}", auth.key)));
+        volumes.push(secret_volume("auth", auth.secret.clone()));
+        mounts.push(read_only("auth", AUTH_DIR));
+    }
+    let tls = spec.tls.is_some();
     let container = Container {
         name: "kvs-node".into(),
         image: Some(spec.image.clone()),
@@ -261,15 +326,11 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         // Ready = caught up: the node holds its partition's data (`/readyz`; see the node's
         // `catch_up`). A pod that is joining has no view and is never ready; the operator adds it
         // once it runs (`rebalance::plan`), and it becomes ready after its first sync.
-        readiness_probe: Some(probe("/readyz", 2, 1)),
+        readiness_probe: Some(probe("/readyz", 2, 1, tls)),
         // Alive = serving HTTP at all. Slowness is not death: a node busy under load gets 5 s per
         // probe and three misses (30 s) before the kubelet restarts it.
-        liveness_probe: Some(Probe { failure_threshold: Some(3), ..probe("/healthz", 10, 5) }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: "/data".into(),
-            ..Default::default()
-        }]),
+        liveness_probe: Some(Probe { failure_threshold: Some(3), ..probe("/healthz", 10, 5, tls) }),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -295,6 +356,7 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         metadata: Some(ObjectMeta { labels: Some(labels(name)), ..Default::default() }),
         spec: Some(PodSpec {
             containers: vec![container],
+            volumes: (!volumes.is_empty()).then_some(volumes),
             node_selector: spec.node_selector.clone(),
             tolerations: spec.tolerations.clone(),
             affinity: Some(spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(name))),

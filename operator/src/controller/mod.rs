@@ -17,7 +17,9 @@
 
 pub mod apply;
 pub mod build;
+pub mod certs;
 pub mod status;
+pub mod tls;
 pub mod validate;
 
 use crate::crd::{KVStoreCluster, KVStoreClusterStatus, RestorePhase, RestoreStatus};
@@ -59,10 +61,13 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("KVStoreCluster {0} has no namespace")]
     NotNamespaced(String),
+    #[error("spec.tls: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
-/// Builds the node admin client for a cluster, given its token.
-pub type AdminFactory = Arc<dyn Fn(Option<String>) -> Arc<dyn NodeAdmin> + Send + Sync>;
+/// Builds the node admin client for a cluster, given its token and how to reach its nodes (plain
+/// HTTP, or TLS with the cluster's CA).
+pub type AdminFactory = Arc<dyn Fn(Option<String>, kvs_api::ClientTls) -> Arc<dyn NodeAdmin> + Send + Sync>;
 
 /// State shared by all reconciles.
 pub struct Context {
@@ -165,8 +170,21 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
         }
     };
     let token = apply::ensure_token(&ctx.client, &valid).await?;
-    let admin = (ctx.admin_for)(Some(token));
-    let mut backend = KubeBackend::apply_children(&ctx.client, &valid).await?;
+    let node_tls = match valid.spec.tls {
+        Some(_) => {
+            let certificates = tls::ensure(&ctx.client, &valid).await?;
+            if !certificates.issued.is_empty() {
+                let issued: Vec<String> =
+                    certificates.issued.iter().map(|(pod, why)| format!("{pod} ({})", why.describe())).collect();
+                let note = format!("issued TLS certificates: {}", issued.join(", "));
+                publish(ctx, cluster, EventType::Normal, "CertificatesIssued", note).await;
+            }
+            certificates.client
+        }
+        None => kvs_api::ClientTls::plain(),
+    };
+    let admin = (ctx.admin_for)(Some(token), node_tls.clone());
+    let mut backend = KubeBackend::apply_children(&ctx.client, &valid, &node_tls).await?;
 
     // The cluster's driver is taken out for the step (the lock is not held across `.await`) and
     // put back whatever the outcome: it holds the view change in flight. The controller never

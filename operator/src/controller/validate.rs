@@ -7,7 +7,7 @@
 //! read only them, never the raw spec again, so nothing unchecked reaches a child object. The part
 //! the rebalance core needs is its kube-free [`Target`].
 
-use crate::crd::{KVStoreCluster, KVStoreClusterSpec};
+use crate::crd::{KVStoreCluster, KVStoreClusterSpec, TlsClientAuth};
 use crate::rebalance::{Policy, Target};
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -37,6 +37,17 @@ pub struct Validated {
     pub policy: Policy,
     /// How long the cluster may wait on the same thing before it is `Stalled`.
     pub progress_deadline: Duration,
+    /// TLS on (`spec.tls.enabled`), with the client-certificate mode; `None`: plain HTTP.
+    pub tls: Option<TlsClientAuth>,
+    /// Where the nodes' auth file is (`spec.auth`): a Secret name and key, both checked.
+    pub auth: Option<AuthFile>,
+}
+
+/// The auth file in a Secret of the cluster's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthFile {
+    pub secret: String,
+    pub key: String,
 }
 
 /// A cluster the controller can act on: where it lives, who owns its children, and its spec.
@@ -63,6 +74,10 @@ pub enum Invalid {
     StorageSize(String),
     #[error("spec.progressDeadlineSeconds must be at least 1 (got {0})")]
     ProgressDeadline(i32),
+    #[error("spec.auth.secretName {0:?} is not a Secret name (lower-case letters, digits, '-' and '.', at most 253)")]
+    AuthSecret(String),
+    #[error("spec.auth.key {0:?} is not a Secret key (letters, digits, '-', '_' and '.', at most 253)")]
+    AuthKey(String),
 }
 
 /// Checks a spec.
@@ -101,7 +116,35 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
             volume_bytes: quantity_bytes(&spec.storage.size),
         },
         progress_deadline: deadline,
+        tls: spec.tls.as_ref().filter(|t| t.enabled).map(|t| t.client_auth),
+        auth: match &spec.auth {
+            Some(auth) => Some(auth_file(&auth.secret_name, &auth.key)?),
+            None => None,
+        },
     })
+}
+
+/// A Secret name (a DNS subdomain) and key ([-._a-zA-Z0-9]+), as the API server checks them.
+fn auth_file(secret: &str, key: &str) -> Result<AuthFile, Invalid> {
+    let subdomain = secret.len() <= 253
+        && secret.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !subdomain {
+        return Err(Invalid::AuthSecret(secret.to_owned()));
+    }
+    let key_ok = !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if !key_ok {
+        return Err(Invalid::AuthKey(key.to_owned()));
+    }
+    Ok(AuthFile { secret: secret.to_owned(), key: key.to_owned() })
 }
 
 /// Checks a cluster (its spec; its name and namespace come from the API server).
@@ -205,5 +248,24 @@ mod tests {
             s.storage.size = ok.into();
             assert!(validate(&s).is_ok(), "{ok}");
         }
+    }
+
+    #[test]
+    fn tls_and_auth_are_carried_and_checked() {
+        use crate::crd::{AuthSpec, TlsSpec};
+        let mut s = spec(3, 1);
+        assert_eq!((validate(&s).unwrap().tls, validate(&s).unwrap().auth), (None, None));
+        s.tls = Some(TlsSpec { enabled: false, client_auth: TlsClientAuth::Require });
+        assert_eq!(validate(&s).unwrap().tls, None, "not enabled: plain");
+        s.tls = Some(TlsSpec { enabled: true, ..Default::default() });
+        assert_eq!(validate(&s).unwrap().tls, Some(TlsClientAuth::Optional));
+        s.auth = Some(AuthSpec { secret_name: "demo-auth".into(), key: "auth.yaml".into() });
+        assert_eq!(validate(&s).unwrap().auth, Some(AuthFile { secret: "demo-auth".into(), key: "auth.yaml".into() }));
+        for bad in ["Demo", "-x", "a..b", ""] {
+            s.auth = Some(AuthSpec { secret_name: bad.into(), key: "auth.yaml".into() });
+            assert_eq!(validate(&s), Err(Invalid::AuthSecret(bad.into())));
+        }
+        s.auth = Some(AuthSpec { secret_name: "ok".into(), key: "a/b".into() });
+        assert!(validate(&s).unwrap_err().to_string().contains("not a Secret key"));
     }
 }

@@ -37,6 +37,8 @@ pub use backup::*;
     {"rule": "self.replicas >= 1", "message": "replicas must be at least 1"},
     {"rule": "self.replicationFactor >= 1", "message": "replicationFactor must be at least 1"},
     {"rule": "self.image.size() > 0", "message": "image must name a container image"},
+    {"rule": "(has(self.tls) && self.tls.enabled) == (has(oldSelf.tls) && oldSelf.tls.enabled)",
+     "message": "tls.enabled cannot change after creation: nodes with and without TLS cannot talk to each other during a roll; create a new cluster (from a backup) instead"},
 ]))]
 pub struct KVStoreClusterSpec {
     /// Number of kvstore nodes (pods). Partitions = floor(replicas / replicationFactor); the
@@ -106,6 +108,68 @@ pub struct KVStoreClusterSpec {
     /// is refused unless `overwrite` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<RestoreSource>,
+    /// TLS for clients and between nodes: the operator makes a CA for the cluster (Secret
+    /// `<cluster>-tls-ca`; give its `ca.crt` to clients) and a certificate for every pod (Secret
+    /// `<cluster>-tls`), renews them before they expire, and talks to the nodes over TLS itself.
+    /// `enabled` is fixed at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// Client authentication: bearer tokens with roles, from a Secret the user keeps (see
+    /// `docs/security.md` for its format). Without it any client that reaches a node may read and
+    /// write. The operator itself uses the cluster token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// `spec.tls`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Serve clients and peers over TLS only (plain HTTP is refused with a message saying so).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Whether clients must present a certificate from the cluster CA: `none`, `optional` (the
+    /// default: clients authenticate with tokens; peers always need a certificate) or `require`.
+    #[serde(default)]
+    pub client_auth: TlsClientAuth,
+}
+
+/// `spec.tls.clientAuth`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TlsClientAuth {
+    None,
+    #[default]
+    Optional,
+    Require,
+}
+
+impl TlsClientAuth {
+    /// The node's `--tls-client-auth` value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            TlsClientAuth::None => "none",
+            TlsClientAuth::Optional => "optional",
+            TlsClientAuth::Require => "require",
+        }
+    }
+}
+
+/// `spec.auth`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// The Secret (in the cluster's namespace) holding the auth file: named tokens, each with a
+    /// role (`read`, `write` or `admin`) and optional key prefixes. Changing its contents takes
+    /// effect within a minute or so, without a restart (the nodes re-read the mounted file).
+    pub secret_name: String,
+    /// The key of the auth file in that Secret.
+    #[serde(default = "default_auth_key")]
+    pub key: String,
+}
+
+fn default_auth_key() -> String {
+    "auth.yaml".into()
 }
 
 impl KVStoreClusterSpec {
@@ -127,6 +191,8 @@ impl KVStoreClusterSpec {
             progress_deadline_seconds: default_progress_deadline_seconds(),
             auto_replace: true,
             restore_from: None,
+            tls: None,
+            auth: None,
         }
     }
 }

@@ -17,7 +17,8 @@
 //!   `<claim>-<pod>` is the directory `<root>/pvc/<namespace>/<claim>-<pod>`, kept when the Pod
 //!   goes. `emptyDir` and `secret` volumes are directories under `<root>/pods/<namespace>/<pod
 //!   uid>/`. There is no mount namespace, so an env var (or arg) whose value is a mount path `M` or
-//!   starts with `M/` is rewritten to the directory (the longest mount path wins).
+//!   starts with `M/` is rewritten to the directory (the longest mount path wins). `secret` volumes
+//!   follow their Secret while the Pod runs (each tick; a changed file replaced in one step).
 //!
 //! Not simulated: `envFrom`, `resourceFieldRef` and other field paths, other volume types.
 
@@ -177,9 +178,33 @@ impl Kubelet {
             if let Some(parent) = file.parent() {
                 fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
             }
-            fs::write(&file, &bytes.0).map_err(|e| format!("writing {}: {e}", file.display()))?;
+            // Unchanged files are left alone; a changed one is replaced in one step (a reader never
+            // sees half of it), as the kubelet's atomic writer does.
+            if fs::read(&file).ok().as_deref() != Some(bytes.0.as_slice()) {
+                let beside = file.with_extension("kubelet-tmp");
+                fs::write(&beside, &bytes.0).map_err(|e| format!("writing {}: {e}", beside.display()))?;
+                fs::rename(&beside, &file).map_err(|e| format!("replacing {}: {e}", file.display()))?;
+            }
         }
         Ok(dir)
+    }
+
+    /// Brings the `secret` volumes of the running Pods up to date with their Secrets, as the
+    /// kubelet does for mounted Secrets (here every tick; a real kubelet within its sync period,
+    /// about a minute). A Secret that cannot be read leaves the files as they were.
+    pub(super) async fn refresh_secret_volumes(&mut self) {
+        let mut failures = Vec::new();
+        for slot in self.slots.values().filter(|s| s.process.is_some()) {
+            let volumes = slot.pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+            for volume in volumes.filter(|v| v.secret.is_some()) {
+                if let Err(e) = self.secret_volume(&slot.uid, volume).await {
+                    failures.push((format!("refreshing {}", slot.pod.name_any()), e));
+                }
+            }
+        }
+        for (key, e) in failures {
+            self.complain(key, e);
+        }
     }
 }
 

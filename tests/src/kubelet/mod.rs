@@ -264,7 +264,7 @@ impl Kubelet {
             secrets: Api::namespaced(client.clone(), &ns),
             config_maps: Api::namespaced(client, &ns),
             shared,
-            http: kvs_api::http_client().build().expect("an HTTP client builds"),
+            http: probe::probe_client(),
             slots: BTreeMap::new(),
             complaints: HashMap::new(),
             hosts_written: None,
@@ -414,6 +414,7 @@ impl Kubelet {
         // soon as it serves.
         self.write_hosts();
         self.supervise().await;
+        self.refresh_secret_volumes().await;
         self.probe().await;
         self.write_pod_statuses().await;
         self.write_set_statuses(&sets, &pods).await;

@@ -1,5 +1,6 @@
 //! Readiness probes. The container's `httpGet` readiness probe is sent to `<podIP>:<port>` (or its
-//! `host`) on every tick, for all running containers at once; `initialDelaySeconds`,
+//! `host`), over HTTPS when its `scheme` says so (the certificate not verified and none presented,
+//! as the kubelet does), on every tick, for all running containers at once; `initialDelaySeconds`,
 //! `timeoutSeconds` and `failureThreshold` are honoured, `periodSeconds` is replaced by the tick. A
 //! 2xx or 3xx answer is a success. No probe (or one of another kind) means ready once running. A
 //! container being stopped is not probed (and not ready).
@@ -33,16 +34,67 @@ fn readiness_probe(pod: &Pod, ip: &str) -> Option<ProbeTarget> {
         }
     };
     let host = get.host.as_deref().filter(|h| !h.is_empty()).unwrap_or(ip);
+    let scheme = if get.scheme.as_deref() == Some("HTTPS") { "https" } else { "http" };
     let path = get.path.as_deref().unwrap_or("/");
     let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
     let secs =
         |v: Option<i32>, default: i32| Duration::from_secs(u64::from(v.unwrap_or(default).max(0).unsigned_abs()));
     Some(ProbeTarget {
-        url: format!("http://{host}:{port}{path}"),
+        url: format!("{scheme}://{host}:{port}{path}"),
         timeout: secs(probe.timeout_seconds, 1).max(Duration::from_millis(100)),
         initial_delay: secs(probe.initial_delay_seconds, 0),
         failure_threshold: probe.failure_threshold.unwrap_or(3).max(1),
     })
+}
+
+/// The kubelet's probe client: plain HTTP, or HTTPS that verifies nothing (a probe asks whether
+/// the process answers, not who it is).
+pub(super) fn probe_client() -> reqwest::Client {
+    let config = rustls::ClientConfig::builder_with_provider(kvs_api::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate))
+        .with_no_client_auth();
+    reqwest::Client::builder().tls_backend_preconfigured(config).build().expect("the probe client builds")
+}
+
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        kvs_api::tls::provider().signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl Kubelet {
@@ -115,6 +167,8 @@ mod tests {
         assert_eq!((target.url.as_str(), target.initial_delay.as_secs()), ("http://ip:9000/", 5));
         assert_eq!(target.failure_threshold, 1);
         assert_eq!(readiness_probe(&pod(json!({ "tcpSocket": { "port": 8080 } })), "ip"), None);
+        let https = pod(json!({ "httpGet": { "path": "/readyz", "port": 8080, "scheme": "HTTPS" } }));
+        assert_eq!(readiness_probe(&https, "ip").expect("a probe").url, "https://ip:8080/readyz");
         assert_eq!(readiness_probe(&pod(json!({ "httpGet": { "port": "nope" } })), "ip"), None);
     }
 }

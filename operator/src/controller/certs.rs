@@ -1,0 +1,308 @@
+//! The certificates of a cluster with `spec.tls.enabled` (pure: PEM in, PEM out, the time given).
+//!
+//! - **The cluster CA** (Secret `<cluster>-tls-ca`: `ca.crt`, `ca.key`): made once, valid
+//!   [`CA_VALIDITY`], signs nothing but this cluster's pods and the operator's client certificates.
+//!   Only the operator reads its key; users take `ca.crt` from it for `kvsctl --cacert`.
+//! - **The pods' certificates** (Secret `<cluster>-tls`, mounted by every pod): `ca.crt`, and for
+//!   each ordinal `<pod>.crt` and `<pod>.key`, a certificate for servers and clients (nodes call
+//!   each other with it) naming the pod's DNS identities, the client Service's names and
+//!   `localhost` (for `kubectl port-forward`). Pod IPs are not in it: they are not known before the
+//!   pod starts, and every caller reaches pods by name (the operator, reaching them by IP, checks the
+//!   chain only: [`kvs_api::ClientTls::accepting_any_name`]).
+//!
+//! [`plan_pod_certificates`] decides, from what the Secret holds, which certificates to issue: a
+//! missing one, one the CA did not sign (a CA made again), one whose names are not the wanted
+//! ones, and one with less than [`RENEW_BEFORE`] left. The rest are kept byte for byte, so an
+//! unchanged Secret is not written. Nodes re-read their files every second, so a renewal takes
+//! effect without a restart once the kubelet has updated the mounted Secret.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use time::{Duration, OffsetDateTime};
+
+/// How long the cluster CA is valid. It is not rotated by the operator (see `docs/security.md`).
+pub const CA_VALIDITY: Duration = Duration::days(3650);
+/// How long a pod's certificate is valid.
+pub const LEAF_VALIDITY: Duration = Duration::days(90);
+/// A pod's certificate is renewed once less than this is left.
+pub const RENEW_BEFORE: Duration = Duration::days(30);
+/// How long the operator's own client certificate is valid (it makes a new one for each reconcile).
+const OPERATOR_VALIDITY: Duration = Duration::days(1);
+/// Certificates start this long before they are made, so clocks a little behind accept them.
+const BACKDATE: Duration = Duration::minutes(5);
+
+/// Keys of the Secrets.
+pub const CA_CERT_KEY: &str = "ca.crt";
+pub const CA_KEY_KEY: &str = "ca.key";
+
+/// The key of pod `pod`'s certificate and of its private key in the pods' Secret.
+pub fn pod_keys(pod: &str) -> (String, String) {
+    (format!("{pod}.crt"), format!("{pod}.key"))
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pair {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Why a certificate or key the operator needs cannot be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("making a certificate: {0}")]
+    Make(#[from] rcgen::Error),
+    #[error(
+        "the cluster CA in Secret {secret} cannot be used ({detail}); delete the Secret to have a new CA made (every pod's certificate is then issued again)"
+    )]
+    BadCa { secret: String, detail: String },
+}
+
+/// A new cluster CA for `cluster` (namespace/name in its subject).
+pub fn new_ca(namespace: &str, cluster: &str, now: OffsetDateTime) -> Result<Pair, CertError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.distinguished_name.push(DnType::OrganizationName, "kvstore");
+    params.distinguished_name.push(DnType::CommonName, format!("kvstore CA {namespace}/{cluster}"));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + CA_VALIDITY;
+    let cert = params.self_signed(&key)?;
+    Ok(Pair { cert: cert.pem(), key: key.serialize_pem() })
+}
+
+/// A CA that can sign: its certificate and key as stored.
+pub struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// The CA stored in Secret `secret` (named in errors).
+    pub fn load(pair: &Pair, secret: &str) -> Result<Ca, CertError> {
+        let bad = |detail: String| CertError::BadCa { secret: secret.to_owned(), detail };
+        let key = KeyPair::from_pem(&pair.key).map_err(|e| bad(format!("{CA_KEY_KEY}: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&pair.cert, key).map_err(|e| bad(format!("{CA_CERT_KEY}: {e}")))?;
+        Ok(Ca { pem: pair.cert.clone(), issuer })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.pem
+    }
+
+    fn issue(
+        &self,
+        names: &[String],
+        common_name: &str,
+        server: bool,
+        now: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<Pair, CertError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name.push(DnType::OrganizationName, "kvstore");
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = if server {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        params.not_before = now - BACKDATE;
+        params.not_after = now + validity;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Pair { cert: cert.pem(), key: key.serialize_pem() })
+    }
+
+    /// A client certificate for the operator itself (valid a day; made anew for each reconcile).
+    pub fn operator_client(&self, now: OffsetDateTime) -> Result<Pair, CertError> {
+        self.issue(&[], "kvs-operator", false, now, OPERATOR_VALIDITY)
+    }
+}
+
+/// Every name pod `ordinal` answers to: its DNS identity in each short form, the client Service's
+/// names, and `localhost`/`127.0.0.1`.
+pub fn pod_names(cluster: &str, namespace: &str, headless: &str, ordinal: u32) -> Vec<String> {
+    let pod = format!("{cluster}-{ordinal}.{headless}");
+    let mut names = Vec::new();
+    for base in [pod, cluster.to_owned()] {
+        names.push(format!("{base}.{namespace}.svc.cluster.local"));
+        names.push(format!("{base}.{namespace}.svc"));
+        names.push(format!("{base}.{namespace}"));
+        names.push(base);
+    }
+    names.push("localhost".into());
+    names.push("127.0.0.1".into());
+    names
+}
+
+/// Why a pod's certificate is (re)issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Issue {
+    Missing,
+    /// The CA changed, or the certificate does not parse.
+    NotFromThisCa,
+    /// The wanted names differ from the certificate's.
+    Names,
+    /// Less than [`RENEW_BEFORE`] left.
+    Expiring,
+}
+
+impl Issue {
+    /// For an Event.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Issue::Missing => "new",
+            Issue::NotFromThisCa => "the CA changed",
+            Issue::Names => "its names changed",
+            Issue::Expiring => "renewed before expiry",
+        }
+    }
+}
+
+/// What a stored certificate says: its names and when it ends.
+struct Stored {
+    names: Vec<String>,
+    not_after: OffsetDateTime,
+}
+
+fn read(pem: &str) -> Option<Stored> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => names.push(IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+                    16 => names.push(IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+                    _ => return None,
+                },
+                _ => {}
+            }
+        }
+    }
+    Some(Stored { names, not_after })
+}
+
+/// Whether the certificate `pem` (from a Secret that also held `stored_ca`) must be issued again
+/// for `names` at `now`, by the CA `ca_pem`.
+pub fn reissue(
+    pem: Option<&str>,
+    stored_ca: Option<&str>,
+    ca_pem: &str,
+    names: &[String],
+    now: OffsetDateTime,
+) -> Option<Issue> {
+    let Some(pem) = pem else { return Some(Issue::Missing) };
+    if stored_ca != Some(ca_pem) {
+        return Some(Issue::NotFromThisCa);
+    }
+    let Some(stored) = read(pem) else { return Some(Issue::NotFromThisCa) };
+    let (mut have, mut want) = (stored.names, names.to_vec());
+    have.sort();
+    want.sort();
+    if have != want {
+        return Some(Issue::Names);
+    }
+    (stored.not_after - now < RENEW_BEFORE).then_some(Issue::Expiring)
+}
+
+/// The pods' Secret contents for `pods` (name and wanted names each), from what it holds now:
+/// `None` when nothing changes, else the new contents (kept certificates byte for byte, entries of
+/// pods no longer wanted dropped) and what was issued, for the Event.
+pub fn plan_pod_certificates(
+    held: &BTreeMap<String, String>,
+    ca: &Ca,
+    pods: &[(String, Vec<String>)],
+    now: OffsetDateTime,
+) -> Result<Option<(BTreeMap<String, String>, Vec<(String, Issue)>)>, CertError> {
+    let stored_ca = held.get(CA_CERT_KEY).map(String::as_str);
+    let mut next = BTreeMap::from([(CA_CERT_KEY.to_owned(), ca.cert_pem().to_owned())]);
+    let mut issued = Vec::new();
+    for (pod, names) in pods {
+        let (cert_key, key_key) = pod_keys(pod);
+        let kept = held.get(&cert_key).zip(held.get(&key_key));
+        match reissue(kept.map(|(c, _)| c.as_str()), stored_ca, ca.cert_pem(), names, now) {
+            None => {
+                let (cert, key) = kept.expect("a kept certificate exists");
+                next.insert(cert_key, cert.clone());
+                next.insert(key_key, key.clone());
+            }
+            Some(why) => {
+                let pair =
+                    ca.issue(names, names.first().map_or(pod.as_str(), String::as_str), true, now, LEAF_VALIDITY)?;
+                next.insert(cert_key, pair.cert);
+                next.insert(key_key, pair.key);
+                issued.push((pod.clone(), why));
+            }
+        }
+    }
+    Ok((&next != held).then_some((next, issued)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(days: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap() + Duration::days(days)
+    }
+
+    fn pods(n: u32) -> Vec<(String, Vec<String>)> {
+        (0..n).map(|o| (format!("demo-{o}"), pod_names("demo", "prod", "demo-nodes", o))).collect()
+    }
+
+    #[test]
+    fn pods_get_certificates_once_and_again_only_when_due() {
+        let ca_pair = new_ca("prod", "demo", at(0)).unwrap();
+        let ca = Ca::load(&ca_pair, "demo-tls-ca").unwrap();
+        let (first, issued) = plan_pod_certificates(&BTreeMap::new(), &ca, &pods(2), at(0)).unwrap().unwrap();
+        assert_eq!(issued, vec![("demo-0".to_owned(), Issue::Missing), ("demo-1".to_owned(), Issue::Missing)]);
+        assert_eq!(first.len(), 5, "ca.crt and a certificate and key per pod");
+        let names = read(&first["demo-0.crt"]).unwrap().names;
+        assert!(names.contains(&"demo-0.demo-nodes.prod.svc.cluster.local".to_owned()), "{names:?}");
+        assert!(names.contains(&"demo.prod.svc".to_owned()) && names.contains(&"127.0.0.1".to_owned()), "{names:?}");
+
+        // Nothing due: nothing changes (the Secret is not written).
+        assert!(plan_pod_certificates(&first, &ca, &pods(2), at(59)).unwrap().is_none());
+        // A third pod: only it is issued; the others are kept byte for byte.
+        let (grown, issued) = plan_pod_certificates(&first, &ca, &pods(3), at(1)).unwrap().unwrap();
+        assert_eq!(issued, vec![("demo-2".to_owned(), Issue::Missing)]);
+        assert_eq!(grown["demo-0.crt"], first["demo-0.crt"]);
+        // Back to two pods: the third's entries go.
+        let (shrunk, issued) = plan_pod_certificates(&grown, &ca, &pods(2), at(1)).unwrap().unwrap();
+        assert!(issued.is_empty() && shrunk == first);
+        // Less than 30 days left: renewed; the new one is good for 90 days from then.
+        let (renewed, issued) = plan_pod_certificates(&first, &ca, &pods(2), at(61)).unwrap().unwrap();
+        assert_eq!(issued.iter().map(|(_, why)| why.clone()).collect::<Vec<_>>(), vec![Issue::Expiring; 2]);
+        assert_ne!(renewed["demo-0.crt"], first["demo-0.crt"]);
+        assert!(plan_pod_certificates(&renewed, &ca, &pods(2), at(120)).unwrap().is_none());
+        // Other names (the namespace, the cluster's name): issued again.
+        let moved: Vec<_> =
+            (0..2).map(|o| (format!("demo-{o}"), pod_names("demo", "staging", "demo-nodes", o))).collect();
+        let (_, issued) = plan_pod_certificates(&first, &ca, &moved, at(1)).unwrap().unwrap();
+        assert_eq!(issued[0].1, Issue::Names);
+        // A new CA: everything issued again.
+        let other = Ca::load(&new_ca("prod", "demo", at(1)).unwrap(), "demo-tls-ca").unwrap();
+        let (again, issued) = plan_pod_certificates(&first, &other, &pods(2), at(1)).unwrap().unwrap();
+        assert_eq!(issued[1].1, Issue::NotFromThisCa);
+        assert_eq!(again[CA_CERT_KEY], other.cert_pem());
+    }
+
+    #[test]
+    fn a_broken_ca_says_what_to_do() {
+        let mut pair = new_ca("prod", "demo", at(0)).unwrap();
+        pair.key = "not a key".into();
+        let Err(e) = Ca::load(&pair, "demo-tls-ca") else { panic!("a broken CA loaded") };
+        let e = e.to_string();
+        assert!(e.contains("demo-tls-ca") && e.contains("delete the Secret"), "{e}");
+    }
+}

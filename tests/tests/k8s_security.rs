@@ -1,0 +1,190 @@
+//! `spec.tls` and `spec.auth` end to end against a real API server, with the operator process, the
+//! stand-in StatefulSet controller and kubelet, and real `kvs-node` processes. Needs `KUBECONFIG`
+//! (`scripts/test` starts a server): `cargo test -p kvs-e2e --test k8s_security -- --ignored`.
+//!
+//! One scenario, every step asserted:
+//! - a 2-node cluster with `tls.enabled` and a token Secret becomes Available: the operator made the
+//!   CA and the pods' certificates, the kubelet's probes and the operator's own calls went over TLS
+//!   (the nodes refuse plain HTTP, checked too);
+//! - clients with the CA from `<cluster>-tls-ca`: a writer token writes, a reader token reads and is
+//!   refused a write (403), no token gets 401, nothing changed by the refused calls;
+//! - scaled to 3: the new pod's certificate is issued before it starts, the view change (posted by
+//!   the operator over TLS) moves data to it;
+//! - a pod's certificate issued again (its entry removed from the Secret, as an expiry would make
+//!   the operator do) under a writer making a new TLS connection per request: the pod presents the
+//!   new certificate without a restart and no request fails;
+//! - a token added to the auth Secret works without a restart.
+
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use kvs_api::{ClientTls, KvClient};
+use kvs_e2e::k8s::{eventually, kubectl};
+use kvs_e2e::kvsc::{OperatorEnv, STEP, pod_addresses, pod_incarnation, wait_running};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const READER: &str = "reader-token-0123456789";
+const WRITER: &str = "writer-token-0123456789";
+const LATE: &str = "added-later-token-0123456789";
+
+fn auth_file(extra: &str) -> String {
+    format!(
+        "tokens:\n  - {{name: reader, token: {READER}, role: read}}\n  - {{name: writer, token: {WRITER}, role: write}}\n{extra}"
+    )
+}
+
+fn secret(name: &str, key: &str, text: &str) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.into());
+    s.string_data = Some(BTreeMap::from([(key.to_owned(), text.to_owned())]));
+    s
+}
+
+/// The text under `key` in Secret `name`, if both exist.
+async fn secret_text(secrets: &Api<Secret>, name: &str, key: &str) -> Option<String> {
+    let data = secrets.get_opt(name).await.unwrap()?.data?;
+    Some(String::from_utf8(data.get(key)?.0.clone()).unwrap())
+}
+
+/// The serial number of a PEM certificate, or of the one `address` presents, as openssl prints it.
+fn serial_of_pem(pem: &str, dir: &std::path::Path) -> String {
+    let file = dir.join("serial-check.pem");
+    std::fs::write(&file, pem).unwrap();
+    let out = Command::new("openssl").args(["x509", "-noout", "-serial", "-in"]).arg(&file).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn presented_serial(address: &str) -> String {
+    let script = format!("openssl s_client -connect {address} </dev/null 2>/dev/null | openssl x509 -noout -serial");
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+#[ignore = "needs KUBECONFIG (a Kubernetes API server); scripts/test starts one"]
+async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
+    let OperatorEnv { client, namespace, root, net: _net, kubelet: _kubelet, operator: _operator, pods } =
+        OperatorEnv::start("kvs-security-e2e").await;
+    let ns = namespace.name().to_owned();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &secret("demo-auth", "auth.yaml", &auth_file(""))).await.unwrap();
+    let manifest = root.path().join("cluster.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 2\n  \
+         replicationFactor: 2\n  image: kvstore/kvs-node:1.0\n  tls:\n    enabled: true\n  auth:\n    secretName: \
+         demo-auth\n",
+    )
+    .unwrap();
+    kubectl(&["-n", &ns, "apply", "-f", manifest.to_str().unwrap()]);
+    wait_running(&ns, "demo", 2, 1, "a 2-node TLS cluster with tokens").await;
+
+    // The Secrets: the CA with its key; the pods' certificates with the CA certificate.
+    let ca = secret_text(&secrets, "demo-tls-ca", "ca.crt").await.expect("the CA certificate");
+    assert!(secret_text(&secrets, "demo-tls-ca", "ca.key").await.is_some(), "the CA key");
+    for key in ["ca.crt", "demo-0.crt", "demo-0.key", "demo-1.crt", "demo-1.key"] {
+        assert!(secret_text(&secrets, "demo-tls", key).await.is_some(), "demo-tls has {key}");
+    }
+    assert_eq!(secret_text(&secrets, "demo-tls", "ca.crt").await.as_deref(), Some(ca.as_str()));
+
+    // Clients trust the CA from the Secret; they reach pods by IP, so only the chain is checked.
+    let tls = ClientTls::from_pem(ca.as_bytes(), None).unwrap().accepting_any_name();
+    let timeout = Duration::from_secs(10);
+    let addresses = pod_addresses(&pods, "demo").await;
+    let via = addresses[0].clone();
+    let session = |token: Option<&str>| KvClient::connect(&via, timeout, token, &tls);
+    session(Some(WRITER)).put("greeting", "hello").await.unwrap();
+    let read = session(Some(READER)).get("greeting").await.unwrap().unwrap();
+    assert_eq!(read.value, "hello");
+    let refused = session(Some(READER)).put("greeting", "changed").await.unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    assert!(refused.to_string().contains("reader"), "the 403 names the identity: {refused}");
+    let anonymous = session(None).get("greeting").await.unwrap_err();
+    assert_eq!(anonymous.status(), Some(401), "{anonymous}");
+    let plain = KvClient::with_token(&via, timeout, Some(WRITER)).put("greeting", "plain").await.unwrap_err();
+    assert_eq!(plain.status(), Some(400), "plain HTTP is refused: {plain}");
+    let read = session(Some(READER)).get("greeting").await.unwrap().unwrap();
+    assert_eq!(read.value, "hello", "the refused calls changed nothing");
+
+    // Scale out: the new pod has its certificate before it starts, and joins over TLS.
+    kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":3}}"#]);
+    wait_running(&ns, "demo", 3, 1, "3 nodes after a scale-out over TLS").await;
+    assert!(secret_text(&secrets, "demo-tls", "demo-2.crt").await.is_some(), "demo-2's certificate");
+    let third = pods.get("demo-2").await.unwrap().status.unwrap().pod_ip.unwrap();
+    let moved = KvClient::connect(format!("{third}:8080"), timeout, Some(READER), &tls).get("greeting").await;
+    assert_eq!(moved.unwrap().unwrap().value, "hello", "demo-2 serves the data moved to it");
+
+    // demo-0's certificate issued again (as an expiry would have it) under load: presented without
+    // a restart, no request fails.
+    let demo0 = pods.get("demo-0").await.unwrap().status.unwrap().pod_ip.unwrap();
+    let demo0 = format!("{demo0}:8080");
+    let old_pem = secret_text(&secrets, "demo-tls", "demo-0.crt").await.unwrap();
+    assert_eq!(presented_serial(&demo0), serial_of_pem(&old_pem, root.path()));
+    let incarnation = pod_incarnation(&pods, "demo-0").await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
+    let writer = {
+        let (stop, done, failures, tls, demo0) =
+            (stop.clone(), done.clone(), failures.clone(), tls.clone(), demo0.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // A new client each time: a new TLS handshake, which sees the certificate in force.
+                let client = KvClient::connect(&demo0, timeout, Some(WRITER), &tls);
+                if let Err(e) = client.put(&format!("renewal-{i}"), "v").await {
+                    failures.lock().unwrap().push(e.to_string());
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    eventually("writes before the renewal", STEP, || async { (done.load(Ordering::Relaxed) >= 20).then_some(()) })
+        .await;
+    kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "secret",
+        "demo-tls",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/data/demo-0.crt"}]"#,
+    ]);
+    // Any change to the cluster object has it reconciled now rather than at the next minute.
+    kubectl(&["-n", &ns, "annotate", "--overwrite", "kvsc", "demo", "e2e.kvstore.dev/poke=renewal"]);
+    let new_pem = eventually("demo-0's certificate issued again", STEP, || async {
+        secret_text(&secrets, "demo-tls", "demo-0.crt").await.filter(|p| *p != old_pem)
+    })
+    .await;
+    let new_serial = serial_of_pem(&new_pem, root.path());
+    eventually("demo-0 presenting its new certificate", STEP, || async {
+        (presented_serial(&demo0) == new_serial).then_some(())
+    })
+    .await;
+    let after = done.load(Ordering::Relaxed);
+    eventually("writes after the renewal", STEP, || async {
+        (done.load(Ordering::Relaxed) >= after + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    let total = done.load(Ordering::Relaxed);
+    println!("{total} requests over new TLS connections while demo-0's certificate was replaced");
+    assert!(failures.is_empty(), "{} of {total} requests failed: {failures:#?}", failures.len());
+    assert_eq!(pod_incarnation(&pods, "demo-0").await.unwrap(), incarnation, "demo-0 was not restarted");
+
+    // A token added to the auth Secret is honoured without a restart.
+    let late_entry = format!("  - {{name: late, token: {LATE}, role: write}}\n");
+    let patch = serde_json::json!({ "stringData": { "auth.yaml": auth_file(&late_entry) } });
+    secrets.patch("demo-auth", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    eventually("the added token honoured", STEP, || async { session(Some(LATE)).put("late", "yes").await.ok() }).await;
+    assert_eq!(pod_incarnation(&pods, "demo-0").await.unwrap(), incarnation, "demo-0 was not restarted");
+}
