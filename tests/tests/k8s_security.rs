@@ -183,8 +183,10 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
 
     // A token added to the auth Secret is honoured without a restart.
     let late_entry = format!("  - {{name: late, token: {LATE}, role: write}}\n");
-    let patch = serde_json::json!({ "stringData": { "auth.yaml": auth_file(&late_entry) } });
-    secrets.patch("demo-auth", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    let mut auth = secrets.get("demo-auth").await.unwrap();
+    let text = auth_file(&late_entry).into_bytes();
+    auth.data = Some(BTreeMap::from([("auth.yaml".to_owned(), k8s_openapi::ByteString(text))]));
+    secrets.replace("demo-auth", &PostParams::default(), &auth).await.unwrap();
     eventually("the added token honoured", STEP, || async { session(Some(LATE)).put("late", "yes").await.ok() }).await;
     assert_eq!(pod_incarnation(&pods, "demo-0").await.unwrap(), incarnation, "demo-0 was not restarted");
 }
