@@ -519,6 +519,48 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_auth_mount_their_secrets_and_set_the_node_flags() {
+        use crate::controller::validate::AuthFile;
+        use crate::crd::TlsClientAuth;
+        let plain = stateful_set(&cluster(), 4, &InitialView::for_new_cluster(&cluster()));
+        let plain_pod = plain.spec.unwrap().template.spec.unwrap();
+        assert_eq!(plain_pod.volumes, None, "no TLS, no auth: nothing mounted but the data volume");
+
+        let mut c = cluster();
+        c.spec.tls = Some(TlsClientAuth::Require);
+        c.spec.auth = Some(AuthFile { secret: "demo-auth".into(), key: "tokens.yaml".into() });
+        let sts = stateful_set(&c, 4, &InitialView::for_new_cluster(&c));
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        let env: BTreeMap<_, _> =
+            container.env.iter().flatten().filter_map(|e| Some((e.name.as_str(), e.value.clone()?))).collect();
+        assert_eq!(env["KVS_TLS_CERT_FILE"], "/etc/kvstore/tls/$(POD_NAME).crt");
+        assert_eq!(env["KVS_TLS_KEY_FILE"], "/etc/kvstore/tls/$(POD_NAME).key");
+        assert_eq!(env["KVS_TLS_CA_FILE"], "/etc/kvstore/tls/ca.crt");
+        assert_eq!(env["KVS_TLS_CLIENT_AUTH"], "require");
+        assert_eq!(env["KVS_AUTH_FILE"], "/etc/kvstore/auth/tokens.yaml");
+        let volumes: BTreeMap<_, _> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| (v.name.as_str(), v.secret.as_ref().unwrap().secret_name.clone().unwrap()))
+            .collect();
+        assert_eq!(volumes, BTreeMap::from([("tls", "demo-tls".to_owned()), ("auth", "demo-auth".to_owned())]));
+        let mounts: Vec<_> =
+            container.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.read_only)).collect();
+        assert_eq!(mounts, vec![("/data", None), (TLS_DIR, Some(true)), (AUTH_DIR, Some(true))]);
+        for probe in [&container.readiness_probe, &container.liveness_probe] {
+            assert_eq!(probe.as_ref().unwrap().http_get.as_ref().unwrap().scheme.as_deref(), Some("HTTPS"));
+        }
+        // The pods' certificates name every way the pod is reached.
+        let names = pod_names(&c, 3);
+        for name in ["demo-3.demo-nodes.prod.svc.cluster.local", "demo-3.demo-nodes", "demo.prod.svc", "localhost"] {
+            assert!(names.contains(&name.to_owned()), "{name} in {names:?}");
+        }
+        assert_eq!((ca_secret_name("demo"), tls_secret_name("demo")), ("demo-tls-ca".into(), "demo-tls".into()));
+    }
+
+    #[test]
     fn services_and_budget_select_the_node_pods() {
         let c = cluster();
         let headless = headless_service(&c);

@@ -215,15 +215,23 @@ pub fn reissue(
     (stored.not_after - now < RENEW_BEFORE).then_some(Issue::Expiring)
 }
 
-/// The pods' Secret contents for `pods` (name and wanted names each), from what it holds now:
-/// `None` when nothing changes, else the new contents (kept certificates byte for byte, entries of
-/// pods no longer wanted dropped) and what was issued, for the Event.
+/// New contents for the pods' Secret, and what was issued in them.
+#[derive(Debug)]
+pub struct PodCertificates {
+    /// Every entry: kept certificates byte for byte, entries of pods no longer wanted dropped.
+    pub contents: BTreeMap<String, String>,
+    /// Pods whose certificate is new, and why (for the Event).
+    pub issued: Vec<(String, Issue)>,
+}
+
+/// The pods' Secret contents for `pods` (name and wanted names each), from what it `held`:
+/// `None` when nothing changes.
 pub fn plan_pod_certificates(
     held: &BTreeMap<String, String>,
     ca: &Ca,
     pods: &[(String, Vec<String>)],
     now: OffsetDateTime,
-) -> Result<Option<(BTreeMap<String, String>, Vec<(String, Issue)>)>, CertError> {
+) -> Result<Option<PodCertificates>, CertError> {
     let stored_ca = held.get(CA_CERT_KEY).map(String::as_str);
     let mut next = BTreeMap::from([(CA_CERT_KEY.to_owned(), ca.cert_pem().to_owned())]);
     let mut issued = Vec::new();
@@ -245,7 +253,7 @@ pub fn plan_pod_certificates(
             }
         }
     }
-    Ok((&next != held).then_some((next, issued)))
+    Ok((&next != held).then_some(PodCertificates { contents: next, issued }))
 }
 
 #[cfg(test)]
@@ -264,7 +272,8 @@ mod tests {
     fn pods_get_certificates_once_and_again_only_when_due() {
         let ca_pair = new_ca("prod", "demo", at(0)).unwrap();
         let ca = Ca::load(&ca_pair, "demo-tls-ca").unwrap();
-        let (first, issued) = plan_pod_certificates(&BTreeMap::new(), &ca, &pods(2), at(0)).unwrap().unwrap();
+        let PodCertificates { contents: first, issued } =
+            plan_pod_certificates(&BTreeMap::new(), &ca, &pods(2), at(0)).unwrap().unwrap();
         assert_eq!(issued, vec![("demo-0".to_owned(), Issue::Missing), ("demo-1".to_owned(), Issue::Missing)]);
         assert_eq!(first.len(), 5, "ca.crt and a certificate and key per pod");
         let names = read(&first["demo-0.crt"]).unwrap().names;
@@ -274,25 +283,29 @@ mod tests {
         // Nothing due: nothing changes (the Secret is not written).
         assert!(plan_pod_certificates(&first, &ca, &pods(2), at(59)).unwrap().is_none());
         // A third pod: only it is issued; the others are kept byte for byte.
-        let (grown, issued) = plan_pod_certificates(&first, &ca, &pods(3), at(1)).unwrap().unwrap();
+        let PodCertificates { contents: grown, issued } =
+            plan_pod_certificates(&first, &ca, &pods(3), at(1)).unwrap().unwrap();
         assert_eq!(issued, vec![("demo-2".to_owned(), Issue::Missing)]);
         assert_eq!(grown["demo-0.crt"], first["demo-0.crt"]);
         // Back to two pods: the third's entries go.
-        let (shrunk, issued) = plan_pod_certificates(&grown, &ca, &pods(2), at(1)).unwrap().unwrap();
+        let PodCertificates { contents: shrunk, issued } =
+            plan_pod_certificates(&grown, &ca, &pods(2), at(1)).unwrap().unwrap();
         assert!(issued.is_empty() && shrunk == first);
         // Less than 30 days left: renewed; the new one is good for 90 days from then.
-        let (renewed, issued) = plan_pod_certificates(&first, &ca, &pods(2), at(61)).unwrap().unwrap();
+        let PodCertificates { contents: renewed, issued } =
+            plan_pod_certificates(&first, &ca, &pods(2), at(61)).unwrap().unwrap();
         assert_eq!(issued.iter().map(|(_, why)| why.clone()).collect::<Vec<_>>(), vec![Issue::Expiring; 2]);
         assert_ne!(renewed["demo-0.crt"], first["demo-0.crt"]);
         assert!(plan_pod_certificates(&renewed, &ca, &pods(2), at(120)).unwrap().is_none());
         // Other names (the namespace, the cluster's name): issued again.
         let moved: Vec<_> =
             (0..2).map(|o| (format!("demo-{o}"), pod_names("demo", "staging", "demo-nodes", o))).collect();
-        let (_, issued) = plan_pod_certificates(&first, &ca, &moved, at(1)).unwrap().unwrap();
+        let issued = plan_pod_certificates(&first, &ca, &moved, at(1)).unwrap().unwrap().issued;
         assert_eq!(issued[0].1, Issue::Names);
         // A new CA: everything issued again.
         let other = Ca::load(&new_ca("prod", "demo", at(1)).unwrap(), "demo-tls-ca").unwrap();
-        let (again, issued) = plan_pod_certificates(&first, &other, &pods(2), at(1)).unwrap().unwrap();
+        let PodCertificates { contents: again, issued } =
+            plan_pod_certificates(&first, &other, &pods(2), at(1)).unwrap().unwrap();
         assert_eq!(issued[1].1, Issue::NotFromThisCa);
         assert_eq!(again[CA_CERT_KEY], other.cert_pem());
     }

@@ -73,10 +73,11 @@ pub async fn ensure(client: &Client, cluster: &ValidCluster) -> Result<Certifica
     let name = build::tls_secret_name(&cluster.name);
     let held = secrets.get_opt(&name).await?.map(|s| text_of(&s)).unwrap_or_default();
     let mut issued = Vec::new();
-    if let Some((contents, new)) = certs::plan_pod_certificates(&held, &ca, &wanted, now)? {
+    if let Some(planned) = certs::plan_pod_certificates(&held, &ca, &wanted, now)? {
         let params = PatchParams::apply(super::apply::MANAGER).force();
-        secrets.patch(&name, &params, &Patch::Apply(&build::secret(cluster, name.clone(), &contents))).await?;
-        issued = new;
+        let secret = build::secret(cluster, name.clone(), &planned.contents);
+        secrets.patch(&name, &params, &Patch::Apply(&secret)).await?;
+        issued = planned.issued;
     }
     Ok(Certificates { client: operator_settings(&ca, now)?, issued })
 }
