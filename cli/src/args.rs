@@ -34,11 +34,11 @@ pub struct Global {
     #[arg(long, env = "KVS_CACERT", global = true)]
     pub cacert: Option<PathBuf>,
     /// Client certificate (PEM) to present over TLS, for nodes that require one; with `--key`.
-    #[arg(long, env = "KVS_CERT", global = true, requires = "key")]
-    pub cert: Option<PathBuf>,
+    #[arg(long = "cert", env = "KVS_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM); with `--cert`.
-    #[arg(long, env = "KVS_KEY", global = true, requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[arg(long = "key", env = "KVS_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// How answers are printed.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,

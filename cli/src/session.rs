@@ -21,9 +21,9 @@ pub struct Session {
 impl Session {
     pub fn new(global: &Global) -> Result<Session, CliError> {
         let tls = match &global.cacert {
-            Some(ca) => ClientTls::from_files(ca, global.cert.as_deref(), global.key.as_deref())
+            Some(ca) => ClientTls::from_files(ca, global.client_cert.as_deref(), global.client_key.as_deref())
                 .map_err(|e| CliError::Invalid(format!("TLS settings: {e}")))?,
-            None if global.cert.is_some() => {
+            None if global.client_cert.is_some() => {
                 return Err(CliError::Invalid(
                     "--cert needs --cacert: the CA that signed the nodes' certificates".into(),
                 ));
@@ -167,5 +167,39 @@ mod tests {
         assert_eq!(file.load().unwrap(), "abc123");
         std::fs::write(dir.path().join("ctx"), "not a context\n").unwrap();
         assert!(matches!(file.load(), Err(CliError::Invalid(_))));
+    }
+
+    fn session(args: &[&str]) -> Result<Session, CliError> {
+        use clap::Parser;
+        let cli = crate::args::Cli::try_parse_from(["kvsctl"].iter().chain(args).chain(&["status"]))
+            .map_err(|e| CliError::Invalid(e.to_string()))?;
+        Session::new(&cli.global)
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        match session(args) {
+            Err(CliError::Invalid(why)) => why,
+            Err(other) => panic!("{args:?}: {other}"),
+            Ok(_) => panic!("{args:?} was accepted"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        crate::args::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoints_and_tls_settings_must_agree() {
+        let plain = session(&["--endpoints", "http://a:1,b:2/"]).unwrap();
+        assert_eq!(plain.endpoints, vec!["a:1".to_owned(), "b:2".to_owned()]);
+        assert!(!plain.tls.is_tls());
+        assert!(refusal(&["--endpoints", "https://a:1"]).contains("pass --cacert"));
+        assert!(refusal(&["--endpoints", "ftp://a:1"]).contains("unknown scheme"));
+        assert!(refusal(&["--cert", "c.pem", "--key", "k.pem"]).contains("--cert needs --cacert"));
+        assert!(refusal(&["--cacert", "/nonexistent/ca.pem"]).contains("/nonexistent/ca.pem"));
+        let half = refusal(&["--cacert", "ca.pem", "--cert", "c.pem"]);
+        assert!(half.contains("--key"), "{half}");
     }
 }

@@ -1,80 +1,25 @@
-//! TLS across real node processes, with certificates made here (rcgen) and `curl` as the client:
+//! TLS across real node processes, with certificates made here (`kvs_testkit::certs`) and `curl` as the client:
 //! a TLS cluster serves and replicates over mutual TLS; plain HTTP is told to use TLS; a client
 //! certificate from another CA is refused; a node with a certificate from another CA cannot join;
 //! certificates rotated under load fail no request.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+use kvs_testkit::certs::{CertFiles, TestCa};
 use kvs_testkit::net::LoopbackNet;
 use kvs_testkit::process::{NodeCommand, NodeProcess};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// A certificate authority of the test's own, writing its files into a directory of its own.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-}
-
-impl Ca {
-    fn new(parent: &Path, name: &str) -> Ca {
-        let dir = parent.join(name.replace(' ', "-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(), dir }
-    }
-
-    /// A certificate for `names` (IP addresses or DNS names), good for servers and clients, and
-    /// its key, written as `<stem>.pem` and `<stem>.key` (each replaced in one step) with the CA
-    /// as `ca.pem` beside them.
-    fn issue(&self, stem: &str, names: &[String]) -> Files {
-        let dir = &self.dir;
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names.to_vec()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, names.first().map_or(stem, String::as_str));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let files = Files {
-            cert: dir.join(format!("{stem}.pem")),
-            key: dir.join(format!("{stem}.key")),
-            ca: dir.join("ca.pem"),
-        };
-        replace(&files.cert, &cert.pem());
-        replace(&files.key, &key.serialize_pem());
-        replace(&files.ca, &self.issuer.pem());
-        files
-    }
-}
-
-fn replace(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-#[derive(Clone)]
-struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-    ca: PathBuf,
-}
-
 /// What `curl` presents and trusts.
 struct Client {
     /// The CA it trusts.
     ca: PathBuf,
     /// Its own certificate and key.
-    identity: Option<Files>,
+    identity: Option<CertFiles>,
 }
 
 /// What a `curl` run ended with: an HTTP status and body, or curl's failure (no HTTP answer).
@@ -120,7 +65,7 @@ impl Client {
 }
 
 /// A node process on `addr` with TLS from `files` (clients must present a certificate).
-fn start_node(addr: &str, files: &Files, view: Option<&str>, k: u32, data: &Path) -> NodeProcess {
+fn start_node(addr: &str, files: &CertFiles, view: Option<&str>, k: u32, data: &Path) -> NodeProcess {
     let bin = env!("CARGO_BIN_EXE_kvs-node");
     let mut command = NodeCommand::node(bin, addr, data, "warn")
         .env("K", k.to_string())
@@ -151,10 +96,10 @@ fn wait_serving(client: &Client, process: &mut NodeProcess, addr: &str) {
 fn a_tls_cluster_replicates_over_mutual_tls_and_refuses_strangers() {
     let net = LoopbackNet::take();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, other_ca) = (Ca::new(dir.path(), "kvstore test CA"), Ca::new(dir.path(), "some other CA"));
+    let (ca, other_ca) = (TestCa::new(dir.path(), "kvstore test CA"), TestCa::new(dir.path(), "some other CA"));
     let addrs: Vec<String> = (0..3).map(|i| net.node(i)).collect();
     let ips: Vec<String> = (0..3).map(|i| addrs[i].rsplit_once(':').unwrap().0.to_owned()).collect();
-    let node_files: Vec<Files> = (0..2).map(|i| ca.issue(&format!("node{i}"), &ips[i..=i])).collect();
+    let node_files: Vec<CertFiles> = (0..2).map(|i| ca.issue(&format!("node{i}"), &ips[i..=i])).collect();
     let client = Client { ca: node_files[0].ca.clone(), identity: Some(ca.issue("client", &["client".into()])) };
     let view = addrs[..2].join(",");
     let data: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -214,10 +159,10 @@ fn a_tls_cluster_replicates_over_mutual_tls_and_refuses_strangers() {
 fn certificates_rotated_under_load_fail_no_request() {
     let net = LoopbackNet::take();
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "kvstore test CA");
+    let ca = TestCa::new(dir.path(), "kvstore test CA");
     let addrs: Vec<String> = (0..2).map(|i| net.node(i)).collect();
     let ips: Vec<String> = addrs.iter().map(|a| a.rsplit_once(':').unwrap().0.to_owned()).collect();
-    let files: Vec<Files> = (0..2).map(|i| ca.issue(&format!("node{i}"), &ips[i..=i])).collect();
+    let files: Vec<CertFiles> = (0..2).map(|i| ca.issue(&format!("node{i}"), &ips[i..=i])).collect();
     let client = Arc::new(Client { ca: files[0].ca.clone(), identity: Some(ca.issue("client", &["c".into()])) });
     let view = addrs.join(",");
     let data: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -320,7 +265,7 @@ fn the_project_clients_speak_tls_check_names_and_present_certificates() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let net = LoopbackNet::take();
     let dir = tempfile::tempdir().unwrap();
-    let (ca, other_ca) = (Ca::new(dir.path(), "kvstore test CA"), Ca::new(dir.path(), "some other CA"));
+    let (ca, other_ca) = (TestCa::new(dir.path(), "kvstore test CA"), TestCa::new(dir.path(), "some other CA"));
     let addr = net.node(0);
     // The node's certificate names a DNS identity only, as the operator's per-pod certificates do;
     // clients here reach it by IP.

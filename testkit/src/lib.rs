@@ -8,10 +8,12 @@
 //! - [`k8s_request`]: the attributes the Kubernetes API server derives from a request, for the test
 //!   doubles that stand in for parts of it.
 //! - [`s3`]: a real S3 API server (moto) on a test's own loopback address.
+//! - [`certs`]: a test's own certificate authority, issuing certificates into files (TLS tests).
 //! - [`history`]: operation histories and the checker that judges them (no lost acknowledged
 //!   write, no causal read going back in time), used by the real-process fault-injection runs
 //!   (`kvs-e2e`) and the deterministic simulator (`kvs-sim`).
 
+pub mod certs;
 pub mod history;
 pub mod k8s_request;
 pub mod net;
