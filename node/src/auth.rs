@@ -30,9 +30,7 @@
 
 use axum::http::Method;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::path::Path;
 
 /// Shortest token accepted in the auth file: shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -324,66 +322,16 @@ pub fn bearer(header: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The auth file in force, re-read when it changes (a mounted Secret is replaced in place).
-pub struct Gate {
-    path: PathBuf,
-    state: RwLock<(Arc<Policy>, Vec<u8>)>,
-}
+/// The auth file in force, re-read when it changes (a mounted Secret is replaced in place): a
+/// broken change keeps the tokens in force ([`crate::watched`]).
+pub type Gate = crate::watched::Watched<Policy>;
 
-impl std::fmt::Debug for Gate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate").field("path", &self.path).finish_non_exhaustive()
-    }
-}
-
-impl Gate {
-    /// Reads `path`; a node does not start with an auth file it cannot use.
-    pub fn load(path: &Path) -> anyhow::Result<Gate> {
-        let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading the auth file {}: {e}", path.display()))?;
-        let policy = parse_bytes(&text).map_err(|e| anyhow::anyhow!("the auth file {}: {e}", path.display()))?;
-        Ok(Gate { path: path.to_owned(), state: RwLock::new((Arc::new(policy), text)) })
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).0.clone()
-    }
-
-    /// Reads the file again and puts it in force if it changed and is valid. A file that became
-    /// unreadable or invalid leaves the last good one in force (and says why in the log): a
-    /// half-written Secret must not lock everyone out or let everyone in.
-    pub fn reload(&self) {
-        let text = match std::fs::read(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot read the auth file; keeping the tokens in force");
-                return;
-            }
-        };
-        if self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).1 == text {
-            return;
-        }
-        match parse_bytes(&text) {
-            Ok(policy) => {
-                let names: Vec<&str> = policy.grants().map(|g| g.name.as_str()).collect();
-                tracing::info!(path = %self.path.display(), identities = ?names, "auth file changed; new tokens in force");
-                *self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (Arc::new(policy), text);
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "the changed auth file is invalid; keeping the tokens in force");
-            }
-        }
-    }
-
-    /// Re-reads the file every `every`, for the process's life.
-    pub async fn watch(self: Arc<Self>, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            let gate = self.clone();
-            // File reads block: off the async threads.
-            let _ = tokio::task::spawn_blocking(move || gate.reload()).await;
-        }
-    }
+/// The auth file at `path`; a node does not start with one it cannot use.
+pub fn load(path: &Path) -> anyhow::Result<Gate> {
+    let shown = path.display().to_string();
+    Gate::load("the auth file", vec![path.to_owned()], move |contents| {
+        parse_bytes(&contents[0]).map_err(|e| anyhow::anyhow!("the auth file {shown}: {e}"))
+    })
 }
 
 fn parse_bytes(text: &[u8]) -> Result<Policy, PolicyError> {
@@ -542,18 +490,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("auth.yaml");
         std::fs::write(&path, FILE).unwrap();
-        let gate = Gate::load(&path).unwrap();
+        let gate = load(&path).unwrap();
         let token = b"new-token-0123456789";
-        assert!(gate.policy().authenticate(token).is_none());
+        assert!(gate.current().authenticate(token).is_none());
         std::fs::write(&path, "tokens:\n  - name: new\n    token: new-token-0123456789\n    role: read\n").unwrap();
         gate.reload();
-        assert_eq!(gate.policy().authenticate(token).unwrap().name, "new");
+        assert_eq!(gate.current().authenticate(token).unwrap().name, "new");
         std::fs::write(&path, "tokens: [").unwrap();
         gate.reload();
-        assert_eq!(gate.policy().authenticate(token).unwrap().name, "new", "the last good file stays in force");
+        assert_eq!(gate.current().authenticate(token).unwrap().name, "new", "the last good file stays in force");
         std::fs::remove_file(&path).unwrap();
         gate.reload();
-        assert_eq!(gate.policy().authenticate(token).unwrap().name, "new");
-        assert!(Gate::load(&path).is_err(), "no start without a usable file");
+        assert_eq!(gate.current().authenticate(token).unwrap().name, "new");
+        assert!(load(&path).is_err(), "no start without a usable file");
     }
 }

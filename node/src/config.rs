@@ -285,7 +285,7 @@ impl Args {
             ));
         }
         if let Some(path) = &self.auth_file {
-            let gate = crate::auth::Gate::load(path).map_err(|e| ConfigError::AuthFile(format!("{e:#}")))?;
+            let gate = crate::auth::load(path).map_err(|e| ConfigError::AuthFile(format!("{e:#}")))?;
             s.auth = Some(std::sync::Arc::new(gate));
         }
         Ok(s)

@@ -43,6 +43,7 @@ pub mod tls;
 pub mod view;
 pub mod view_change;
 pub mod view_store;
+pub mod watched;
 
 pub use heartbeat::HttpHeartbeats;
 use node::Node;

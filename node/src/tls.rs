@@ -19,14 +19,15 @@
 //!   connections use the new certificate; open ones keep theirs. A set of files that does not load
 //!   (a half-written rotation) leaves the last good one in force.
 
+use crate::watched::Watched;
 use anyhow::Context;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use kvs_api::tls::{pem_chain, pem_key, pem_roots};
+use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -78,14 +79,12 @@ pub const PLAINTEXT_REFUSED: &str = "this node serves TLS only: use https:// and
 struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    /// The files' contents these configs were built from (cert, key, CA).
-    contents: [Vec<u8>; 3],
 }
 
 /// The node's TLS configuration in force, for serving and for calling peers.
 pub struct Tls {
     files: TlsFiles,
-    loaded: RwLock<Arc<Loaded>>,
+    loaded: Arc<Watched<Loaded>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -97,13 +96,14 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Reads and checks the files; a node does not start with TLS material it cannot use.
     pub fn load(files: TlsFiles) -> anyhow::Result<Tls> {
-        let contents = read_all(&files)?;
-        let loaded = build(&files, contents)?;
-        Ok(Tls { files, loaded: RwLock::new(Arc::new(loaded)) })
+        let paths = vec![files.cert.clone(), files.key.clone(), files.ca.clone()];
+        let for_build = files.clone();
+        let loaded = Watched::load("the TLS files", paths, move |contents| build(&for_build, contents))?;
+        Ok(Tls { files, loaded: Arc::new(loaded) })
     }
 
     fn current(&self) -> Arc<Loaded> {
-        self.loaded.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.loaded.current()
     }
 
     /// Accepts TLS connections with the certificate in force.
@@ -125,68 +125,25 @@ impl Tls {
         self.files.client_auth
     }
 
-    /// Reads the files again and puts them in force if they changed and load; says what happened.
-    pub fn reload(&self) {
-        let contents = match read_all(&self.files) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read the TLS files; keeping the certificate in force");
-                return;
-            }
-        };
-        if self.current().contents == contents {
-            return;
-        }
-        match build(&self.files, contents) {
-            Ok(loaded) => {
-                *self.loaded.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
-                tracing::info!(cert = %self.files.cert.display(), "TLS files changed; new certificate in force for new connections");
-            }
-            Err(e) => tracing::error!(
-                error = %format!("{e:#}"),
-                "the changed TLS files do not load (a rotation half done?); keeping the certificate in force"
-            ),
-        }
+    /// Reads the files again and puts them in force if they changed and load (see
+    /// [`crate::watched`]); returns whether a new certificate is in force.
+    pub fn reload(&self) -> bool {
+        self.loaded.reload()
     }
 
     /// Re-reads the files every `every`, for the process's life.
     pub async fn watch(self: Arc<Self>, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            let tls = self.clone();
-            // File reads block: off the async threads.
-            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
-        }
+        self.loaded.clone().watch(every).await
     }
 }
 
-fn read_all(files: &TlsFiles) -> anyhow::Result<[Vec<u8>; 3]> {
-    let read = |path: &PathBuf, what: &str| {
-        std::fs::read(path).with_context(|| format!("reading the {what} {} ", path.display()))
-    };
-    Ok([read(&files.cert, "certificate file")?, read(&files.key, "key file")?, read(&files.ca, "CA file")?])
-}
-
-fn build(files: &TlsFiles, contents: [Vec<u8>; 3]) -> anyhow::Result<Loaded> {
-    let [cert_pem, key_pem, ca_pem] = &contents;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not a PEM certificate chain", files.cert.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} holds no certificate (expected PEM `CERTIFICATE` blocks)",
-        files.cert.display()
-    );
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .with_context(|| format!("{} is not a PEM private key (PKCS#8, PKCS#1 or SEC1)", files.key.display()))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem) {
-        let ca = ca.with_context(|| format!("{} is not a PEM certificate bundle", files.ca.display()))?;
-        roots.add(ca).with_context(|| format!("{} holds a certificate that is not a usable CA", files.ca.display()))?;
-    }
-    anyhow::ensure!(!roots.is_empty(), "{} holds no CA certificate", files.ca.display());
+fn build(files: &TlsFiles, contents: &[Vec<u8>]) -> anyhow::Result<Loaded> {
+    let [cert_pem, key_pem, ca_pem] = contents else { anyhow::bail!("three TLS files expected") };
+    let certs = pem_chain(cert_pem, &files.cert.display().to_string())?;
+    let key = pem_key(key_pem, &files.key.display().to_string())?;
+    let roots = pem_roots(ca_pem, &files.ca.display().to_string())?;
     let roots = Arc::new(roots);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = kvs_api::tls::provider();
 
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
     let verifier = match files.client_auth {
@@ -206,7 +163,7 @@ fn build(files: &TlsFiles, contents: [Vec<u8>; 3]) -> anyhow::Result<Loaded> {
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)
         .context("using the certificate as a client certificate")?;
-    Ok(Loaded { server: Arc::new(server), client: Arc::new(client), contents })
+    Ok(Loaded { server: Arc::new(server), client: Arc::new(client) })
 }
 
 /// The name a peer's certificate must carry: the host part of its `host:port` address (an IP

@@ -3,12 +3,14 @@
 //! (`scripts/test` starts a server): `cargo test -p kvs-e2e --test k8s_security -- --ignored`.
 //!
 //! One scenario, every step asserted:
-//! - a 2-node cluster with `tls.enabled` and a token Secret becomes Available: the operator made the
+//! - `examples/secure-cluster.yaml` (3 nodes, `tls.enabled`, a token Secret) becomes Available, as
+//!   its comment says to create it: the operator made the
 //!   CA and the pods' certificates, the kubelet's probes and the operator's own calls went over TLS
 //!   (the nodes refuse plain HTTP, checked too);
 //! - clients with the CA from `<cluster>-tls-ca`: a writer token writes, a reader token reads and is
 //!   refused a write (403), no token gets 401, nothing changed by the refused calls;
-//! - scaled to 3: the new pod's certificate is issued before it starts, the view change (posted by
+//! - `tls.enabled` cannot be turned off (the API server refuses with the reason);
+//! - scaled to 4: the new pod's certificate is issued before it starts, the view change (posted by
 //!   the operator over TLS) moves data to it;
 //! - a pod's certificate issued again (its entry removed from the Secret, as an expiry would make
 //!   the operator do) under a writer making a new TLS connection per request: the pod presents the
@@ -21,13 +23,15 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kvs_api::{ClientTls, KvClient};
 use kvs_e2e::k8s::{eventually, kubectl};
-use kvs_e2e::kvsc::{OperatorEnv, STEP, pod_addresses, pod_incarnation, wait_running};
+use kvs_e2e::kvsc::{OperatorEnv, STEP, pod_addresses, pod_incarnation, wait_running, workspace_root};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The cluster of `examples/secure-cluster.yaml`.
+const NAME: &str = "secure-demo";
 const READER: &str = "reader-token-0123456789";
 const WRITER: &str = "writer-token-0123456789";
 const LATE: &str = "added-later-token-0123456789";
@@ -72,30 +76,24 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
         OperatorEnv::start("kvs-security-e2e").await;
     let ns = namespace.name().to_owned();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets.create(&PostParams::default(), &secret("demo-auth", "auth.yaml", &auth_file(""))).await.unwrap();
-    let manifest = root.path().join("cluster.yaml");
-    std::fs::write(
-        &manifest,
-        "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 2\n  \
-         replicationFactor: 2\n  image: kvstore/kvs-node:1.0\n  tls:\n    enabled: true\n  auth:\n    secretName: \
-         demo-auth\n",
-    )
-    .unwrap();
-    kubectl(&["-n", &ns, "apply", "-f", manifest.to_str().unwrap()]);
-    wait_running(&ns, "demo", 2, 1, "a 2-node TLS cluster with tokens").await;
+    secrets.create(&PostParams::default(), &secret("secure-demo-auth", "auth.yaml", &auth_file(""))).await.unwrap();
+    // The example users start from, as its comment says: the auth Secret, then the cluster.
+    let example = workspace_root().join("examples/secure-cluster.yaml");
+    kubectl(&["-n", &ns, "apply", "-f", example.to_str().unwrap()]);
+    wait_running(&ns, NAME, 3, 1, "the example's 3-node TLS cluster with tokens").await;
 
     // The Secrets: the CA with its key; the pods' certificates with the CA certificate.
-    let ca = secret_text(&secrets, "demo-tls-ca", "ca.crt").await.expect("the CA certificate");
-    assert!(secret_text(&secrets, "demo-tls-ca", "ca.key").await.is_some(), "the CA key");
-    for key in ["ca.crt", "demo-0.crt", "demo-0.key", "demo-1.crt", "demo-1.key"] {
-        assert!(secret_text(&secrets, "demo-tls", key).await.is_some(), "demo-tls has {key}");
+    let ca = secret_text(&secrets, "secure-demo-tls-ca", "ca.crt").await.expect("the CA certificate");
+    assert!(secret_text(&secrets, "secure-demo-tls-ca", "ca.key").await.is_some(), "the CA key");
+    for key in ["ca.crt", "secure-demo-0.crt", "secure-demo-0.key", "secure-demo-2.crt", "secure-demo-2.key"] {
+        assert!(secret_text(&secrets, "secure-demo-tls", key).await.is_some(), "secure-demo-tls has {key}");
     }
-    assert_eq!(secret_text(&secrets, "demo-tls", "ca.crt").await.as_deref(), Some(ca.as_str()));
+    assert_eq!(secret_text(&secrets, "secure-demo-tls", "ca.crt").await.as_deref(), Some(ca.as_str()));
 
     // Clients trust the CA from the Secret; they reach pods by IP, so only the chain is checked.
     let tls = ClientTls::from_pem(ca.as_bytes(), None).unwrap().accepting_any_name();
     let timeout = Duration::from_secs(10);
-    let addresses = pod_addresses(&pods, "demo").await;
+    let addresses = pod_addresses(&pods, NAME).await;
     let via = addresses[0].clone();
     let session = |token: Option<&str>| KvClient::connect(&via, timeout, token, &tls);
     session(Some(WRITER)).put("greeting", "hello").await.unwrap();
@@ -111,21 +109,30 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
     let read = session(Some(READER)).get("greeting").await.unwrap().unwrap();
     assert_eq!(read.value, "hello", "the refused calls changed nothing");
 
-    // Scale out: the new pod has its certificate before it starts, and joins over TLS.
-    kubectl(&["-n", &ns, "patch", "kvsc", "demo", "--type", "merge", "-p", r#"{"spec":{"replicas":3}}"#]);
-    wait_running(&ns, "demo", 3, 1, "3 nodes after a scale-out over TLS").await;
-    assert!(secret_text(&secrets, "demo-tls", "demo-2.crt").await.is_some(), "demo-2's certificate");
-    let third = pods.get("demo-2").await.unwrap().status.unwrap().pod_ip.unwrap();
-    let moved = KvClient::connect(format!("{third}:8080"), timeout, Some(READER), &tls).get("greeting").await;
-    assert_eq!(moved.unwrap().unwrap().value, "hello", "demo-2 serves the data moved to it");
+    // TLS cannot be turned off on a running cluster: the API server refuses, saying why.
+    let off = Command::new("kubectl")
+        .args(["-n", &ns, "patch", "kvsc", NAME, "--type", "merge", "-p", r#"{"spec":{"tls":{"enabled":false}}}"#])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&off.stderr);
+    assert!(!off.status.success() && why.contains("tls.enabled cannot change after creation"), "{why}");
 
-    // demo-0's certificate issued again (as an expiry would have it) under load: presented without
+    // Scale out: the new pod has its certificate before it starts, and joins over TLS.
+    kubectl(&["-n", &ns, "patch", "kvsc", NAME, "--type", "merge", "-p", r#"{"spec":{"replicas":4}}"#]);
+    wait_running(&ns, NAME, 4, 2, "4 nodes after a scale-out over TLS").await;
+    let new_pod = "secure-demo-3";
+    assert!(secret_text(&secrets, "secure-demo-tls", &format!("{new_pod}.crt")).await.is_some(), "its certificate");
+    let fourth = pods.get(new_pod).await.unwrap().status.unwrap().pod_ip.unwrap();
+    let moved = KvClient::connect(format!("{fourth}:8080"), timeout, Some(READER), &tls).get("greeting").await;
+    assert_eq!(moved.unwrap().unwrap().value, "hello", "the new pod serves (its partition's data moved to it)");
+
+    // secure-demo-0's certificate issued again (as an expiry would have it) under load: presented without
     // a restart, no request fails.
-    let demo0 = pods.get("demo-0").await.unwrap().status.unwrap().pod_ip.unwrap();
+    let demo0 = pods.get("secure-demo-0").await.unwrap().status.unwrap().pod_ip.unwrap();
     let demo0 = format!("{demo0}:8080");
-    let old_pem = secret_text(&secrets, "demo-tls", "demo-0.crt").await.unwrap();
+    let old_pem = secret_text(&secrets, "secure-demo-tls", "secure-demo-0.crt").await.unwrap();
     assert_eq!(presented_serial(&demo0), serial_of_pem(&old_pem, root.path()));
-    let incarnation = pod_incarnation(&pods, "demo-0").await.unwrap();
+    let incarnation = pod_incarnation(&pods, "secure-demo-0").await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (done, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::<String>::new())));
     let writer = {
@@ -151,20 +158,20 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
         &ns,
         "patch",
         "secret",
-        "demo-tls",
+        "secure-demo-tls",
         "--type",
         "json",
         "-p",
-        r#"[{"op":"remove","path":"/data/demo-0.crt"}]"#,
+        r#"[{"op":"remove","path":"/data/secure-demo-0.crt"}]"#,
     ]);
     // Any change to the cluster object has it reconciled now rather than at the next minute.
-    kubectl(&["-n", &ns, "annotate", "--overwrite", "kvsc", "demo", "e2e.kvstore.dev/poke=renewal"]);
-    let new_pem = eventually("demo-0's certificate issued again", STEP, || async {
-        secret_text(&secrets, "demo-tls", "demo-0.crt").await.filter(|p| *p != old_pem)
+    kubectl(&["-n", &ns, "annotate", "--overwrite", "kvsc", NAME, "e2e.kvstore.dev/poke=renewal"]);
+    let new_pem = eventually("secure-demo-0's certificate issued again", STEP, || async {
+        secret_text(&secrets, "secure-demo-tls", "secure-demo-0.crt").await.filter(|p| *p != old_pem)
     })
     .await;
     let new_serial = serial_of_pem(&new_pem, root.path());
-    eventually("demo-0 presenting its new certificate", STEP, || async {
+    eventually("secure-demo-0 presenting its new certificate", STEP, || async {
         (presented_serial(&demo0) == new_serial).then_some(())
     })
     .await;
@@ -177,16 +184,16 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
     writer.await.unwrap();
     let failures = failures.lock().unwrap().clone();
     let total = done.load(Ordering::Relaxed);
-    println!("{total} requests over new TLS connections while demo-0's certificate was replaced");
+    println!("{total} requests over new TLS connections while secure-demo-0's certificate was replaced");
     assert!(failures.is_empty(), "{} of {total} requests failed: {failures:#?}", failures.len());
-    assert_eq!(pod_incarnation(&pods, "demo-0").await.unwrap(), incarnation, "demo-0 was not restarted");
+    assert_eq!(pod_incarnation(&pods, "secure-demo-0").await.unwrap(), incarnation, "secure-demo-0 was not restarted");
 
     // A token added to the auth Secret is honoured without a restart.
     let late_entry = format!("  - {{name: late, token: {LATE}, role: write}}\n");
-    let mut auth = secrets.get("demo-auth").await.unwrap();
+    let mut auth = secrets.get("secure-demo-auth").await.unwrap();
     let text = auth_file(&late_entry).into_bytes();
     auth.data = Some(BTreeMap::from([("auth.yaml".to_owned(), k8s_openapi::ByteString(text))]));
-    secrets.replace("demo-auth", &PostParams::default(), &auth).await.unwrap();
+    secrets.replace("secure-demo-auth", &PostParams::default(), &auth).await.unwrap();
     eventually("the added token honoured", STEP, || async { session(Some(LATE)).put("late", "yes").await.ok() }).await;
-    assert_eq!(pod_incarnation(&pods, "demo-0").await.unwrap(), incarnation, "demo-0 was not restarted");
+    assert_eq!(pod_incarnation(&pods, "secure-demo-0").await.unwrap(), incarnation, "secure-demo-0 was not restarted");
 }

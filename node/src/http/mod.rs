@@ -73,7 +73,7 @@ async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respo
     if path.starts_with("/internal/") && channel.is_some_and(|c| !c.admits_peers()) {
         return ApiError::new(StatusCode::FORBIDDEN, crate::tls::PEER_NEEDS_CERTIFICATE).into_response();
     }
-    let policy = settings.auth.as_ref().map(|gate| gate.policy());
+    let policy = settings.auth.as_ref().map(|gate| gate.current());
     if policy.is_none() && !crate::auth::is_admin_path(path) {
         return next.run(req).await;
     }

@@ -230,7 +230,7 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
 
 fn probe(path: &str, period_seconds: i32, timeout_seconds: i32, tls: bool) -> Probe {
     // Over TLS the kubelet does not verify the certificate (as for any HTTPS probe) and presents
-    // none: hence `clientAuth: optional` by default; the probe routes need no token.
+    // none: hence no `clientAuth: require`; the probe routes need no token.
     let scheme = tls.then(|| "HTTPS".to_owned());
     Probe {
         http_get: Some(HTTPGetAction {
@@ -527,7 +527,7 @@ mod tests {
         assert_eq!(plain_pod.volumes, None, "no TLS, no auth: nothing mounted but the data volume");
 
         let mut c = cluster();
-        c.spec.tls = Some(TlsClientAuth::Require);
+        c.spec.tls = Some(TlsClientAuth::None);
         c.spec.auth = Some(AuthFile { secret: "demo-auth".into(), key: "tokens.yaml".into() });
         let sts = stateful_set(&c, 4, &InitialView::for_new_cluster(&c));
         let pod = sts.spec.unwrap().template.spec.unwrap();
@@ -537,7 +537,7 @@ mod tests {
         assert_eq!(env["KVS_TLS_CERT_FILE"], "/etc/kvstore/tls/$(POD_NAME).crt");
         assert_eq!(env["KVS_TLS_KEY_FILE"], "/etc/kvstore/tls/$(POD_NAME).key");
         assert_eq!(env["KVS_TLS_CA_FILE"], "/etc/kvstore/tls/ca.crt");
-        assert_eq!(env["KVS_TLS_CLIENT_AUTH"], "require");
+        assert_eq!(env["KVS_TLS_CLIENT_AUTH"], "none");
         assert_eq!(env["KVS_AUTH_FILE"], "/etc/kvstore/auth/tokens.yaml");
         let volumes: BTreeMap<_, _> = pod
             .volumes

@@ -255,7 +255,7 @@ mod tests {
         use crate::crd::{AuthSpec, TlsSpec};
         let mut s = spec(3, 1);
         assert_eq!((validate(&s).unwrap().tls, validate(&s).unwrap().auth), (None, None));
-        s.tls = Some(TlsSpec { enabled: false, client_auth: TlsClientAuth::Require });
+        s.tls = Some(TlsSpec { enabled: false, client_auth: TlsClientAuth::None });
         assert_eq!(validate(&s).unwrap().tls, None, "not enabled: plain");
         s.tls = Some(TlsSpec { enabled: true, ..Default::default() });
         assert_eq!(validate(&s).unwrap().tls, Some(TlsClientAuth::Optional));

@@ -128,8 +128,10 @@ pub struct TlsSpec {
     /// Serve clients and peers over TLS only (plain HTTP is refused with a message saying so).
     #[serde(default)]
     pub enabled: bool,
-    /// Whether clients must present a certificate from the cluster CA: `none`, `optional` (the
-    /// default: clients authenticate with tokens; peers always need a certificate) or `require`.
+    /// Whether clients may present a certificate from the cluster CA: `optional` (the default; a
+    /// certificate from another CA fails the handshake) or `none`. Clients authenticate with tokens
+    /// (`spec.auth`); peers always need a certificate. `require` is not offered: the kubelet's
+    /// HTTPS probes present no certificate and would never pass.
     #[serde(default)]
     pub client_auth: TlsClientAuth,
 }
@@ -141,7 +143,6 @@ pub enum TlsClientAuth {
     None,
     #[default]
     Optional,
-    Require,
 }
 
 impl TlsClientAuth {
@@ -150,7 +151,6 @@ impl TlsClientAuth {
         match self {
             TlsClientAuth::None => "none",
             TlsClientAuth::Optional => "optional",
-            TlsClientAuth::Require => "require",
         }
     }
 }
