@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let path = path.and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("/v1/kv/p%2Fx");
     for method in [axum::http::Method::GET, axum::http::Method::PUT] {
         let need = need_for(&method, path);
-        let decided = decide(Some(&policy), header, ClusterToken::NotSet, &need);
+        let decided = decide(Some(&policy), header, None, ClusterToken::NotSet, &need);
         if let (Ok(Some(_)), Some(h)) = (&decided, header) {
             assert_eq!(bearer(h), Some(&b"aaaaaaaaaaaaaaaa"[..]), "only the listed token authenticates");
         }

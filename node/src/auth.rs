@@ -1,5 +1,5 @@
 //! Client authentication and authorization: which identity a request comes from (a bearer token
-//! listed in the node's auth file) and whether that identity's role lets it do what the request
+//! listed in the node's auth file, or the subject of a TLS client certificate it lists) and whether that identity's role lets it do what the request
 //! asks. The HTTP layer (`http::guard`) asks [`decide`] before any handler runs and maps a
 //! [`Denied`] to 401 or 403.
 //!
@@ -11,6 +11,9 @@
 //!     token: "…"             # at least 16 characters
 //!     role: read             # read | write | admin
 //!     prefixes: ["reports/"] # optional: the only keys it may touch
+//!   - name: etl
+//!     subject: etl-client    # instead of a token: a client certificate from the cluster CA
+//!     role: write            #   whose subject Common Name is this
 //! ```
 //!
 //! Roles nest: `write` may read, `admin` may write and use the admin routes (view changes, status,
@@ -24,6 +27,9 @@
 //! - The cluster token may do everything, sent in its header or as the bearer token (the operator
 //!   and `kvsctl --token-file` send it both ways); admin routes otherwise need a token whose role
 //!   is `admin`.
+//! - A request with an `Authorization` header is judged by its token alone; one without is judged
+//!   by its client certificate's subject, when the connection presented one (verified against the
+//!   cluster CA by the TLS handshake) and the file lists it.
 //! - A token is compared in constant time with every listed token (the time does not depend on
 //!   which one matches or where a wrong one differs), and never appears in a message or a log.
 //! - [`decide`] and [`need_for`] are pure; reading and re-reading the file is [`Gate`]'s job.
@@ -69,9 +75,18 @@ impl Grant {
     }
 }
 
+/// How an identity of the auth file proves itself.
+#[derive(Clone, PartialEq, Eq)]
+enum Credential {
+    /// A bearer token.
+    Token(Vec<u8>),
+    /// A TLS client certificate's subject Common Name.
+    Subject(String),
+}
+
 /// The parsed auth file.
 pub struct Policy {
-    entries: Vec<(Vec<u8>, Grant)>,
+    entries: Vec<(Credential, Grant)>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -85,7 +100,10 @@ impl std::fmt::Debug for Policy {
 #[serde(deny_unknown_fields)]
 struct FileEntry {
     name: String,
-    token: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
     role: Role,
     #[serde(default)]
     prefixes: Vec<String>,
@@ -101,7 +119,7 @@ struct File {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error(
-        "not an auth file: {0}; expected `tokens:` with entries of `name`, `token`, `role` (read, write or admin) and optional `prefixes`"
+        "not an auth file: {0}; expected `tokens:` with entries of `name`, `token` (or a client certificate's `subject`), `role` (read, write or admin) and optional `prefixes`"
     )]
     Syntax(String),
     #[error("the auth file lists no tokens; list at least one, or run without --auth-file")]
@@ -118,6 +136,10 @@ pub enum PolicyError {
     SharedToken(String, String),
     #[error("{0:?} lists an empty prefix; omit `prefixes` to allow every key")]
     EmptyPrefix(String),
+    #[error("give {0:?} either a `token` or a client certificate's `subject`, not both and not neither")]
+    Credential(String),
+    #[error("{0:?} and {1:?} name the same certificate subject; give every identity its own")]
+    SharedSubject(String, String),
 }
 
 impl Policy {
@@ -127,7 +149,7 @@ impl Policy {
         if file.tokens.is_empty() {
             return Err(PolicyError::Empty);
         }
-        let mut entries: Vec<(Vec<u8>, Grant)> = Vec::with_capacity(file.tokens.len());
+        let mut entries: Vec<(Credential, Grant)> = Vec::with_capacity(file.tokens.len());
         for (i, e) in file.tokens.into_iter().enumerate() {
             let name = e.name.trim().to_owned();
             if name.is_empty() {
@@ -136,20 +158,34 @@ impl Policy {
             if entries.iter().any(|(_, g)| g.name == name) {
                 return Err(PolicyError::DuplicateName(name));
             }
-            let len = e.token.chars().count();
-            if len < MIN_TOKEN_LEN {
-                return Err(PolicyError::ShortToken { name, len });
-            }
-            if e.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(PolicyError::UnsendableToken { name });
-            }
-            if let Some((_, other)) = entries.iter().find(|(t, _)| t.as_slice() == e.token.as_bytes()) {
-                return Err(PolicyError::SharedToken(other.name.clone(), name));
-            }
+            let credential = match (e.token, e.subject) {
+                (Some(token), None) => {
+                    let len = token.chars().count();
+                    if len < MIN_TOKEN_LEN {
+                        return Err(PolicyError::ShortToken { name, len });
+                    }
+                    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(PolicyError::UnsendableToken { name });
+                    }
+                    let token = Credential::Token(token.into_bytes());
+                    if let Some((_, other)) = entries.iter().find(|(c, _)| *c == token) {
+                        return Err(PolicyError::SharedToken(other.name.clone(), name));
+                    }
+                    token
+                }
+                (None, Some(subject)) if !subject.trim().is_empty() => {
+                    let subject = Credential::Subject(subject.trim().to_owned());
+                    if let Some((_, other)) = entries.iter().find(|(c, _)| *c == subject) {
+                        return Err(PolicyError::SharedSubject(other.name.clone(), name));
+                    }
+                    subject
+                }
+                _ => return Err(PolicyError::Credential(name)),
+            };
             if e.prefixes.iter().any(String::is_empty) {
                 return Err(PolicyError::EmptyPrefix(name));
             }
-            entries.push((e.token.into_bytes(), Grant { name, role: e.role, prefixes: e.prefixes }));
+            entries.push((credential, Grant { name, role: e.role, prefixes: e.prefixes }));
         }
         Ok(Policy { entries })
     }
@@ -158,12 +194,20 @@ impl Policy {
     /// does not depend on the tokens' contents.
     pub fn authenticate(&self, token: &[u8]) -> Option<&Grant> {
         let mut found = None;
-        for (known, grant) in &self.entries {
-            if crate::http::constant_time_eq(known, token) {
+        for (credential, grant) in &self.entries {
+            if let Credential::Token(known) = credential
+                && crate::http::constant_time_eq(known, token)
+            {
                 found = Some(grant);
             }
         }
         found
+    }
+
+    /// The identity whose client certificate has subject Common Name `subject` (not a secret: the
+    /// TLS handshake proved the certificate).
+    pub fn authenticate_subject(&self, subject: &str) -> Option<&Grant> {
+        self.entries.iter().find(|(c, _)| matches!(c, Credential::Subject(s) if s == subject)).map(|(_, g)| g)
     }
 
     pub fn grants(&self) -> impl Iterator<Item = &Grant> {
@@ -230,7 +274,7 @@ pub enum ClusterToken {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Denied {
     #[error(
-        "this node requires authentication: send `Authorization: Bearer <token>` with a token from the node's auth file"
+        "this node requires authentication: send `Authorization: Bearer <token>` with a token from the node's auth file, or present a client certificate whose subject it lists"
     )]
     NoCredentials,
     #[error("the Authorization header must be `Bearer <token>`")]
@@ -258,12 +302,14 @@ impl Denied {
     }
 }
 
-/// Whether a request that needs `need`, carrying `authorization` (the raw header, if any) and a
+/// Whether a request that needs `need`, carrying `authorization` (the raw header, if any), a
+/// client certificate with subject Common Name `subject` (if its connection presented one) and a
 /// cluster token that compares as `cluster`, may go on. `policy` is the auth file, if the node has
-/// one. Returns the identity's name when a token identified one.
+/// one. Returns the identity's name when a token or certificate identified one.
 pub fn decide(
     policy: Option<&Policy>,
     authorization: Option<&[u8]>,
+    subject: Option<&str>,
     cluster: ClusterToken,
     need: &Need,
 ) -> Result<Option<String>, Denied> {
@@ -271,25 +317,36 @@ pub fn decide(
     if cluster == ClusterToken::Matches && !matches!(need, Need::Internal) {
         return Ok(None);
     }
+    // A header decides alone; without one, a listed certificate subject identifies the client.
+    let certified = match (policy, authorization, subject) {
+        (Some(policy), None, Some(subject)) => policy.authenticate_subject(subject),
+        _ => None,
+    };
+    let credentials = authorization.is_some() || certified.is_some();
     let required = match need {
         Need::Open | Need::Internal => return Ok(None),
         Need::Admin => match (policy, cluster) {
             (None, ClusterToken::NotSet) => return Ok(None),
             (None, ClusterToken::Wrong) => return Err(Denied::WrongClusterToken { header: HEADER }),
             (None, _) => return Err(Denied::NoClusterToken { header: HEADER }),
-            (Some(_), ClusterToken::Wrong) if authorization.is_none() => {
+            (Some(_), ClusterToken::Wrong) if !credentials => {
                 return Err(Denied::WrongClusterToken { header: HEADER });
             }
-            (Some(_), _) if authorization.is_none() => return Err(Denied::NoAdminCredentials { header: HEADER }),
+            (Some(_), _) if !credentials => return Err(Denied::NoAdminCredentials { header: HEADER }),
             (Some(_), _) => Role::Admin,
         },
         Need::Read { .. } => Role::Read,
         Need::Write { .. } => Role::Write,
     };
     let Some(policy) = policy else { return Ok(None) };
-    let header = authorization.ok_or(Denied::NoCredentials)?;
-    let token = bearer(header).ok_or(Denied::Malformed)?;
-    let grant = policy.authenticate(token).ok_or(Denied::UnknownToken)?;
+    let grant = match (authorization, certified) {
+        (Some(header), _) => {
+            let token = bearer(header).ok_or(Denied::Malformed)?;
+            policy.authenticate(token).ok_or(Denied::UnknownToken)?
+        }
+        (None, Some(grant)) => grant,
+        (None, None) => return Err(Denied::NoCredentials),
+    };
     if grant.role < required {
         let what = match need {
             Need::Read { key: Some(k) } => format!("read key {k:?}"),
@@ -373,6 +430,47 @@ mod tests {
     }
 
     #[test]
+    fn certificate_subjects_identify_clients_that_send_no_token() {
+        let file = format!(
+            "{FILE}  - name: etl\n    subject: etl-client\n    role: write\n  - name: watcher\n    subject: watch\n    role: read\n"
+        );
+        let p = Policy::parse(&file).unwrap();
+        let d = |auth: Option<&[u8]>, subject: Option<&str>, need: Need| {
+            decide(Some(&p), auth, subject, ClusterToken::NotSet, &need)
+        };
+        assert_eq!(d(None, Some("etl-client"), write("k")), Ok(Some("etl".to_owned())));
+        let denied = d(None, Some("watch"), write("k")).unwrap_err();
+        assert!(denied.to_string().contains("\"watcher\" has role read"), "{denied}");
+        assert!(!denied.is_unauthenticated(), "a listed subject beyond its role: 403");
+        assert_eq!(d(None, Some("stranger"), read("k")), Err(Denied::NoCredentials), "an unlisted subject: 401");
+        assert_eq!(
+            d(None, Some("etl-client"), Need::Admin),
+            Err(Denied::Role {
+                name: "etl".into(),
+                role: Role::Write,
+                needed: Role::Admin,
+                what: "use the admin routes".into(),
+            })
+        );
+        // A header decides alone: a wrong token is not rescued by a good certificate.
+        assert_eq!(d(Some(&with("nope-nope-nope-nope")), Some("etl-client"), read("k")), Err(Denied::UnknownToken));
+        assert_eq!(
+            d(Some(&with("read-token-0123456789")), Some("etl-client"), write("k")).unwrap_err().to_string(),
+            "\"reader\" has role read and may not write key \"k\": that needs role write"
+        );
+        // Tokens never match subjects, nor subjects tokens.
+        assert!(p.authenticate(b"etl-client").is_none());
+        assert!(p.authenticate_subject("read-token-0123456789").is_none());
+        // Each entry has a token or a subject, never both or neither; subjects are unique.
+        let both = "tokens:\n  - {name: x, token: 0123456789abcdef, subject: x, role: read}\n";
+        assert_eq!(Policy::parse(both).unwrap_err(), PolicyError::Credential("x".into()));
+        let neither = "tokens:\n  - {name: x, role: read}\n";
+        assert_eq!(Policy::parse(neither).unwrap_err(), PolicyError::Credential("x".into()));
+        let twice = "tokens:\n  - {name: x, subject: s, role: read}\n  - {name: y, subject: s, role: write}\n";
+        assert_eq!(Policy::parse(twice).unwrap_err(), PolicyError::SharedSubject("x".into(), "y".into()));
+    }
+
+    #[test]
     fn routes_need_what_they_do() {
         assert_eq!(need_for(&Method::GET, "/v1/kv/a%2Fb"), read("a/b"));
         assert_eq!(need_for(&Method::HEAD, "/kv-store/x"), read("x"));
@@ -392,18 +490,24 @@ mod tests {
     #[test]
     fn without_an_auth_file_everything_stays_as_before() {
         for need in [read("k"), write("k"), Need::Read { key: None }, Need::Open] {
-            assert_eq!(decide(None, None, ClusterToken::NotSet, &need), Ok(None));
+            assert_eq!(decide(None, None, None, ClusterToken::NotSet, &need), Ok(None));
         }
-        assert_eq!(decide(None, None, ClusterToken::NotSet, &Need::Admin), Ok(None));
-        assert_eq!(decide(None, None, ClusterToken::Matches, &Need::Admin), Ok(None));
-        assert!(matches!(decide(None, None, ClusterToken::Missing, &Need::Admin), Err(Denied::NoClusterToken { .. })));
-        assert!(matches!(decide(None, None, ClusterToken::Wrong, &Need::Admin), Err(Denied::WrongClusterToken { .. })));
+        assert_eq!(decide(None, None, None, ClusterToken::NotSet, &Need::Admin), Ok(None));
+        assert_eq!(decide(None, None, None, ClusterToken::Matches, &Need::Admin), Ok(None));
+        assert!(matches!(
+            decide(None, None, None, ClusterToken::Missing, &Need::Admin),
+            Err(Denied::NoClusterToken { .. })
+        ));
+        assert!(matches!(
+            decide(None, None, None, ClusterToken::Wrong, &Need::Admin),
+            Err(Denied::WrongClusterToken { .. })
+        ));
     }
 
     #[test]
     fn roles_nest_and_prefixes_limit_keys() {
         let p = policy();
-        let d = |token: &str, need: Need| decide(Some(&p), Some(&with(token)), ClusterToken::NotSet, &need);
+        let d = |token: &str, need: Need| decide(Some(&p), Some(&with(token)), None, ClusterToken::NotSet, &need);
         assert_eq!(d("read-token-0123456789", read("any")), Ok(Some("reader".to_owned())));
         let e = d("read-token-0123456789", write("any")).unwrap_err();
         assert!(!e.is_unauthenticated());
@@ -422,7 +526,7 @@ mod tests {
     #[test]
     fn missing_malformed_and_unknown_credentials_are_401s() {
         let p = policy();
-        let d = |auth: Option<&[u8]>| decide(Some(&p), auth, ClusterToken::NotSet, &read("k"));
+        let d = |auth: Option<&[u8]>| decide(Some(&p), auth, None, ClusterToken::NotSet, &read("k"));
         assert_eq!(d(None), Err(Denied::NoCredentials));
         assert_eq!(d(Some(b"Basic dXNlcjpwYXNz")), Err(Denied::Malformed));
         assert_eq!(d(Some(b"Bearer ")), Err(Denied::Malformed));
@@ -437,9 +541,13 @@ mod tests {
     #[test]
     fn admin_routes_take_the_cluster_token_or_an_admin_token() {
         let p = policy();
-        let admin = |auth: Option<&[u8]>, cluster| decide(Some(&p), auth, cluster, &Need::Admin);
+        let admin = |auth: Option<&[u8]>, cluster| decide(Some(&p), auth, None, cluster, &Need::Admin);
         assert_eq!(admin(None, ClusterToken::Matches), Ok(None));
-        assert_eq!(decide(Some(&p), None, ClusterToken::Matches, &write("k")), Ok(None), "the cluster token may write");
+        assert_eq!(
+            decide(Some(&p), None, None, ClusterToken::Matches, &write("k")),
+            Ok(None),
+            "the cluster token may write"
+        );
         assert_eq!(admin(Some(&with("admin-token-0123456789")), ClusterToken::Missing), Ok(Some("ops".to_owned())));
         assert_eq!(admin(Some(&with("admin-token-0123456789")), ClusterToken::NotSet), Ok(Some("ops".to_owned())));
         assert!(matches!(admin(None, ClusterToken::NotSet), Err(Denied::NoAdminCredentials { .. })));

@@ -184,7 +184,7 @@ impl Connection {
                 let serving = peer_server::serve_plain(self.node.clone(), stream, self.within, self.peers_stop.clone());
                 self.peer_connections.track_future(serving).await;
             }
-            Some(_) => self.serve_http(stream, tls::Channel::Plain).await,
+            Some(_) => self.serve_http(stream, tls::Channel::Plain, None).await,
             None => {}
         }
     }
@@ -206,8 +206,9 @@ impl Connection {
             Some(Ok(Err(e))) => return tracing::debug!(error = %e, "TLS handshake failed"),
             Some(Err(_)) => return,
         };
-        let client_certificate = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-        let channel = tls::Channel::Tls { client_certificate };
+        let presented = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let subject = presented.and_then(|c| tls::common_name(c)).map(tls::ClientSubject);
+        let channel = tls::Channel::Tls { client_certificate: presented.is_some() };
         let first = match self.until_stopping(tokio::time::timeout(self.within, stream.read_u8())).await {
             Some(Ok(Ok(byte))) => byte,
             _ => return,
@@ -219,7 +220,7 @@ impl Connection {
                 peer_server::serve(self.node.clone(), read, write, channel, self.within, self.peers_stop.clone());
             self.peer_connections.track_future(serving).await;
         } else {
-            self.serve_http(stream, channel).await;
+            self.serve_http(stream, channel, subject).await;
         }
     }
 
@@ -234,14 +235,18 @@ impl Connection {
         }
     }
 
-    /// HTTP/1.1 on `stream`; every request carries the `channel` it came over (for the guard).
-    async fn serve_http<S>(self, stream: S, channel: tls::Channel)
+    /// HTTP/1.1 on `stream`; every request carries the `channel` it came over and the client
+    /// certificate's `subject`, if any (for the guard).
+    async fn serve_http<S>(self, stream: S, channel: tls::Channel, subject: Option<tls::ClientSubject>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         use tower::ServiceExt;
         let app = self.app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(channel);
+            if let Some(subject) = &subject {
+                req.extensions_mut().insert(subject.clone());
+            }
             req
         });
         let service = hyper_util::service::TowerToHyperService::new(app);

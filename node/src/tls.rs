@@ -70,6 +70,19 @@ impl Channel {
     }
 }
 
+/// The subject Common Name of the client certificate a connection presented (verified against the
+/// cluster CA by the handshake); on every request of that connection, for the auth file's
+/// `subject` entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSubject(pub Arc<str>);
+
+/// The subject Common Name of a certificate (DER), if it has one that is text.
+pub fn common_name(certificate: &[u8]) -> Option<Arc<str>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    let name = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(Arc::from(name))
+}
+
 /// Why a peer connection without a client certificate is refused (sent to the caller).
 pub const PEER_NEEDS_CERTIFICATE: &str = "peer connections to this node need a client certificate from the cluster CA: start the calling node with --tls-cert-file, --tls-key-file and --tls-ca-file of this cluster";
 

@@ -315,3 +315,63 @@ fn the_project_clients_speak_tls_check_names_and_present_certificates() {
     assert!(e.contains("not a usable pair"), "{e}");
     drop(node);
 }
+
+#[test]
+fn a_client_certificate_listed_in_the_auth_file_is_an_identity() {
+    use kvs_api::{ClientTls, KvClient};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let net = LoopbackNet::take();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "kvstore test CA");
+    let addr = net.node(0);
+    let ip = addr.rsplit_once(':').unwrap().0.to_owned();
+    let files = ca.issue("node0", &[ip]);
+    let auth = dir.path().join("auth.yaml");
+    std::fs::write(
+        &auth,
+        "tokens:\n  - {name: app, token: app-token-0123456789, role: write}\n  - {name: dashboards, subject: dashboards-client, role: read}\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_kvs-node");
+    let command = NodeCommand::node(bin, &addr, data.path(), "warn")
+        .env("K", "1")
+        .env("VIEW", &addr)
+        .env("KVS_TLS_CERT_FILE", files.cert.display().to_string())
+        .env("KVS_TLS_KEY_FILE", files.key.display().to_string())
+        .env("KVS_TLS_CA_FILE", files.ca.display().to_string())
+        .env("KVS_TLS_CLIENT_AUTH", "optional")
+        .env("KVS_AUTH_FILE", auth.display().to_string());
+    let mut node = NodeProcess::start(command).unwrap();
+    let client = |stem: &str, subject: &str| {
+        let id = ca.issue(stem, &[subject.to_owned()]);
+        ClientTls::from_files(&id.ca, Some(&id.cert), Some(&id.key)).unwrap()
+    };
+    let timeout = Duration::from_secs(10);
+    let app = KvClient::connect(
+        &addr,
+        timeout,
+        Some("app-token-0123456789"),
+        &ClientTls::from_files(&files.ca, None, None).unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt.block_on(app.put("k", "v")).is_err() {
+        assert!(node.is_running(), "the node exited (its error is above)");
+        assert!(Instant::now() < deadline, "the node did not take a write over TLS within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The listed certificate, no token: reads as `dashboards`, may not write (403 naming it).
+    let dashboards = KvClient::connect(&addr, timeout, None, &client("dashboards", "dashboards-client"));
+    assert_eq!(rt.block_on(dashboards.get("k")).unwrap().unwrap().value, "v");
+    let refused = rt.block_on(dashboards.put("k", "w")).unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    assert!(refused.to_string().contains("\"dashboards\" has role read"), "{refused}");
+    // A certificate the file does not list, or none: 401.
+    let stranger = KvClient::connect(&addr, timeout, None, &client("stranger", "someone-else"));
+    assert_eq!(rt.block_on(stranger.get("k")).unwrap_err().status(), Some(401));
+    let anonymous = KvClient::connect(&addr, timeout, None, &ClientTls::from_files(&files.ca, None, None).unwrap());
+    assert_eq!(rt.block_on(anonymous.get("k")).unwrap_err().status(), Some(401));
+    assert_eq!(rt.block_on(app.get("k")).unwrap().unwrap().value, "v", "nothing changed");
+    drop(node);
+}

@@ -80,7 +80,8 @@ async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respo
     let need = crate::auth::need_for(req.method(), path);
     let authorization = req.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
     let cluster = internal::cluster_token(&node, req.headers(), authorization.and_then(crate::auth::bearer));
-    match crate::auth::decide(policy.as_deref(), authorization, cluster, &need) {
+    let subject = req.extensions().get::<crate::tls::ClientSubject>().map(|s| &*s.0);
+    match crate::auth::decide(policy.as_deref(), authorization, subject, cluster, &need) {
         Ok(_) => next.run(req).await,
         Err(denied) => {
             let bearer = policy.is_some() && denied.is_unauthenticated();
