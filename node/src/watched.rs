@@ -8,12 +8,13 @@
 //!   contents together; otherwise the last good value stays in force and the log says why (a
 //!   half-written Secret, or the key of one rotation beside the certificate of another, must
 //!   neither lock everyone out nor let everyone in).
-//! - Unchanged contents build nothing. The files are polled ([`Watched::watch`], off the async
+//! - Unchanged contents build nothing, and contents that failed to build are not built again: a
+//!   problem that persists is logged once, not every second. The files are polled ([`Watched::watch`], off the async
 //!   threads): simple, and a mounted Secret takes the kubelet a minute or so to update anyway.
 
 use anyhow::Context;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Builds the value from the files' contents (in the order of the paths).
@@ -27,6 +28,16 @@ pub struct Watched<T> {
     build: Build<T>,
     /// The value in force and the contents it was built from.
     state: RwLock<(Arc<T>, Vec<Vec<u8>>)>,
+    /// The last problem logged, so a problem that persists is logged once, not every second.
+    problem: Mutex<Option<Problem>>,
+}
+
+/// Why new contents are not in force.
+#[derive(Clone, PartialEq, Eq)]
+enum Problem {
+    Unreadable(String),
+    /// These contents did not build.
+    Refused(Vec<Vec<u8>>),
 }
 
 impl<T> std::fmt::Debug for Watched<T> {
@@ -44,7 +55,13 @@ impl<T: Send + Sync + 'static> Watched<T> {
     ) -> anyhow::Result<Self> {
         let contents = read_all(&paths)?;
         let value = build(&contents)?;
-        Ok(Watched { what, paths, build: Box::new(build), state: RwLock::new((Arc::new(value), contents)) })
+        Ok(Watched {
+            what,
+            paths,
+            build: Box::new(build),
+            state: RwLock::new((Arc::new(value), contents)),
+            problem: Mutex::new(None),
+        })
     }
 
     /// The value in force.
@@ -55,27 +72,46 @@ impl<T: Send + Sync + 'static> Watched<T> {
     /// Reads the files again and puts a value built from them in force if they changed and it
     /// builds; returns whether a new value is in force.
     pub fn reload(&self) -> bool {
+        let what = self.what;
         let contents = match read_all(&self.paths) {
             Ok(contents) => contents,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read {}; keeping what is in force", self.what);
+                let error = format!("{e:#}");
+                if self.first_time(Problem::Unreadable(error.clone())) {
+                    tracing::warn!(what, %error, "cannot read the files; keeping what is in force");
+                }
                 return false;
             }
         };
         if self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).1 == contents {
+            *lock(&self.problem) = None;
+            return false;
+        }
+        if lock(&self.problem).as_ref() == Some(&Problem::Refused(contents.clone())) {
             return false;
         }
         match (self.build)(&contents) {
             Ok(value) => {
                 *self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (Arc::new(value), contents);
-                tracing::info!("{} changed; the new contents are in force", self.what);
+                *lock(&self.problem) = None;
+                tracing::info!(what, "the files changed; the new contents are in force");
                 true
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "{} changed but cannot be used; keeping what is in force", self.what);
+                let error = format!("{e:#}");
+                *lock(&self.problem) = Some(Problem::Refused(contents));
+                tracing::error!(what, %error, "the files changed but cannot be used; keeping what is in force");
                 false
             }
         }
+    }
+
+    /// Records `problem`; whether it differs from the last one recorded (and so is to be logged).
+    fn first_time(&self, problem: Problem) -> bool {
+        let mut last = lock(&self.problem);
+        let new = last.as_ref() != Some(&problem);
+        *last = Some(problem);
+        new
     }
 
     /// Re-reads the files every `every`, for the process's life.
@@ -87,6 +123,10 @@ impl<T: Send + Sync + 'static> Watched<T> {
             let _ = tokio::task::spawn_blocking(move || watched.reload()).await;
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn read_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -104,10 +144,14 @@ mod tests {
         std::fs::write(&a, "1").unwrap();
         std::fs::write(&b, "2").unwrap();
         // The value: the sum of the numbers in the files; a file that is not a number does not build.
-        let sum = |contents: &[Vec<u8>]| -> anyhow::Result<u32> {
+        let builds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = builds.clone();
+        let sum = move |contents: &[Vec<u8>]| -> anyhow::Result<u32> {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             contents.iter().map(|c| Ok(std::str::from_utf8(c)?.trim().parse::<u32>()?)).sum()
         };
-        let watched = Watched::load("the test files", vec![a.clone(), b.clone()], sum).unwrap();
+        let built = || builds.load(std::sync::atomic::Ordering::Relaxed);
+        let watched = Watched::load("the test files", vec![a.clone(), b.clone()], sum.clone()).unwrap();
         assert_eq!(*watched.current(), 3);
         assert!(!watched.reload(), "unchanged: nothing built");
         std::fs::write(&b, "5").unwrap();
@@ -116,6 +160,9 @@ mod tests {
         std::fs::write(&a, "half-written").unwrap();
         assert!(!watched.reload());
         assert_eq!(*watched.current(), 6, "the last good value stays in force");
+        let before = built();
+        assert!(!watched.reload());
+        assert_eq!(built(), before, "refused contents are not built (nor logged) again");
         std::fs::remove_file(&a).unwrap();
         assert!(!watched.reload());
         assert_eq!(*watched.current(), 6);

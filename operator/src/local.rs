@@ -319,7 +319,7 @@ fn load(path: &Path) -> anyhow::Result<(KVStoreCluster, Target, Policy)> {
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a KVStoreCluster", path.display()))?;
     let valid = validate(&cluster.spec).with_context(|| format!("{} has an invalid spec", path.display()))?;
     anyhow::ensure!(
-        valid.tls.is_none() && valid.auth.is_none(),
+        !valid.tls && valid.auth.is_none(),
         "{}: spec.tls and spec.auth are not supported in local mode; remove them, or start nodes by hand with \
          --tls-* and --auth-file (docs/security.md)",
         path.display()

@@ -107,8 +107,15 @@ pub enum Access<T> {
 }
 
 /// The cluster `name` in `ns` as a runner reaches it: its running pods, called at their IPs (the
-/// operator may run where the pods' DNS names do not resolve), with the cluster token.
+/// operator may run where the pods' DNS names do not resolve), with the cluster token, over TLS
+/// when the cluster has `spec.tls` (never plain then: the token would cross the network in the
+/// clear).
 pub async fn cluster_access(client: &Client, ns: &str, name: &str) -> Result<Access<kvs_backup::Cluster>, kube::Error> {
+    let clusters: Api<crate::crd::KVStoreCluster> = Api::namespaced(client.clone(), ns);
+    let Some(cluster) = clusters.get_opt(name).await? else {
+        return Ok(Access::Wait(format!("waiting for KVStoreCluster {name:?}")));
+    };
+    let tls_enabled = cluster.spec.tls.as_ref().is_some_and(|t| t.enabled);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let token = secrets
         .get_opt(&token_secret_name(name))
@@ -130,7 +137,7 @@ pub async fn cluster_access(client: &Client, ns: &str, name: &str) -> Result<Acc
         return Ok(Access::Wait(format!("waiting for a running pod of KVStoreCluster {name:?}")));
     }
     let endpoints = addresses.values().cloned().collect();
-    let tls = match crate::controller::tls::client_settings(client, ns, name).await {
+    let tls = match crate::controller::tls::client_settings(client, ns, name, tls_enabled).await {
         Ok(tls) => tls,
         Err(e) => return Ok(Access::Wait(format!("reaching KVStoreCluster {name:?} over TLS: {e}"))),
     };

@@ -96,6 +96,13 @@ pub fn pod_names(c: &ValidCluster, ordinal: u32) -> Vec<String> {
     super::certs::pod_names(&c.name, &c.namespace, &headless_name(&c.name), ordinal)
 }
 
+/// The pods that need a certificate, with their names: every pod the StatefulSet has (`running`)
+/// or the spec asks for, so a scale-out's pods find theirs when they start.
+pub fn certified_pods(c: &ValidCluster, running: u32) -> Vec<(String, Vec<String>)> {
+    let pods = c.spec.target.replicas.max(running);
+    (0..pods).map(|o| (format!("{}-{o}", c.name), pod_names(c, o))).collect()
+}
+
 /// The Secret with the cluster token (created once; the token is never rotated by the operator).
 pub fn token_secret(c: &ValidCluster, token: &str) -> Secret {
     Secret {
@@ -293,11 +300,14 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         read_only: Some(true),
         ..Default::default()
     };
-    if let Some(client_auth) = spec.tls {
-        env_vars.push(env("KVS_TLS_CERT_FILE", format!("{TLS_DIR}/$(POD_NAME).crt")));
-        env_vars.push(env("KVS_TLS_KEY_FILE", format!("{TLS_DIR}/$(POD_NAME).key")));
+    if spec.tls {
+        // Each pod picks its own files out of the Secret by its name.
+        let (cert, key) = super::certs::pod_keys("$(POD_NAME)");
+        env_vars.push(env("KVS_TLS_CERT_FILE", format!("{TLS_DIR}/{cert}")));
+        env_vars.push(env("KVS_TLS_KEY_FILE", format!("{TLS_DIR}/{key}")));
         env_vars.push(env("KVS_TLS_CA_FILE", format!("{TLS_DIR}/{}", super::certs::CA_CERT_KEY)));
-        env_vars.push(env("KVS_TLS_CLIENT_AUTH", client_auth.as_flag()));
+        // Clients may present a certificate; the kubelet's probes present none.
+        env_vars.push(env("KVS_TLS_CLIENT_AUTH", "optional"));
         volumes.push(secret_volume("tls", tls_secret_name(name)));
         mounts.push(read_only("tls", TLS_DIR));
     }
@@ -306,7 +316,7 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         volumes.push(secret_volume("auth", auth.secret.clone()));
         mounts.push(read_only("auth", AUTH_DIR));
     }
-    let tls = spec.tls.is_some();
+    let tls = spec.tls;
     let container = Container {
         name: "kvs-node".into(),
         image: Some(spec.image.clone()),
@@ -521,13 +531,12 @@ mod tests {
     #[test]
     fn tls_and_auth_mount_their_secrets_and_set_the_node_flags() {
         use crate::controller::validate::AuthFile;
-        use crate::crd::TlsClientAuth;
         let plain = stateful_set(&cluster(), 4, &InitialView::for_new_cluster(&cluster()));
         let plain_pod = plain.spec.unwrap().template.spec.unwrap();
         assert_eq!(plain_pod.volumes, None, "no TLS, no auth: nothing mounted but the data volume");
 
         let mut c = cluster();
-        c.spec.tls = Some(TlsClientAuth::None);
+        c.spec.tls = true;
         c.spec.auth = Some(AuthFile { secret: "demo-auth".into(), key: "tokens.yaml".into() });
         let sts = stateful_set(&c, 4, &InitialView::for_new_cluster(&c));
         let pod = sts.spec.unwrap().template.spec.unwrap();
@@ -537,7 +546,7 @@ mod tests {
         assert_eq!(env["KVS_TLS_CERT_FILE"], "/etc/kvstore/tls/$(POD_NAME).crt");
         assert_eq!(env["KVS_TLS_KEY_FILE"], "/etc/kvstore/tls/$(POD_NAME).key");
         assert_eq!(env["KVS_TLS_CA_FILE"], "/etc/kvstore/tls/ca.crt");
-        assert_eq!(env["KVS_TLS_CLIENT_AUTH"], "none");
+        assert_eq!(env["KVS_TLS_CLIENT_AUTH"], "optional");
         assert_eq!(env["KVS_AUTH_FILE"], "/etc/kvstore/auth/tokens.yaml");
         let volumes: BTreeMap<_, _> = pod
             .volumes
@@ -558,6 +567,11 @@ mod tests {
             assert!(names.contains(&name.to_owned()), "{name} in {names:?}");
         }
         assert_eq!((ca_secret_name("demo"), tls_secret_name("demo")), ("demo-tls-ca".into(), "demo-tls".into()));
+        // Every pod there is or will be has a certificate: the larger of the spec and the set.
+        let pods = |running| certified_pods(&c, running).into_iter().map(|(pod, _)| pod).collect::<Vec<_>>();
+        assert_eq!(pods(2), ["demo-0", "demo-1", "demo-2", "demo-3"], "the spec's 4 while the set has 2");
+        assert_eq!(pods(5).len(), 5, "a pod still leaving keeps its certificate");
+        assert_eq!(certified_pods(&c, 0)[1].1, pod_names(&c, 1));
     }
 
     #[test]

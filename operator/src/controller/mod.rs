@@ -171,8 +171,15 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
     };
     let token = apply::ensure_token(&ctx.client, &valid).await?;
     let node_tls = match valid.spec.tls {
-        Some(_) => {
-            let certificates = tls::ensure(&ctx.client, &valid).await?;
+        true => {
+            let certificates = match tls::ensure(&ctx.client, &valid).await {
+                Ok(certificates) => certificates,
+                Err(e) => {
+                    // Said where `kubectl describe` shows it (a broken CA Secret names the fix).
+                    publish(ctx, cluster, EventType::Warning, "CertificatesFailed", e.to_string()).await;
+                    return Err(e.into());
+                }
+            };
             if !certificates.issued.is_empty() {
                 let issued: Vec<String> =
                     certificates.issued.iter().map(|(pod, why)| format!("{pod} ({})", why.describe())).collect();
@@ -181,7 +188,7 @@ async fn reconcile_apply(cluster: &KVStoreCluster, ctx: &Context) -> Result<Acti
             }
             certificates.client
         }
-        None => kvs_api::ClientTls::plain(),
+        false => kvs_api::ClientTls::plain(),
     };
     let admin = (ctx.admin_for)(Some(token), node_tls.clone());
     let mut backend = KubeBackend::apply_children(&ctx.client, &valid, &node_tls).await?;

@@ -27,6 +27,8 @@ pub enum TlsError {
     Cert(#[from] certs::CertError),
     #[error("the operator's client TLS settings: {0}")]
     Client(#[from] kvs_api::tls::TlsError),
+    #[error("Secret {0} (the cluster CA) does not exist yet; the cluster's reconcile makes it")]
+    NoCa(String),
 }
 
 /// What [`ensure`] did and what the operator talks TLS with.
@@ -67,13 +69,11 @@ pub async fn ensure(client: &Client, cluster: &ValidCluster) -> Result<Certifica
 
     let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &cluster.namespace);
     let running = statefulsets.get_opt(&cluster.name).await?.and_then(|s| s.spec?.replicas).unwrap_or(0);
-    let pods = cluster.spec.target.replicas.max(running.max(0).unsigned_abs());
-    let wanted: Vec<(String, Vec<String>)> =
-        (0..pods).map(|o| (format!("{}-{o}", cluster.name), build::pod_names(cluster, o))).collect();
+    let wanted = build::certified_pods(cluster, running.max(0).unsigned_abs());
     let name = build::tls_secret_name(&cluster.name);
     let held = secrets.get_opt(&name).await?.map(|s| text_of(&s)).unwrap_or_default();
     let mut issued = Vec::new();
-    if let Some(planned) = certs::plan_pod_certificates(&held, &ca, &wanted, now)? {
+    if let Some(planned) = certs::plan_pod_certificates(&cluster.name, &held, &ca, &wanted, now)? {
         let params = PatchParams::apply(super::apply::MANAGER).force();
         let secret = build::secret(cluster, name.clone(), &planned.contents);
         secrets.patch(&name, &params, &Patch::Apply(&secret)).await?;
@@ -82,15 +82,21 @@ pub async fn ensure(client: &Client, cluster: &ValidCluster) -> Result<Certifica
     Ok(Certificates { client: operator_settings(&ca, now)?, issued })
 }
 
-/// The operator's TLS settings for a cluster whose CA Secret exists (a backup, a restore);
-/// plain HTTP when the cluster has none.
-pub async fn client_settings(client: &Client, namespace: &str, cluster: &str) -> Result<ClientTls, TlsError> {
+/// The operator's TLS settings for a cluster (a backup, a restore): plain HTTP when `tls_enabled`
+/// is false; else the CA from its Secret, and an error (never plain HTTP) while there is none.
+pub async fn client_settings(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    tls_enabled: bool,
+) -> Result<ClientTls, TlsError> {
+    if !tls_enabled {
+        return Ok(ClientTls::plain());
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let name = build::ca_secret_name(cluster);
-    match secrets.get_opt(&name).await?.as_ref().and_then(read_ca) {
-        Some(pair) => Ok(operator_settings(&Ca::load(&pair, &name)?, OffsetDateTime::now_utc())?),
-        None => Ok(ClientTls::plain()),
-    }
+    let pair = secrets.get_opt(&name).await?.as_ref().and_then(read_ca).ok_or_else(|| TlsError::NoCa(name.clone()))?;
+    operator_settings(&Ca::load(&pair, &name)?, OffsetDateTime::now_utc())
 }
 
 fn operator_settings(ca: &Ca, now: OffsetDateTime) -> Result<ClientTls, TlsError> {

@@ -7,7 +7,7 @@
 //! read only them, never the raw spec again, so nothing unchecked reaches a child object. The part
 //! the rebalance core needs is its kube-free [`Target`].
 
-use crate::crd::{KVStoreCluster, KVStoreClusterSpec, TlsClientAuth};
+use crate::crd::{KVStoreCluster, KVStoreClusterSpec};
 use crate::rebalance::{Policy, Target};
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -37,8 +37,8 @@ pub struct Validated {
     pub policy: Policy,
     /// How long the cluster may wait on the same thing before it is `Stalled`.
     pub progress_deadline: Duration,
-    /// TLS on (`spec.tls.enabled`), with the client-certificate mode; `None`: plain HTTP.
-    pub tls: Option<TlsClientAuth>,
+    /// TLS on (`spec.tls.enabled`).
+    pub tls: bool,
     /// Where the nodes' auth file is (`spec.auth`): a Secret name and key, both checked.
     pub auth: Option<AuthFile>,
 }
@@ -116,7 +116,7 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
             volume_bytes: quantity_bytes(&spec.storage.size),
         },
         progress_deadline: deadline,
-        tls: spec.tls.as_ref().filter(|t| t.enabled).map(|t| t.client_auth),
+        tls: spec.tls.as_ref().is_some_and(|t| t.enabled),
         auth: match &spec.auth {
             Some(auth) => Some(auth_file(&auth.secret_name, &auth.key)?),
             None => None,
@@ -254,11 +254,11 @@ mod tests {
     fn tls_and_auth_are_carried_and_checked() {
         use crate::crd::{AuthSpec, TlsSpec};
         let mut s = spec(3, 1);
-        assert_eq!((validate(&s).unwrap().tls, validate(&s).unwrap().auth), (None, None));
-        s.tls = Some(TlsSpec { enabled: false, client_auth: TlsClientAuth::None });
-        assert_eq!(validate(&s).unwrap().tls, None, "not enabled: plain");
-        s.tls = Some(TlsSpec { enabled: true, ..Default::default() });
-        assert_eq!(validate(&s).unwrap().tls, Some(TlsClientAuth::Optional));
+        assert_eq!((validate(&s).unwrap().tls, validate(&s).unwrap().auth), (false, None));
+        s.tls = Some(TlsSpec { enabled: false });
+        assert!(!validate(&s).unwrap().tls, "not enabled: plain");
+        s.tls = Some(TlsSpec { enabled: true });
+        assert!(validate(&s).unwrap().tls);
         s.auth = Some(AuthSpec { secret_name: "demo-auth".into(), key: "auth.yaml".into() });
         assert_eq!(validate(&s).unwrap().auth, Some(AuthFile { secret: "demo-auth".into(), key: "auth.yaml".into() }));
         for bad in ["Demo", "-x", "a..b", ""] {

@@ -128,31 +128,6 @@ pub struct TlsSpec {
     /// Serve clients and peers over TLS only (plain HTTP is refused with a message saying so).
     #[serde(default)]
     pub enabled: bool,
-    /// Whether clients may present a certificate from the cluster CA: `optional` (the default; a
-    /// certificate from another CA fails the handshake) or `none`. Clients authenticate with tokens
-    /// (`spec.auth`); peers always need a certificate. `require` is not offered: the kubelet's
-    /// HTTPS probes present no certificate and would never pass.
-    #[serde(default)]
-    pub client_auth: TlsClientAuth,
-}
-
-/// `spec.tls.clientAuth`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum TlsClientAuth {
-    None,
-    #[default]
-    Optional,
-}
-
-impl TlsClientAuth {
-    /// The node's `--tls-client-auth` value.
-    pub fn as_flag(self) -> &'static str {
-        match self {
-            TlsClientAuth::None => "none",
-            TlsClientAuth::Optional => "optional",
-        }
-    }
 }
 
 /// `spec.auth`.
