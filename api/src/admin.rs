@@ -118,6 +118,12 @@ impl AdminClient {
         answer(node, self.authorized(req).send().await).await
     }
 
+    /// The cluster map `node` routes by (the partitions' slot ranges and members, with the epoch).
+    pub async fn cluster_map(&self, node: &str) -> Result<crate::ClusterMap, ClientError> {
+        let req = self.http.get(self.url(node, crate::CLUSTER_MAP_PATH)).timeout(self.status_timeout);
+        answer(node, self.authorized(req).send().await).await
+    }
+
     /// What `node` itself holds (keys and bytes).
     pub async fn usage(&self, node: &str) -> Result<crate::NodeUsage, ClientError> {
         let req = self.http.get(self.url(node, ADMIN_USAGE_PATH)).timeout(self.status_timeout);

@@ -15,7 +15,7 @@ use crate::format::{FileSummary, MAGIC, MANIFEST, Manifest, PartitionFile, encod
 use crate::{BackupError, Cluster, Destination, Progress, unix_now};
 use futures::StreamExt;
 use kvs_api::backup::{Held, ReadRequest};
-use kvs_api::{KvClient, PartitionSlots};
+use kvs_api::PartitionSlots;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -148,12 +148,10 @@ pub async fn backup(
 async fn cluster_map(cluster: &Cluster, epoch: u64) -> Result<kvs_api::ClusterMap, BackupError> {
     let mut failures = Vec::new();
     for endpoint in &cluster.endpoints {
-        match KvClient::routed(endpoint.clone(), Duration::from_secs(10)).await {
-            Ok(client) => match client.cluster_map() {
-                Some(map) if map.epoch == epoch => return Ok(map),
-                Some(map) => failures.push(format!("{endpoint} is on epoch {}, not {epoch}", map.epoch)),
-                None => failures.push(format!("{endpoint} sent no map")),
-            },
+        // Through the admin client: the cluster's TLS settings and token, as every other call.
+        match cluster.admin.cluster_map(endpoint).await {
+            Ok(map) if map.epoch == epoch => return Ok(map),
+            Ok(map) => failures.push(format!("{endpoint} is on epoch {}, not {epoch}", map.epoch)),
             Err(e) => failures.push(e.to_string()),
         }
     }

@@ -15,6 +15,8 @@
 //! - a pod's certificate issued again (its entry removed from the Secret, as an expiry would make
 //!   the operator do) under a writer making a new TLS connection per request: the pod presents the
 //!   new certificate without a restart and no request fails;
+//! - a `KVStoreBackup` of the cluster succeeds (the operator reads the partitions over TLS) with
+//!   every key written;
 //! - a token added to the auth Secret works without a restart.
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
@@ -187,6 +189,30 @@ async fn a_tls_cluster_with_tokens_serves_only_over_tls_and_only_who_may() {
     println!("{total} requests over new TLS connections while secure-demo-0's certificate was replaced");
     assert!(failures.is_empty(), "{} of {total} requests failed: {failures:#?}", failures.len());
     assert_eq!(pod_incarnation(&pods, "secure-demo-0").await.unwrap(), incarnation, "secure-demo-0 was not restarted");
+
+    // A backup of the TLS cluster: the operator reads every partition over TLS.
+    let directory = format!("file://{}/backups/secure", root.path().display());
+    let backup = root.path().join("backup.yaml");
+    std::fs::write(
+        &backup,
+        format!(
+            "apiVersion: kvstore.dev/v1alpha1\nkind: KVStoreBackup\nmetadata:\n  name: over-tls\nspec:\n  cluster: \
+             {NAME}\n  destination: {directory}\n"
+        ),
+    )
+    .unwrap();
+    kubectl(&["-n", &ns, "apply", "-f", backup.to_str().unwrap()]);
+    let status = eventually("the backup over TLS finished", STEP, || async {
+        let b: serde_json::Value =
+            serde_json::from_str(&kubectl(&["-n", &ns, "get", "kvsb", "over-tls", "-o", "json"])).unwrap();
+        let s = b["status"].clone();
+        (s["phase"] == "Succeeded" || s["phase"] == "Failed").then_some(s)
+    })
+    .await;
+    assert_eq!(status["phase"], "Succeeded", "{status:#}");
+    // `greeting` and one key per request of the renewal (all acknowledged, checked above).
+    let written = 1 + total as u64;
+    assert_eq!(status["keys"].as_u64(), Some(written), "every key written is in it: {status:#}");
 
     // A token added to the auth Secret is honoured without a restart.
     let late_entry = format!("  - {{name: late, token: {LATE}, role: write}}\n");
