@@ -14,8 +14,8 @@
 use crate::format::{FileSummary, MAGIC, MANIFEST, Manifest, PartitionFile, encode_frame, partition_file};
 use crate::{BackupError, Cluster, Destination, Progress, unix_now};
 use futures::StreamExt;
-use kvs_api::backup::{Held, ReadRequest};
 use kvs_api::PartitionSlots;
+use kvs_api::backup::{Held, ReadRequest};
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
