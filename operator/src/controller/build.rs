@@ -237,7 +237,7 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
 
 fn probe(path: &str, period_seconds: i32, timeout_seconds: i32, tls: bool) -> Probe {
     // Over TLS the kubelet does not verify the certificate (as for any HTTPS probe) and presents
-    // none: hence no `clientAuth: require`; the probe routes need no token.
+    // none: hence `--tls-client-auth optional`; the probe routes need no token.
     let scheme = tls.then(|| "HTTPS".to_owned());
     Probe {
         http_get: Some(HTTPGetAction {
