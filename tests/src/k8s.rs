@@ -75,6 +75,13 @@ pub fn pod_ready(pod: &Pod) -> bool {
     conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The body of a plain-HTTP GET of `url` (an operator's `/readyz` or `/metrics`), or `None` when it
+/// cannot be fetched.
+pub async fn get_text(url: &str) -> Option<String> {
+    let http = kvs_api::http_client().build().expect("an HTTP client builds");
+    http.get(url).send().await.ok()?.text().await.ok()
+}
+
 /// Runs `kubectl` (from PATH, on `KUBECONFIG`) and returns its stdout; panics with its stderr if it fails.
 pub fn kubectl(args: &[&str]) -> String {
     let out = Command::new("kubectl").args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| {

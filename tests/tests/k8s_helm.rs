@@ -20,7 +20,7 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::Client;
 use kube::api::Api;
 use kvs_e2e::authorizer::{RbacProxy, Request};
-use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, kubectl, node_binary};
+use kvs_e2e::k8s::{api_client, eventually, fresh_namespace, get_text, kubectl, node_binary};
 use kvs_e2e::kubelet::{KubeletOptions, StandInKubelet};
 use kvs_e2e::kvsc::{OperatorProcess, STEP, assert_keys, pod_addresses, wait_running, workspace_root, write_keys};
 use kvs_testkit::net::LoopbackNet;
@@ -164,16 +164,7 @@ async fn helm_install_then_create_scale_and_uninstall() {
     env.push(("KUBECONFIG".into(), authorizer.kubeconfig().display().to_string()));
     let _operator = OperatorProcess::start(&args, &env, &root.path().join("operator.log"));
     let ready = eventually("the operator is ready and leads", STEP, || async {
-        let body = kvs_api::http_client()
-            .build()
-            .expect("an HTTP client builds")
-            .get(format!("http://{http}/readyz"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let body = get_text(&format!("http://{http}/readyz")).await?;
         body.contains("leader").then_some(body)
     })
     .await;
@@ -232,16 +223,7 @@ async fn helm_install_then_create_scale_and_uninstall() {
     })
     .await;
     assert_keys(&pods, "demo", KEYS, "after kubectl scale --replicas=2").await;
-    let metrics = kvs_api::http_client()
-        .build()
-        .expect("an HTTP client builds")
-        .get(format!("http://{http}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("http://{http}/metrics")).await.expect("the operator's metrics");
     assert!(metrics.contains(r#"kvs_operator_view_changes_total{result="ok"}"#), "{metrics}");
 
     // Delete the cluster while the operator still runs (its finalizer cleans up), then uninstall.

@@ -186,16 +186,7 @@ async fn kubelet_ip(pods: &Api<Pod>, name: &str) -> Option<String> {
 }
 
 async fn role(http: &str) -> Option<String> {
-    kvs_api::http_client()
-        .build()
-        .expect("an HTTP client builds")
-        .get(format!("http://{http}/readyz"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()
+    kvs_e2e::k8s::get_text(&format!("http://{http}/readyz")).await
 }
 
 #[tokio::test]
