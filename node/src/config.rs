@@ -141,6 +141,14 @@ pub struct Args {
     #[arg(long, env = "KVS_HEADER_TIMEOUT_MS", default_value_t = 75_000)]
     pub header_timeout_ms: u64,
 
+    /// On SIGTERM, how long the node drains before it stops, in milliseconds: it reports not
+    /// ready (`/readyz` 503), keeps serving, and closes each client connection after its next
+    /// answer, so requests already on their way are answered rather than cut off. Behind a load
+    /// balancer, set it longer than the balancer takes to stop sending new requests (the operator
+    /// sets 5 s). 0 stops at once.
+    #[arg(long, env = "KVS_SHUTDOWN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_delay_ms: u64,
+
     /// Threads serving requests. Default: one per CPU. Set it to the node's share of the CPUs when
     /// several nodes share a machine (1 runs everything on a single thread).
     #[arg(long, env = "KVS_WORKER_THREADS")]
@@ -225,11 +233,12 @@ impl Args {
         Ok(Some(View::initial(&members, self.k)))
     }
 
-    /// Connection limits from the flags.
-    pub fn connection_limits(&self) -> crate::ConnectionLimits {
-        crate::ConnectionLimits {
+    /// How to serve connections, from the flags.
+    pub fn serve_options(&self) -> crate::ServeOptions {
+        crate::ServeOptions {
             max_connections: self.max_connections.max(1),
             header_timeout: Duration::from_millis(self.header_timeout_ms.max(1)),
+            shutdown_delay: Duration::from_millis(self.shutdown_delay_ms),
         }
     }
 

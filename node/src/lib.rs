@@ -52,9 +52,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Limits that keep a node responsive to everyone when some clients misbehave.
+/// How a node serves connections: limits that keep it responsive to everyone when some clients
+/// misbehave, and how it stops.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectionLimits {
+pub struct ServeOptions {
     /// Open connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
     /// Time a client may take to send a request's headers (slowloris), counted from when the
@@ -62,11 +63,19 @@ pub struct ConnectionLimits {
     /// connection is kept open (hyper has one timer for both). Clients that pool connections
     /// must drop them sooner, or retry a request on a connection the node just closed.
     pub header_timeout: Duration,
+    /// How long the node drains before it stops, once told to: it reports not ready, keeps
+    /// accepting and serving, and closes each client connection after its next answer
+    /// (`Connection: close`). Clients that pool connections move off on their own, and requests
+    /// already on their way find the node still serving: closing an idle keep-alive connection
+    /// at once races a request a client may be sending on it, which then fails unanswered. Behind
+    /// a load balancer it should outlast the balancer noticing the node is not ready (Kubernetes:
+    /// the endpoint's removal). Zero stops at once, for a node run by hand.
+    pub shutdown_delay: Duration,
 }
 
-impl Default for ConnectionLimits {
+impl Default for ServeOptions {
     fn default() -> Self {
-        ConnectionLimits { max_connections: 4096, header_timeout: Duration::from_secs(75) }
+        ServeOptions { max_connections: 4096, header_timeout: Duration::from_secs(75), shutdown_delay: Duration::ZERO }
     }
 }
 
@@ -77,16 +86,32 @@ pub async fn run(
     node: Arc<Node>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    run_with_limits(listener, node, ConnectionLimits::default(), shutdown).await
+    run_with_options(listener, node, ServeOptions::default(), shutdown).await
 }
 
-/// [`run`] with explicit connection limits.
-pub async fn run_with_limits(
+/// [`run`] with explicit options. Once `shutdown` completes the node drains for
+/// `options.shutdown_delay` (see [`ServeOptions::shutdown_delay`]), then stops accepting, lets
+/// in-flight requests finish, closes idle connections and returns.
+pub async fn run_with_options(
     listener: TcpListener,
     node: Arc<Node>,
-    limits: ConnectionLimits,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let shutdown = {
+        let (node, delay) = (node.clone(), options.shutdown_delay);
+        async move {
+            shutdown.await;
+            if !delay.is_zero() {
+                node.start_draining();
+                tracing::info!(
+                    ?delay,
+                    "draining before the shutdown: not ready, still serving, closing each client connection after its next answer"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let udp_heartbeats = match listener
         .local_addr()
@@ -105,7 +130,7 @@ pub async fn run_with_limits(
     }));
     let app = http::router(node.clone());
     // Each connection holds a permit; a full server answers 503 instead of queueing forever.
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Peer connections (the framed protocol) stop taking calls when this turns true.
     let (peers_stop_tx, peers_stop_rx) = tokio::sync::watch::channel(false);
@@ -136,7 +161,7 @@ pub async fn run_with_limits(
             watcher: graceful.watcher(),
             peers_stop: peers_stop_rx.clone(),
             peer_connections: peer_connections.clone(),
-            within: limits.header_timeout,
+            within: options.header_timeout,
         };
         let tls = node.settings().tls.clone();
         tokio::spawn(async move {
@@ -230,6 +255,9 @@ impl Connection {
     async fn until_stopping<T>(&self, step: impl std::future::Future<Output = T>) -> Option<T> {
         let mut stopping = self.peers_stop.clone();
         tokio::select! {
+            // A step that is ready (a request's first bytes already arrived) goes on: dropping
+            // the connection then would leave that request unanswered.
+            biased;
             out = step => Some(out),
             _ = stopping.wait_for(|s| *s) => None,
         }
@@ -242,13 +270,25 @@ impl Connection {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         use tower::ServiceExt;
-        let app = self.app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(channel);
-            if let Some(subject) = &subject {
-                req.extensions_mut().insert(subject.clone());
-            }
-            req
-        });
+        let node = self.node.clone();
+        let app = self
+            .app
+            .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(channel);
+                if let Some(subject) = &subject {
+                    req.extensions_mut().insert(subject.clone());
+                }
+                req
+            })
+            .map_response(move |mut response: axum::response::Response| {
+                if node.is_draining() {
+                    // hyper closes the connection once this answer is written.
+                    response
+                        .headers_mut()
+                        .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                }
+                response
+            });
         let service = hyper_util::service::TowerToHyperService::new(app);
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())

@@ -52,7 +52,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Arc::new(RedbStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let (token, hosts, idle) =
-        (settings.cluster_token.clone(), args.hosts_file.clone(), args.connection_limits().header_timeout);
+        (settings.cluster_token.clone(), args.hosts_file.clone(), args.serve_options().header_timeout);
     let peers: Arc<dyn Peers> = match args.peer_transport {
         Transport::Framed => {
             Arc::new(FramedPeers::new(connect_timeout, token, hosts, idle).with_tls(settings.tls.clone()))
@@ -71,7 +71,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(node = %node.id(), %listen, data_dir = %data_dir.display(), has_view = node.view().is_some(), "kvs-node serving");
     let stop = shutdown_signal(args.exit_with_parent.then(std::os::unix::process::parent_id));
-    kvs_node::run_with_limits(listener, node, args.connection_limits(), stop).await.context("serving HTTP")?;
+    kvs_node::run_with_options(listener, node, args.serve_options(), stop).await.context("serving HTTP")?;
     tracing::info!("stopped");
     Ok(())
 }

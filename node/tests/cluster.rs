@@ -340,6 +340,77 @@ async fn t95_regression_a_silent_connection_does_not_hold_up_sigterm() {
     assert!(status.success(), "clean exit after SIGTERM: {status:?}");
 }
 
+/// Regression (found in CI, `k8s_day2`'s roll): on SIGTERM a node closed its idle keep-alive
+/// connections at once, and a request a client was sending on one of them that moment failed
+/// unanswered ("connection closed before message completed"). With a shutdown delay the node
+/// drains first: not ready, new connections still served, and a pooled connection's next request
+/// answered with `Connection: close`, after which the node closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t95_regression_a_draining_node_answers_requests_on_pooled_connections() {
+    // Long enough that the node is still draining when the test is done with it (then killed).
+    let mut c = Cluster::start(1, 1, &[("KVS_SHUTDOWN_DELAY_MS", "600000")]).await;
+    let a = c.addrs()[0].clone();
+    let mut pooled = std::net::TcpStream::connect(&a).unwrap();
+    let (status, head) = exchange(&mut pooled, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert_eq!(status, 200, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "kept alive before the drain: {head}");
+
+    let readyz = |a: &str| {
+        let mut fresh = std::net::TcpStream::connect(a).unwrap();
+        exchange(&mut fresh, "GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    };
+    let mut probes = 0;
+    while readyz(&a).0 != 200 {
+        probes += 1;
+        assert!(probes < 2000, "{a} never became ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    c.nodes[0].process.signal(kvs_testkit::process::Signal::TERM);
+    // Not ready once draining; each probe is a new connection, so new connections are served.
+    loop {
+        let (code, head) = readyz(&a);
+        if code == 503 {
+            break;
+        }
+        assert_eq!(code, 200, "ready until the drain starts: {head}");
+        probes += 1;
+        assert!(probes < 4000, "{a} never reported not ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, head) = exchange(&mut pooled, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert_eq!(status, 200, "the pooled connection's request was answered: {head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "the answer retires the connection: {head}");
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut pooled, &mut rest).unwrap();
+    assert_eq!(read, 0, "the node closed the connection after its answer");
+    assert!(c.nodes[0].is_running(), "still draining");
+}
+
+/// Writes one HTTP/1.1 request on `stream` and reads one response: its status and head (the body
+/// is read and dropped).
+fn exchange(stream: &mut std::net::TcpStream, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !received.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "connection closed mid-answer: {received:?}");
+        received.push(byte[0]);
+    }
+    let head = String::from_utf8(received).unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head)
+}
+
 /// Regression (found in CI): an operator in local mode killed with SIGKILL left its node processes
 /// running, and a later test's cluster, given the same loopback addresses, talked to them. With
 /// `--exit-with-parent` a node stops by itself once the process that started it is gone.

@@ -24,8 +24,15 @@ async fn healthz() -> &'static str {
 }
 
 /// Ready: the node has a view and has caught up with its partition since it started (see
-/// `catch_up`: it holds its partition's data), so it answers from its own store.
+/// `catch_up`: it holds its partition's data), so it answers from its own store; and it is not
+/// draining before a shutdown (so load balancers stop sending it new clients first).
 async fn readyz(State(node): State<Arc<Node>>) -> Result<&'static str, ApiError> {
+    if node.is_draining() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down: this node still answers requests while clients move to other nodes",
+        ));
+    }
     if node.view().is_none() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -171,6 +171,9 @@ pub struct Node {
     /// Wall-clock time for timestamps and forwarded-write expiry (simulated in tests).
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) metrics: Metrics,
+    /// Set when the node starts shutting down: it is no longer ready and closes each client
+    /// connection after its next answer, while still serving (see `kvs_node::ServeOptions::shutdown_delay`).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -228,6 +231,7 @@ impl Node {
             freshness: Freshness::default(),
             view_installed_at: std::sync::atomic::AtomicU64::new(hlc.peek()),
             gossip_cursor: std::sync::atomic::AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             store,
             holds,
             peers,
@@ -354,6 +358,17 @@ impl Node {
     /// client operation from its own store, and is not ready.
     pub fn is_caught_up(&self) -> bool {
         self.catch_up.is_caught_up()
+    }
+
+    /// Starts the drain before a shutdown: not ready from now on, and every client connection is
+    /// closed after its next answer (so pooling clients move to other nodes on their own).
+    pub fn start_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the node is draining before a shutdown (see [`Node::start_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Client operations waiting for a slot and in progress on this node.

@@ -215,7 +215,7 @@ where
 /// A node pod as the planner sees it: identity from its ordinal, address from its IP, ready from
 /// its Ready condition (a pod being deleted is not ready), started from its container's state,
 /// current from its template hash, unschedulable from its `PodScheduled` condition, and the
-/// container's waiting reason as its trouble.
+/// container's waiting reason as its trouble, terminating from its deletion timestamp.
 pub fn node_pod(
     cluster: &str,
     namespace: &str,
@@ -247,7 +247,7 @@ pub fn node_pod(
             _ => reason.to_owned(),
         })
     });
-    Some(Pod { ordinal, identity, address, ready, started, current, unschedulable_for, trouble })
+    Some(Pod { ordinal, identity, address, ready, started, current, unschedulable_for, trouble, terminating: !alive })
 }
 
 /// The cluster token: read from its Secret, which is created with a fresh random token the first

@@ -252,6 +252,14 @@ fn probe(path: &str, period_seconds: i32, timeout_seconds: i32, tls: bool) -> Pr
     }
 }
 
+/// How long a node pod keeps serving after SIGTERM while it reports not ready: Kubernetes removes
+/// a terminating pod's endpoint at the same time as it signals the pod, and clients (through the
+/// Service's proxies, or pooling connections to the pod) keep sending requests until that removal
+/// reaches them. A node that closed its connections at once would cut those requests off; one
+/// that drains answers them, closing each connection after its answer. 5 s is what a `preStop`
+/// sleep commonly gives the same removal.
+pub const SHUTDOWN_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The StatefulSet of node pods with `replicas` pods; `initial` is the first view (the pods listed
 /// in it start as members; later ones wait to be added).
 pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> StatefulSet {
@@ -270,6 +278,8 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         env("K", initial.replication_factor.to_string()),
         env("VIEW", initial.members.join(",")),
         env("KVS_DATA_DIR", "/data"),
+        // On SIGTERM a node keeps serving, not ready, until its endpoint is gone (see SHUTDOWN_DELAY).
+        env("KVS_SHUTDOWN_DELAY_MS", SHUTDOWN_DELAY.as_millis().to_string()),
         EnvVar {
             name: "KVS_CLUSTER_TOKEN".into(),
             value_from: Some(EnvVarSource {
@@ -379,7 +389,7 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
                 seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                 ..Default::default()
             }),
-            // A node finishes in-flight writes on SIGTERM; give it time.
+            // A node drains (SHUTDOWN_DELAY) and finishes in-flight writes on SIGTERM; give it time.
             termination_grace_period_seconds: Some(30),
             ..Default::default()
         }),

@@ -88,12 +88,25 @@ pub struct Pod {
     pub unschedulable_for: Option<Duration>,
     /// Why it is not ready, in the words of the backend (e.g. `ImagePullBackOff`), if known.
     pub trouble: Option<String>,
+    /// It is being stopped (deleted, draining within its grace period): the wait for it is the
+    /// wait for it to go, not yet for its replacement.
+    pub terminating: bool,
 }
 
 impl Pod {
     /// A running pod on the current template, ready or not.
     pub fn new(ordinal: u32, identity: String, address: String, ready: bool) -> Pod {
-        Pod { ordinal, identity, address, ready, started: ready, current: true, unschedulable_for: None, trouble: None }
+        Pod {
+            ordinal,
+            identity,
+            address,
+            ready,
+            started: ready,
+            current: true,
+            unschedulable_for: None,
+            trouble: None,
+            terminating: false,
+        }
     }
 }
 

@@ -32,6 +32,20 @@ pub struct BlockedPod {
     pub unschedulable: bool,
     /// Why it is not ready, as the backend says, if known.
     pub trouble: Option<String>,
+    /// Whether it exists, is going away or runs (each a wait of its own: see [`Blocker::marker`]).
+    pub presence: Presence,
+}
+
+/// Where a blocked pod is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    /// No pod object: the StatefulSet has yet to create it (after a restart, once the old pod
+    /// is gone).
+    Missing,
+    /// Being deleted: it drains and exits within its grace period.
+    Stopping,
+    /// It exists and is not ready.
+    Present,
 }
 
 impl Blocker {
@@ -57,6 +71,11 @@ impl Blocker {
                             ordinal,
                             unschedulable: pod.is_some_and(|p| p.unschedulable_for.is_some()),
                             trouble: pod.and_then(|p| p.trouble.clone()),
+                            presence: match pod {
+                                None => Presence::Missing,
+                                Some(p) if p.terminating => Presence::Stopping,
+                                Some(_) => Presence::Present,
+                            },
                         }
                     })
                     .collect(),
@@ -89,7 +108,17 @@ impl Blocker {
     pub fn marker(&self, pod_name: &dyn Fn(u32) -> String) -> String {
         match self {
             Blocker::Pods(pods) => {
-                let names: Vec<String> = pods.iter().map(|p| pod_name(p.ordinal)).collect();
+                // A pod going away, its absence and its replacement are three waits: the stop is
+                // bounded by the grace period, the StatefulSet creates the replacement once the old
+                // pod is gone, and the replacement's deadline counts from when it exists.
+                let names: Vec<String> = pods
+                    .iter()
+                    .map(|p| match p.presence {
+                        Presence::Missing => format!("{} (missing)", pod_name(p.ordinal)),
+                        Presence::Stopping => format!("{} (stopping)", pod_name(p.ordinal)),
+                        Presence::Present => pod_name(p.ordinal),
+                    })
+                    .collect();
                 format!("pods {} to be ready", names.join(", "))
             }
             Blocker::ViewChange { epoch, phase, moved_keys, total_keys, .. } => {
@@ -134,6 +163,21 @@ impl Blocker {
                     .iter()
                     .map(|p| {
                         let name = pod_name(p.ordinal);
+                        match (p.presence, p.unschedulable) {
+                            (Presence::Stopping, false) => {
+                                return format!(
+                                    "pod {name} is stopping (it drains, then exits within its \
+                                     terminationGracePeriodSeconds)"
+                                );
+                            }
+                            (Presence::Missing, false) => {
+                                return format!(
+                                    "pod {name} does not exist (the StatefulSet creates it; its events say why \
+                                     it does not)"
+                                );
+                            }
+                            _ => {}
+                        }
                         match (&p.trouble, p.unschedulable) {
                             (_, true) if auto_replace => format!(
                                 "pod {name} is unschedulable (its machine or volume is gone); it is replaced once \
@@ -211,6 +255,25 @@ mod tests {
         assert_eq!(Blocker::of(&Step::Done, &FOUR, &pods(4, 4), None), None);
         let paused = Step::Paused { next: Box::new(Step::ScaleStatefulSet { replicas: 6 }) };
         assert_eq!(Blocker::of(&paused, &FOUR, &ps, None), None);
+    }
+
+    #[test]
+    fn a_stopping_pod_its_absence_and_its_replacement_are_three_waits() {
+        let mut ps = pods(4, 3);
+        ps[3].terminating = true;
+        let step = Step::RestartPod { ordinal: 3 };
+        let stopping = Blocker::of(&step, &FOUR, &ps, None).unwrap();
+        assert!(stopping.explain(&name, true).contains("is stopping"), "{}", stopping.explain(&name, true));
+        let gone: Vec<Pod> = ps[..3].to_vec();
+        let missing = Blocker::of(&step, &FOUR, &gone, None).unwrap();
+        assert!(missing.explain(&name, true).contains("does not exist"), "{}", missing.explain(&name, true));
+        ps[3] = Pod::new(3, "kv-3".into(), "a3".into(), false);
+        ps[3].trouble = Some("ImagePullBackOff".into());
+        let replacement = Blocker::of(&step, &FOUR, &ps, None).unwrap();
+        let markers = [stopping.marker(&name), missing.marker(&name), replacement.marker(&name)];
+        assert!(markers[0] != markers[1] && markers[1] != markers[2], "each wait has its own deadline: {markers:?}");
+        assert_eq!(replacement.blocked_by(&name), stopping.blocked_by(&name));
+        assert!(replacement.explain(&name, true).contains("ImagePullBackOff"));
     }
 
     #[test]
