@@ -270,25 +270,13 @@ impl Connection {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         use tower::ServiceExt;
-        let node = self.node.clone();
-        let app = self
-            .app
-            .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(channel);
-                if let Some(subject) = &subject {
-                    req.extensions_mut().insert(subject.clone());
-                }
-                req
-            })
-            .map_response(move |mut response: axum::response::Response| {
-                if node.is_draining() {
-                    // hyper closes the connection once this answer is written.
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
-                }
-                response
-            });
+        let app = self.app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(channel);
+            if let Some(subject) = &subject {
+                req.extensions_mut().insert(subject.clone());
+            }
+            req
+        });
         let service = hyper_util::service::TowerToHyperService::new(app);
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())

@@ -58,15 +58,31 @@ pub fn router(node: Arc<Node>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         // A client trickling its body ties up a connection, not the node: cut it off.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
-        .layer(axum::middleware::from_fn_with_state(node.clone(), guard))
-        .layer(axum::middleware::from_fn_with_state(node.clone(), track))
+        // One middleware for both (each layer costs a boxed future and a clone per request).
+        .layer(axum::middleware::from_fn_with_state(node.clone(), track_and_guard))
         .with_state(node)
+}
+
+/// Every request: counted and timed by its route template (see [`track`]), admitted or refused by
+/// [`guard`], and, while the node drains, answered with `Connection: close`.
+async fn track_and_guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| intern(p.as_str()));
+    let method = method_label(req.method());
+    let started = Instant::now();
+    let mut response = guard(&node, req, next).await;
+    track(&node, route, method, started, response.status());
+    if node.is_draining() {
+        // Shutting down (see `ServeOptions::shutdown_delay`): hyper closes the connection once this
+        // answer is written, so the client's next request goes to another node.
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Who may do what (see `auth`), before any handler runs. Without an auth file only the admin
 /// routes are guarded (by the cluster token, when the node has one), and other requests pass
 /// without any work here.
-async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+async fn guard(node: &Node, req: Request, next: Next) -> Response {
     let settings = node.settings();
     let path = req.uri().path();
     let channel = req.extensions().get::<crate::tls::Channel>().copied();
@@ -79,7 +95,7 @@ async fn guard(State(node): State<Arc<Node>>, req: Request, next: Next) -> Respo
     }
     let need = crate::auth::need_for(req.method(), path);
     let authorization = req.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
-    let cluster = internal::cluster_token(&node, req.headers(), authorization.and_then(crate::auth::bearer));
+    let cluster = internal::cluster_token(node, req.headers(), authorization.and_then(crate::auth::bearer));
     let subject = req.extensions().get::<crate::tls::ClientSubject>().map(|s| &*s.0);
     match crate::auth::decide(policy.as_deref(), authorization, subject, cluster, &need) {
         Ok(_) => next.run(req).await,
@@ -142,17 +158,12 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-/// Counts and times every request by its route template (not the raw path: keys would explode the
+/// Counts and times a request by its route template (not the raw path: keys would explode the
 /// label space).
-async fn track(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| intern(p.as_str()));
-    let method = method_label(req.method());
-    let started = Instant::now();
-    let response = next.run(req).await;
+fn track(node: &Node, route: &'static str, method: &'static str, started: Instant, status: StatusCode) {
     let metrics = node.metrics();
     metrics.request_seconds.get_or_create(&RouteLabels { route, method }).observe(started.elapsed().as_secs_f64());
-    metrics.requests.get_or_create(&RequestLabels { route, method, status: response.status().as_u16() }).inc();
-    response
+    metrics.requests.get_or_create(&RequestLabels { route, method, status: status.as_u16() }).inc();
 }
 
 /// Route templates as `&'static str`, so labelling a request allocates nothing. The set is bounded

@@ -73,10 +73,11 @@ fn meta_headers(context: String, c: &Coordinated) -> [(HeaderName, HeaderValue);
 async fn get_key(
     State(node): State<Arc<Node>>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    // The request itself rather than a `HeaderMap`, which would be a copy of its headers.
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let key = key_from(path)?;
-    let context = context_from(&headers)?;
+    let context = context_from(request.headers())?;
     let c = node.read(&key, context.clone()).await?;
     let meta = meta_headers(super::context_after(context, &c), &c);
     match c.record.as_ref().and_then(|r| r.value.clone()) {
