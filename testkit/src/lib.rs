@@ -19,3 +19,14 @@ pub mod k8s_request;
 pub mod net;
 pub mod process;
 pub mod s3;
+
+/// Held by this crate's unit tests that start processes and by the lease test. Starting a process
+/// copies the parent's open files into the child until it executes its program (they are
+/// close-on-exec), so for that moment the child also holds every lease file open then, with its
+/// lock: a number freed a moment before can look taken. The lease test needs every number of its
+/// pool free at once, so it must not run beside them (tests of one binary run in parallel threads).
+#[cfg(test)]
+pub(crate) fn no_process_starts_meanwhile() -> std::sync::MutexGuard<'static, ()> {
+    static STARTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    STARTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -308,6 +308,7 @@ mod tests {
 
     #[test]
     fn pause_resume_terminate_and_restart() {
+        let _starts = crate::no_process_starts_meanwhile();
         let mut p = NodeProcess::start(sleeper()).expect("sleep starts");
         let first = p.pid().expect("running");
         p.pause();
@@ -325,6 +326,7 @@ mod tests {
 
     #[test]
     fn an_exit_is_seen_and_reaped() {
+        let _starts = crate::no_process_starts_meanwhile();
         let mut p = NodeProcess::start(NodeCommand::new("true")).expect("true starts");
         let deadline = Instant::now() + Duration::from_secs(5);
         while p.is_running() {

@@ -252,13 +252,9 @@ fn probe(path: &str, period_seconds: i32, timeout_seconds: i32, tls: bool) -> Pr
     }
 }
 
-/// How long a node pod keeps serving after SIGTERM while it reports not ready: Kubernetes removes
-/// a terminating pod's endpoint at the same time as it signals the pod, and clients (through the
-/// Service's proxies, or pooling connections to the pod) keep sending requests until that removal
-/// reaches them. A node that closed its connections at once would cut those requests off; one
-/// that drains answers them, closing each connection after its answer. 5 s is what a `preStop`
-/// sleep commonly gives the same removal.
-pub const SHUTDOWN_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+/// A node pod's grace period after SIGTERM beyond its drain (`spec.shutdownDelaySeconds`): time to
+/// finish in-flight writes.
+const GRACE_AFTER_DRAIN_SECONDS: i64 = 30;
 
 /// The StatefulSet of node pods with `replicas` pods; `initial` is the first view (the pods listed
 /// in it start as members; later ones wait to be added).
@@ -278,8 +274,8 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
         env("K", initial.replication_factor.to_string()),
         env("VIEW", initial.members.join(",")),
         env("KVS_DATA_DIR", "/data"),
-        // On SIGTERM a node keeps serving, not ready, until its endpoint is gone (see SHUTDOWN_DELAY).
-        env("KVS_SHUTDOWN_DELAY_MS", SHUTDOWN_DELAY.as_millis().to_string()),
+        // On SIGTERM a node keeps serving, not ready, until its endpoint is gone.
+        env("KVS_SHUTDOWN_DELAY_MS", spec.shutdown_delay.as_millis().to_string()),
         EnvVar {
             name: "KVS_CLUSTER_TOKEN".into(),
             value_from: Some(EnvVarSource {
@@ -389,8 +385,12 @@ pub fn stateful_set(c: &ValidCluster, replicas: u32, initial: &InitialView) -> S
                 seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                 ..Default::default()
             }),
-            // A node drains (SHUTDOWN_DELAY) and finishes in-flight writes on SIGTERM; give it time.
-            termination_grace_period_seconds: Some(30),
+            // A node drains and then finishes in-flight writes on SIGTERM; give it time for both.
+            termination_grace_period_seconds: Some(
+                i64::try_from(spec.shutdown_delay.as_secs())
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(GRACE_AFTER_DRAIN_SECONDS),
+            ),
             ..Default::default()
         }),
     };
@@ -523,10 +523,14 @@ mod tests {
         c.spec.affinity = Some(Affinity::default());
         c.spec.storage_class_name = Some("fast".into());
         c.spec.storage_size = "5Gi".into();
+        c.spec.shutdown_delay = std::time::Duration::from_secs(12);
         let sts = stateful_set(&c, 4, &InitialView::for_new_cluster(&c));
         let spec = sts.spec.unwrap();
         let pod = spec.template.spec.unwrap();
         let container = &pod.containers[0];
+        let delay = container.env.iter().flatten().find(|e| e.name == "KVS_SHUTDOWN_DELAY_MS");
+        assert_eq!(delay.and_then(|e| e.value.as_deref()), Some("12000"), "the node drains as the spec says");
+        assert_eq!(pod.termination_grace_period_seconds, Some(42), "the grace period covers the drain and 30 s");
         assert_eq!(
             (container.image.as_deref(), container.image_pull_policy.as_deref()),
             (Some("kvs:1"), Some("Never"))

@@ -37,6 +37,8 @@ pub struct Validated {
     pub policy: Policy,
     /// How long the cluster may wait on the same thing before it is `Stalled`.
     pub progress_deadline: Duration,
+    /// How long a node pod drains after SIGTERM before it stops (`spec.shutdownDelaySeconds`).
+    pub shutdown_delay: Duration,
     /// TLS on (`spec.tls.enabled`).
     pub tls: bool,
     /// Where the nodes' auth file is (`spec.auth`): a Secret name and key, both checked.
@@ -74,6 +76,8 @@ pub enum Invalid {
     StorageSize(String),
     #[error("spec.progressDeadlineSeconds must be at least 1 (got {0})")]
     ProgressDeadline(i32),
+    #[error("spec.shutdownDelaySeconds must be 0 to 600 (got {0})")]
+    ShutdownDelay(i32),
     #[error("spec.auth.secretName {0:?} is not a Secret name (lower-case letters, digits, '-' and '.', at most 253)")]
     AuthSecret(String),
     #[error("spec.auth.key {0:?} is not a Secret key (letters, digits, '-', '_' and '.', at most 253)")]
@@ -98,6 +102,11 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
         .filter(|&s| s >= 1)
         .map(Duration::from_secs)
         .ok_or(Invalid::ProgressDeadline(spec.progress_deadline_seconds))?;
+    let shutdown_delay = u64::try_from(spec.shutdown_delay_seconds)
+        .ok()
+        .filter(|&s| s <= 600)
+        .map(Duration::from_secs)
+        .ok_or(Invalid::ShutdownDelay(spec.shutdown_delay_seconds))?;
     Ok(Validated {
         target: Target { replicas, replication_factor },
         image: spec.image.clone(),
@@ -116,6 +125,7 @@ pub fn validate(spec: &KVStoreClusterSpec) -> Result<Validated, Invalid> {
             volume_bytes: quantity_bytes(&spec.storage.size),
         },
         progress_deadline: deadline,
+        shutdown_delay,
         tls: spec.tls.as_ref().is_some_and(|t| t.enabled),
         auth: match &spec.auth {
             Some(auth) => Some(auth_file(&auth.secret_name, &auth.key)?),
@@ -234,6 +244,11 @@ mod tests {
         let mut d = spec(2, 2);
         d.progress_deadline_seconds = 0;
         assert_eq!(validate(&d), Err(Invalid::ProgressDeadline(0)));
+        let mut d = spec(2, 2);
+        d.shutdown_delay_seconds = -1;
+        assert_eq!(validate(&d), Err(Invalid::ShutdownDelay(-1)));
+        d.shutdown_delay_seconds = 0;
+        assert_eq!(validate(&d).map(|v| v.shutdown_delay), Ok(Duration::ZERO));
         let mut s = spec(2, 2);
         s.image = " ".into();
         assert_eq!(validate(&s), Err(Invalid::Image));

@@ -95,6 +95,14 @@ pub struct KVStoreClusterSpec {
     #[serde(default = "default_progress_deadline_seconds")]
     #[schemars(range(min = 1))]
     pub progress_deadline_seconds: i32,
+    /// Seconds a node pod keeps serving after it is told to stop, while it reports not ready:
+    /// Kubernetes removes a stopping pod from the Service at the same time as it signals it, and
+    /// clients keep sending until that removal reaches them; the node answers those requests,
+    /// closing each client connection after its answer, instead of cutting them off. Then it
+    /// finishes what is in flight (the pod's grace period is this plus 30 s). 0 stops at once.
+    #[serde(default = "default_shutdown_delay_seconds")]
+    #[schemars(range(min = 0, max = 600))]
+    pub shutdown_delay_seconds: i32,
     /// Replace a member whose pod stays unschedulable (its machine or volume is gone) for
     /// `progressDeadlineSeconds`: its volume claim and pod are deleted, and the new pod, under the
     /// same identity on a fresh volume, re-syncs from its partition before it reports ready. Only
@@ -164,6 +172,7 @@ impl KVStoreClusterSpec {
             max_value_bytes: None,
             paused: false,
             progress_deadline_seconds: default_progress_deadline_seconds(),
+            shutdown_delay_seconds: default_shutdown_delay_seconds(),
             auto_replace: true,
             restore_from: None,
             tls: None,
@@ -178,6 +187,10 @@ fn default_replication_factor() -> i32 {
 
 fn default_progress_deadline_seconds() -> i32 {
     600
+}
+
+fn default_shutdown_delay_seconds() -> i32 {
+    5
 }
 
 fn default_true() -> bool {
