@@ -145,7 +145,7 @@ pub struct Args {
     /// ready (`/readyz` 503), keeps serving, and closes each client connection after its next
     /// answer, so requests already on their way are answered rather than cut off. Behind a load
     /// balancer, set it longer than the balancer takes to stop sending new requests (the operator
-    /// sets 5 s). 0 stops at once.
+    /// sets it from `spec.shutdownDelaySeconds`, 5 s by default). 0 stops at once.
     #[arg(long, env = "KVS_SHUTDOWN_DELAY_MS", default_value_t = 0)]
     pub shutdown_delay_ms: u64,
 

@@ -163,32 +163,25 @@ impl Blocker {
                     .iter()
                     .map(|p| {
                         let name = pod_name(p.ordinal);
-                        match (p.presence, p.unschedulable) {
-                            (Presence::Stopping, false) => {
-                                return format!(
-                                    "pod {name} is stopping (it drains, then exits within its \
-                                     terminationGracePeriodSeconds)"
-                                );
-                            }
-                            (Presence::Missing, false) => {
-                                return format!(
-                                    "pod {name} does not exist (the StatefulSet creates it; its events say why \
-                                     it does not)"
-                                );
-                            }
-                            _ => {}
-                        }
-                        match (&p.trouble, p.unschedulable) {
-                            (_, true) if auto_replace => format!(
+                        match (p.unschedulable, p.presence, &p.trouble) {
+                            (true, _, _) if auto_replace => format!(
                                 "pod {name} is unschedulable (its machine or volume is gone); it is replaced once \
                                  its partition's other replicas are ready and in sync"
                             ),
-                            (_, true) => format!(
+                            (true, _, _) => format!(
                                 "pod {name} is unschedulable (its machine or volume is gone) and autoReplace is \
                                  off: replace it by hand (docs/operations.md, \"Stalled: PodUnschedulable\")"
                             ),
-                            (Some(trouble), false) => format!("pod {name} is not ready: {trouble}"),
-                            (None, false) => format!("pod {name} is not ready"),
+                            (false, Presence::Stopping, _) => format!(
+                                "pod {name} is stopping (it drains, then exits within its \
+                                 terminationGracePeriodSeconds)"
+                            ),
+                            (false, Presence::Missing, _) => format!(
+                                "pod {name} does not exist (the StatefulSet creates it; its events say why it does \
+                                 not)"
+                            ),
+                            (false, Presence::Present, Some(trouble)) => format!("pod {name} is not ready: {trouble}"),
+                            (false, Presence::Present, None) => format!("pod {name} is not ready"),
                         }
                     })
                     .collect();
